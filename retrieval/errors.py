@@ -1,0 +1,38 @@
+"""Typed exceptions raised at the project's boundaries.
+
+Library code raises these; the gRPC layer maps them to status codes in one place
+(`retrieval.server_errors`), and the CLIs print their message without a traceback.
+"""
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base class: an error whose message is meant for a person."""
+
+
+class InvalidInputError(RetrievalError):
+    """A query or input item is malformed (empty text, undecodable image, bad k, bad vector)."""
+
+
+class DatasetError(RetrievalError):
+    """A dataset folder or captions file cannot be used as given."""
+
+
+class ModelError(RetrievalError):
+    """A model name, config or checkpoint cannot be loaded."""
+
+
+class IndexUnavailableError(RetrievalError):
+    """No published index version exists (yet) under the index root."""
+
+
+class IndexCorruptError(RetrievalError):
+    """A published index version is inconsistent (checksum, manifest, dimension)."""
+
+
+class FingerprintMismatchError(RetrievalError):
+    """The model loaded does not match the one the index was built with."""
+
+
+class UnauthenticatedError(RetrievalError):
+    """A request lacks the bearer token the server requires."""

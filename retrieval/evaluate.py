@@ -1,0 +1,88 @@
+"""The 1K-test retrieval protocol and the geometry of the sphere.
+
+Text-to-image R@K: a caption is found when its own image is among the top K images.
+Image-to-text R@K: an image is found when any of its captions is among the top K captions.
+Geometry: alignment and uniformity (Wang & Isola, 2020), modality gap (Liang et al., 2022).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from retrieval import sphere
+
+
+def recall_at_k(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray,
+                ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """image_vecs (N, D), text_vecs (C, D) unit rows; caption_image (C,) owner image index.
+    Returns percentages t2i_R@K, i2t_R@K and their mean `rsum_mean`. A tie counts for the query."""
+    caption_image = np.asarray(caption_image)
+    sims = text_vecs @ image_vecs.T                                      # (C, N)
+    own = sims[np.arange(len(text_vecs)), caption_image]                 # (C,)
+    t2i_rank = (sims > own[:, None]).sum(axis=1)                         # (C,) images ranked above
+
+    simsT = sims.T                                                       # (N, C)
+    # for each caption, its rank among all captions for its own image
+    cap_rank = (simsT[caption_image] > own[:, None]).sum(axis=1)         # (C,)
+    i2t_rank = np.full(len(image_vecs), np.iinfo(np.int64).max)
+    np.minimum.at(i2t_rank, caption_image, cap_rank)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"t2i_R@{k}"] = float(100 * np.mean(t2i_rank < k))
+    for k in ks:
+        out[f"i2t_R@{k}"] = float(100 * np.mean(i2t_rank < k))
+    out["mean_R"] = float(np.mean([out[f"t2i_R@{k}"] for k in ks] + [out[f"i2t_R@{k}"] for k in ks]))
+    return out
+
+
+def geometry(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
+    """Diagnostics of the embedding: how close positives are, how spread each modality is."""
+    paired = image_vecs[caption_image]                                   # (C, D)
+    pos_cos = np.sum(paired * text_vecs, axis=1)
+    return {
+        "alignment": sphere.alignment(paired, text_vecs),
+        "uniformity_image": sphere.uniformity(image_vecs),
+        "uniformity_text": sphere.uniformity(text_vecs),
+        "modality_gap": sphere.modality_gap(image_vecs, text_vecs),
+        "positive_cosine_mean": float(pos_cos.mean()),
+        "positive_angle_deg_mean": float(sphere.angle_deg(pos_cos).mean()),
+    }
+
+
+def evaluate_model(model, preprocess, tokenizer, data: str, split: str = "test", *, workers: int | None = None,
+                   progress: bool = True) -> dict:
+    """Encode a split with the model's public encoders and score it."""
+    from retrieval.data import load_caption_dataset
+    from retrieval.features import encode_image_files, encode_texts
+
+    ds = load_caption_dataset(data, split)
+    image_vecs, bad = encode_image_files(model, ds.image_paths(), preprocess, workers=workers,
+                                         desc=f"{split} images", progress=progress)
+    if bad:
+        keep = np.array([i not in bad for i in range(len(ds.images))])
+        image_vecs = image_vecs[keep]
+        ds = ds.drop_images(bad)
+    text_vecs = encode_texts(model, tokenizer, ds.captions, desc=f"{split} captions", progress=progress)
+    assert sphere.is_unit_norm(image_vecs) and sphere.is_unit_norm(text_vecs), "encoders must return unit vectors"
+    return {
+        "model": getattr(model, "name", "?"), "fingerprint": model.fingerprint(),
+        "data": str(data), "split": split, "images": len(ds.images), "captions": len(ds.captions),
+        "skipped": [{"item": i, "reason": r} for i, r in ds.skipped],
+        "recall": recall_at_k(image_vecs, text_vecs, ds.caption_image),
+        "geometry": geometry(image_vecs, text_vecs, ds.caption_image),
+    }
+
+
+def format_report(result: dict) -> str:
+    r, g = result["recall"], result["geometry"]
+    lines = [f"{result['model']} on {result['data']} [{result['split']}]: {result['images']} images, "
+             f"{result['captions']} captions, {len(result['skipped'])} skipped",
+             "              R@1    R@5   R@10",
+             f"text->image {r['t2i_R@1']:6.1f} {r['t2i_R@5']:6.1f} {r['t2i_R@10']:6.1f}",
+             f"image->text {r['i2t_R@1']:6.1f} {r['i2t_R@5']:6.1f} {r['i2t_R@10']:6.1f}",
+             f"mean recall {r['mean_R']:.2f}",
+             f"alignment {g['alignment']:.3f}  uniformity image {g['uniformity_image']:.3f} text {g['uniformity_text']:.3f}"
+             f"  modality gap {g['modality_gap']:.3f}  positive pair angle {g['positive_angle_deg_mean']:.1f} deg"]
+    lines += [f"skipped {s['item']}: {s['reason']}" for s in result["skipped"][:20]]
+    return "\n".join(lines)

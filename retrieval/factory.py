@@ -1,0 +1,102 @@
+"""The model registry (named JSON configs in `model_configs/`) and the one factory:
+
+    model, preprocess, tokenizer = create_model("lite0-minilm")
+    model, preprocess, tokenizer = create_model("runs/best.pt")                 # our checkpoint
+    model, preprocess, tokenizer = create_model("open_clip:ViT-B-32@/ckpt.pt")  # any open_clip arch
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from open_clip.tokenizer import HFTokenizer
+from open_clip.transform import AugmentationCfg, image_transform
+
+from retrieval.checkpoint import load_checkpoint
+from retrieval.errors import ModelError
+from retrieval.model import SphereModel
+from retrieval.towers import EfficientNetLiteTower, HFTextTower
+
+DEFAULT_MODEL = "lite0-minilm"
+_CONFIG_DIR = resources.files("retrieval") / "model_configs"
+_WEIGHTS_DIR = resources.files("retrieval") / "weights"
+
+
+def list_models() -> list[str]:
+    """Names of the registered configs."""
+    return sorted(p.name[: -len(".json")] for p in _CONFIG_DIR.iterdir() if p.name.endswith(".json"))
+
+
+def get_model_config(name: str) -> dict[str, Any]:
+    path = _CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ModelError(f"unknown model '{name}'; registered: {list_models()}, or pass a checkpoint path or open_clip:ARCH")
+    return json.loads(path.read_text())
+
+
+def shipped_weights_path(config: dict[str, Any]) -> Path | None:
+    """The trained heads that ship inside the package for a registered config, if present."""
+    name = config.get("weights")
+    path = Path(str(_WEIGHTS_DIR / name)) if name else None
+    return path if path is not None and path.is_file() else None
+
+
+def build_sphere_model(name: str, config: dict[str, Any]) -> SphereModel:
+    """Towers from their packages plus freshly initialized heads (no trained weights)."""
+    it, tt = config["image_tower"], config["text_tower"]
+    if it.get("type") != "efficientnet_lite" or tt.get("type") != "hf":
+        raise ModelError(f"model '{name}': unsupported tower types {it.get('type')!r}/{tt.get('type')!r}")
+    image_tower = EfficientNetLiteTower(it["variant"], it.get("taps", ["head"]))
+    text_tower = HFTextTower(tt["model"], tt.get("layers", [-1]))
+    return SphereModel(name, config, image_tower, text_tower).eval()
+
+
+def image_preprocess(model: SphereModel, train: bool = False, crop_scale: tuple[float, float] = (0.5, 1.0)) -> Callable:
+    """open_clip's transform at the tower's native size with the tower's normalization;
+    `train=True` gives random resized crops (the augmented views cached for training)."""
+    tower = model.image_tower
+    aug = AugmentationCfg(scale=crop_scale) if train else None
+    return image_transform(tower.image_size, is_train=train, mean=tower.mean, std=tower.std, aug_cfg=aug)
+
+
+def text_tokenizer(model: SphereModel) -> HFTokenizer:
+    return HFTokenizer(model.text_tower.model_path, context_length=model.config["text_tower"].get("context_length", 64))
+
+
+def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None = None,
+                 load_weights: bool = True, device: str | torch.device = "cpu"):
+    """Returns (model, preprocess, tokenizer); the model is in eval mode on `device`.
+
+    - a registered name loads the trained heads shipped in the package (unless `load_weights`
+      is False, which gives untrained heads: what training starts from);
+    - a path loads a checkpoint written by `retrieval train`;
+    - `open_clip:ARCH[@PRETRAINED]` (or `pretrained=`) builds any open_clip architecture.
+    """
+    if name_or_checkpoint.startswith("open_clip:"):
+        from retrieval.open_clip_model import OpenClipEncoder
+
+        arch, _, tag = name_or_checkpoint[len("open_clip:"):].partition("@")
+        model = OpenClipEncoder(arch, pretrained or tag or None).to(device)
+        return model, model.preprocess, model.tokenizer
+
+    if name_or_checkpoint.endswith((".pt", ".pth")) or Path(name_or_checkpoint).is_file():
+        ckpt = load_checkpoint(name_or_checkpoint)
+        model = build_sphere_model(ckpt["name"], ckpt["config"])
+        model.load_head_state_dict(ckpt["heads"])
+        if model.fingerprint() != ckpt["fingerprint"]:
+            raise ModelError(f"checkpoint '{name_or_checkpoint}' was made with different tower weights "
+                             f"(fingerprint {ckpt['fingerprint']} != {model.fingerprint()}); reinstall the packages it names")
+    else:
+        config = get_model_config(name_or_checkpoint)
+        model = build_sphere_model(name_or_checkpoint, config)
+        if load_weights:
+            path = shipped_weights_path(config)
+            if path is None:
+                raise ModelError(f"model '{name_or_checkpoint}' ships no trained heads; train them with "
+                                 f"`retrieval train --model {name_or_checkpoint} --data DIR` and pass the checkpoint")
+            model.load_head_state_dict(load_checkpoint(path)["heads"])
+    model = model.to(device).eval()
+    return model, image_preprocess(model), text_tokenizer(model)

@@ -1,0 +1,125 @@
+"""Batch encoding of image files and caption lists, streamed through a DataLoader, plus an
+on-disk cache of frozen-tower features (what makes training epochs cheap on a CPU).
+
+`encode_image_files(..., project=False)` returns tower features (B, F) for training;
+`project=True` returns the model's unit vectors (B, D).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval.images import ImageFileDataset
+from retrieval.model import state_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
+                 workers: int, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Decoding and preprocessing in worker processes overlap the encoder's forward pass."""
+    dataset = ImageFileDataset(paths, transform, (3, image_size, image_size))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+        worker_init_fn=_seed_worker if workers else None,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:  # random crops depend on the loader's seed only
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, *, project: bool = True,
+                       batch_size: int = 64, workers: int | None = None, seed: int = 0,
+                       desc: str = "images", progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
+    """Returns (vectors (N, D or F) float32, {index: reason} of files that did not decode;
+    their rows are zeros)."""
+    size = getattr(getattr(model, "image_tower", None), "image_size", None) or _transform_size(transform)
+    loader = image_loader(paths, transform, size, batch_size, default_workers() if workers is None else workers, seed)
+    out: np.ndarray | None = None
+    bad: dict[int, str] = {}
+    with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        for idx, pixels, errors in loader:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+            vecs = model.encode_image(pixels) if project else model.image_tower(pixels)
+            vecs = vecs.float().numpy()
+            if out is None:
+                out = np.zeros((len(paths), vecs.shape[1]), np.float32)
+            ok = np.array([not e for e in errors])
+            out[idx.numpy()[ok]] = vecs[ok]
+            bad.update({int(i): e for i, e in zip(idx, errors) if e})
+            bar.update(len(idx))
+    if bad:
+        log.warning("%d of %d image(s) did not decode and were skipped", len(bad), len(paths))
+    return (out if out is not None else np.zeros((0, 0), np.float32)), bad
+
+
+def _transform_size(transform: Callable) -> int:
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        if size is not None:
+            return size if isinstance(size, int) else size[0]
+    raise ValueError("cannot infer the image size from the transform")
+
+
+def encode_texts(model, tokenizer: Callable, texts: Sequence[str], *, project: bool = True,
+                 batch_size: int = 256, desc: str = "captions", progress: bool = True) -> np.ndarray:
+    """(N, D or F) float32. Texts are batched by length (less padding), results in input order."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out: np.ndarray | None = None
+    with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="txt", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            ids = tokenizer([texts[i] for i in rows])
+            vecs = (model.encode_text(ids) if project else model.text_tower(ids)).float().numpy()
+            if out is None:
+                out = np.zeros((len(texts), vecs.shape[1]), np.float32)
+            out[rows] = vecs
+            bar.update(len(rows))
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+class FeatureCache:
+    """Tower features on disk, keyed by the tower's weights, the inputs and the transform."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(tower: torch.nn.Module, items: Sequence[str], recipe: str) -> str:
+        h = hashlib.sha256(state_fingerprint(type(tower).__name__, tower.state_dict()).encode())
+        h.update(recipe.encode())
+        for item in items:
+            h.update(item.encode() + b"\0")
+        return h.hexdigest()[:20]
+
+    def get_or_compute(self, key: str, compute: Callable[[], tuple[np.ndarray, dict[int, str]]]):
+        path = self.root / f"{key}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                bad = {int(i): str(r) for i, r in zip(z["bad_idx"], z["bad_reason"])}
+                log.info("feature cache hit %s", path.name)
+                return z["features"], bad
+        features, bad = compute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, features=features, bad_idx=np.array(sorted(bad), np.int64),
+                 bad_reason=np.array([bad[i] for i in sorted(bad)], dtype=str))
+        os.replace(tmp, path)
+        return features, bad

@@ -1,0 +1,64 @@
+"""Image decoding with typed errors, and a DataLoader dataset that never crashes on a bad file:
+a file that does not decode yields a placeholder and its reason, counted by the caller."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from retrieval.errors import InvalidInputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error instead of a warning
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Decode a file path or raw bytes into an RGB image (first frame of a GIF)."""
+    what = "image bytes" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise InvalidInputError("image bytes are empty")
+            fp = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise InvalidInputError(f"{what} does not exist")
+            if path.stat().st_size == 0:
+                raise InvalidInputError(f"{what} is a zero-byte file")
+            fp = path
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise InvalidInputError(f"{what} has {img.width}x{img.height} pixels, over the {MAX_PIXELS} limit")
+                img.seek(0)
+                img.load()  # force the full decode here: truncated files fail now, not later
+                return img.convert("RGB")
+    except InvalidInputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InvalidInputError(f"{what} is not a decodable image ({type(e).__name__})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's truncated/corrupt-data errors
+        raise InvalidInputError(f"{what} could not be decoded: {e}") from e
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """(index, pixels, error) per path; error is "" for a good image. A bad file gives zeros of
+    `shape` so the batch still collates, and its reason so the caller can skip and report it."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable, shape: tuple[int, int, int]):
+        self.paths, self.transform, self.shape = list(paths), transform, shape
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_image(self.paths[i])), ""
+        except InvalidInputError as e:
+            return i, torch.zeros(self.shape), str(e)

@@ -1,0 +1,96 @@
+"""SphereModel: two pretrained towers, two trainable projection heads, one unit hypersphere.
+
+    image (B,3,H,W) -> image tower -> (B,Fi) -> image head -> (B,D) -> - center_i -> normalize
+    text  (B,L)     -> text tower  -> (B,Ft) -> text head  -> (B,D) -> - center_t -> normalize
+
+The centers are each modality's mean projection on the training set, subtracted before the
+final normalization (a query-time correction of the modality gap). They live in the model, so
+the index builder and the server apply exactly what evaluation measured.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ProjectionHead(nn.Module):
+    """LayerNorm -> dropout -> linear, plus an optional residual MLP branch: (B, F) -> (B, D)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.drop = nn.Dropout(dropout)
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.mlp = (
+            nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+            if hidden > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.norm(x))
+        return self.linear(x) + (self.mlp(x) if self.mlp is not None else 0.0)
+
+
+class SphereModel(nn.Module):
+    """Dual encoder onto the unit sphere. `encode_*` take batches and return float32 unit vectors."""
+
+    def __init__(self, name: str, config: dict[str, Any], image_tower: nn.Module, text_tower: nn.Module):
+        super().__init__()
+        self.name, self.config = name, config
+        head = config["head"]
+        self.embed_dim = int(config["embed_dim"])
+        self.image_tower, self.text_tower = image_tower, text_tower
+        self.image_head = ProjectionHead(image_tower.out_dim, self.embed_dim, head.get("hidden", 0), head.get("dropout", 0.0))
+        self.text_head = ProjectionHead(text_tower.out_dim, self.embed_dim, head.get("hidden", 0), head.get("dropout", 0.0))
+        # CLIP's temperature: logits = exp(t) * cos, t learnable, exp(t) clamped at 100 in training.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.register_buffer("image_center", torch.zeros(self.embed_dim))
+        self.register_buffer("text_center", torch.zeros(self.embed_dim))
+        for p in list(self.image_tower.parameters()) + list(self.text_tower.parameters()):
+            p.requires_grad_(False)
+
+    # -- heads on tower features (what training on cached features uses) -------------------
+    def project_image(self, features: torch.Tensor, center: bool = True) -> torch.Tensor:
+        z = F.normalize(self.image_head(features), dim=-1)
+        return F.normalize(z - self.image_center, dim=-1) if center else z
+
+    def project_text(self, features: torch.Tensor, center: bool = True) -> torch.Tensor:
+        z = F.normalize(self.text_head(features), dim=-1)
+        return F.normalize(z - self.text_center, dim=-1) if center else z
+
+    # -- the public encoders ------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B,D) float32
+        return self.project_image(self.image_tower(pixels)).float()
+
+    @torch.inference_mode()
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:  # (B,L) -> (B,D) float32
+        return self.project_text(self.text_tower(token_ids)).float()
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained part (heads, temperature, centers): what checkpoints and the package ship."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))}
+
+    def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
+        assert not missing and not unexpected, f"head state mismatch: missing {missing}, unexpected {unexpected}"
+
+    def fingerprint(self) -> str:
+        """sha256 over the name and every tensor (towers included): equal iff embeddings equal."""
+        return state_fingerprint(self.name, self.state_dict())
+
+
+def state_fingerprint(name: str, state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(name.encode())
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]

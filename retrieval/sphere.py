@@ -1,0 +1,81 @@
+"""Geometry of the unit hypersphere: normalization, angles and the embedding diagnostics.
+
+numpy in, numpy out (float32 where vectors are returned). Torch code normalizes with
+`torch.nn.functional.normalize`; these functions serve indexes, servers and evaluation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from retrieval.errors import InvalidInputError
+
+EPS = 1e-12
+
+
+def l2_normalize(x: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Rows of `x` (N, D) scaled to unit norm. A (near-)zero row is an error, never NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    assert x.ndim == 2, f"expected (N, D) vectors, got shape {x.shape}"
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    bad = np.flatnonzero(norms[:, 0] <= eps)
+    if bad.size:
+        raise InvalidInputError(f"cannot normalize zero-norm vector(s) at row(s) {bad[:5].tolist()}")
+    return (x / norms).astype(np.float32)
+
+
+def is_unit_norm(x: np.ndarray, atol: float = 1e-4) -> bool:
+    """True when every row of `x` has norm 1 within `atol`."""
+    return bool(np.all(np.abs(np.linalg.norm(np.asarray(x, np.float64), axis=1) - 1.0) <= atol))
+
+
+def angle_deg(cosine: np.ndarray | float) -> np.ndarray:
+    """Geodesic distance in degrees for cosines of unit vectors: arccos(clip(cos, -1, 1))."""
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+
+
+def alignment(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang & Isola (2020): E ||x_i - y_i||^2 over positive pairs (rows paired). Lower is better."""
+    assert x.shape == y.shape, f"positive pairs need equal shapes, got {x.shape} vs {y.shape}"
+    return float(np.mean(np.sum((x - y) ** 2, axis=1)))
+
+
+def uniformity(x: np.ndarray, t: float = 2.0, max_points: int = 4000) -> float:
+    """Wang & Isola (2020): log E exp(-t ||x_i - x_j||^2) over distinct pairs. Lower is better."""
+    x = np.asarray(x[:max_points], dtype=np.float64)
+    sq = np.clip(2.0 - 2.0 * (x @ x.T), 0.0, None)  # ||a-b||^2 = 2 - 2 a.b on the sphere
+    iu = np.triu_indices(len(x), k=1)
+    return float(np.log(np.mean(np.exp(-t * sq[iu]))))
+
+
+def modality_gap(image_vectors: np.ndarray, text_vectors: np.ndarray) -> float:
+    """Liang et al. (2022): || mean(image vectors) - mean(text vectors) ||."""
+    return float(np.linalg.norm(image_vectors.mean(axis=0) - text_vectors.mean(axis=0)))
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """Spherical interpolation between unit vectors a and b; lerp + normalize when nearly equal."""
+    a, b = l2_normalize(a[None])[0], l2_normalize(b[None])[0]
+    w = float(np.arccos(np.clip(a @ b, -1.0, 1.0)))
+    if w < 1e-4:
+        return l2_normalize(((1 - t) * a + t * b)[None])[0]
+    return ((np.sin((1 - t) * w) * a + np.sin(t * w) * b) / np.sin(w)).astype(np.float32)
+
+
+def spherical_mean(x: np.ndarray, weights: np.ndarray | None = None, iters: int = 20) -> np.ndarray:
+    """Weighted Karcher mean of unit rows of x: start at the normalized weighted sum, then refine
+    by averaging log maps at the current estimate and stepping along the exp map."""
+    x = l2_normalize(x)
+    w = np.ones(len(x), np.float64) if weights is None else np.asarray(weights, np.float64)
+    w = w / w.sum()
+    mu = l2_normalize((w[:, None] * x).sum(0, keepdims=True))[0].astype(np.float64)
+    for _ in range(iters):
+        cos = np.clip(x @ mu, -1.0, 1.0)
+        theta = np.arccos(cos)[:, None]
+        tangent = x - cos[:, None] * mu
+        scale = np.where(theta > 1e-9, theta / np.maximum(np.sin(theta), 1e-12), 1.0)
+        step = (w[:, None] * scale * tangent).sum(0)
+        n = np.linalg.norm(step)
+        if n < 1e-10:
+            break
+        mu = np.cos(n) * mu + np.sin(n) * step / n
+    return mu.astype(np.float32)
