@@ -1,0 +1,57 @@
+"""Shared fixtures: the Flickr8k folder (tests that need it skip with a message when it is
+absent), a small real caption dataset cut from it, and the default model loaded once."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"))
+
+
+def require_flickr8k() -> Path:
+    if not (FLICKR8K / "captions.csv").is_file():
+        pytest.skip(f"Flickr8k not found at {FLICKR8K} (set FLICKR8K_DIR); this test needs real photos")
+    return FLICKR8K
+
+
+def make_mini_dataset(dest: Path, per_split: dict[str, int]) -> Path:
+    """A caption-dataset folder with the first N images of each official split (copied) and
+    all their captions: real data, small enough for a test."""
+    src = require_flickr8k()
+    (dest / "images").mkdir(parents=True)
+    (dest / "splits").mkdir()
+    chosen: dict[str, list[str]] = {}
+    for split, n in per_split.items():
+        names = (src / "splits" / f"{split}.txt").read_text().split()[:n]
+        chosen[split] = names
+        (dest / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            shutil.copyfile(src / "images" / name, dest / "images" / name)
+    wanted = {n for names in chosen.values() for n in names}
+    with (src / "captions.csv").open(newline="") as f, (dest / "captions.csv").open("w", newline="") as g:
+        writer = csv.writer(g)
+        writer.writerow(["image", "caption"])
+        for row in csv.DictReader(f):
+            if row["image"] in wanted:
+                writer.writerow([row["image"], row["caption"]])
+    return dest
+
+
+@pytest.fixture(scope="session")
+def flickr_mini(tmp_path_factory) -> Path:
+    """48 train / 16 dev / 32 test real Flickr8k images with their 5 captions each."""
+    return make_mini_dataset(tmp_path_factory.mktemp("flickr_mini"), {"train": 48, "dev": 16, "test": 32})
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, preprocess, tokenizer) of the shipped default, loaded once per session."""
+    from retrieval.factory import create_model
+
+    return create_model("lite0-minilm")
