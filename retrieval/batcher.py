@@ -1,0 +1,68 @@
+"""An asyncio micro-batcher: concurrent callers' items are grouped into one call of a batch
+function run off the event loop (a thread executor).
+
+A batch closes when it holds `max_batch` items or when its oldest item has waited `max_wait_s`,
+whichever comes first. Items that arrive while a batch runs wait for the next one, so under
+load batches fill without extra waiting; `max_batch=1` gives an unbatched encoder. One batch
+runs at a time per batcher (the model's forward pass already uses every core).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from concurrent.futures import Executor
+from typing import Any, Callable, Sequence
+
+
+class MicroBatcher:
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch: int = 32, max_wait_s: float = 0.002,
+                 executor: Executor | None = None, on_batch: Callable[[int], None] | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
+        self.executor, self.on_batch = executor, on_batch
+        self._queue: collections.deque[tuple[Any, asyncio.Future, float]] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        """The batch function's output for `item` (its exception, if the batch failed)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((item, future, loop.time()))
+        self._wakeup.set()
+        if self._worker is None or self._worker.done():
+            # The worker lives only while there is work: nothing to start or stop.
+            self._worker = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            deadline = self._queue[0][2] + self.max_wait_s
+            while len(self._queue) < self.max_batch and (remaining := deadline - loop.time()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            taken = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            taken = [t for t in taken if not t[1].done()]  # callers that gave up (cancelled)
+            if not taken:
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(taken))
+            try:
+                outputs = await loop.run_in_executor(self.executor, self.fn, [t[0] for t in taken])
+                if len(outputs) != len(taken):
+                    raise RuntimeError(f"batch function returned {len(outputs)} outputs for {len(taken)} items")
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                for _, future, _ in taken:
+                    if not future.done():
+                        future.set_exception(e)
+            else:
+                for (_, future, _), out in zip(taken, outputs):
+                    if not future.done():
+                        future.set_result(out)

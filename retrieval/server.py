@@ -1,0 +1,235 @@
+"""The gRPC server: `serve(config)` runs it until SIGTERM/SIGINT; `RetrievalServer` is the
+same server as an object (start/stop inside a running event loop), and `ServerThread` runs one
+in a background thread (tests, notebooks, the demo).
+
+Startup: the port opens with health NOT_SERVING; the model and the CURRENT index version load
+off the event loop; health turns SERVING. A fingerprint mismatch stops the server with its
+message. A watcher swaps to each newly published version. Shutdown: health NOT_SERVING, then
+`stop(grace)` lets in-flight requests finish.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from retrieval.engine import Engine, Limits, cached_model
+from retrieval.errors import UnauthenticatedError
+from retrieval.metrics import ServerMetrics
+from retrieval.pb import retrieval_pb2_grpc as pb_grpc
+from retrieval.server_errors import status_for
+from retrieval.servicer import SERVICE_NAME, RetrievalServicer
+
+log = logging.getLogger("retrieval.server")
+MiB = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    index: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464
+    model: str | None = None
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_message_mb: float = 20.0
+    max_k: int = 1000
+    max_text_chars: int = 2000
+    max_batch_queries: int = 256
+    watch_interval_s: float = 1.0
+    grace_s: float = 5.0
+    workers: int = 4
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    verify: bool = True
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer TOKEN` on the retrieval service; health checks and
+    reflection stay open (orchestrators probe them without credentials)."""
+
+    OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request, context):
+            code, message = status_for(UnauthenticatedError(
+                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"), "auth")
+            await context.abort(code, message)
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(self.OPEN_PREFIXES):
+            return await continuation(details)
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        sent = sent.encode() if isinstance(sent, str) else sent
+        if hmac.compare_digest(sent, self._expected):
+            return await continuation(details)
+        return self._deny
+
+
+class RetrievalServer:
+    def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] = cached_model):
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="retrieval")
+        limits = Limits(max_k=config.max_k, max_text_chars=config.max_text_chars, max_batch=config.max_batch,
+                        max_wait_s=config.max_wait_ms / 1000.0)
+        self.engine = Engine(config.index, limits, self.executor, model=config.model, model_loader=model_loader,
+                             verify=config.verify, on_batch=self.metrics.observe_batch,
+                             on_swap=self.metrics.observe_index)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stop_watching = asyncio.Event()
+        self._watcher: asyncio.Task | None = None
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        cfg = self.config
+        if not Path(cfg.index).is_dir():
+            Path(cfg.index).mkdir(parents=True, exist_ok=True)  # a fresh root: wait for the first version
+        max_bytes = int(cfg.max_message_mb * MiB)
+        self._server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(cfg.token)] if cfg.token else None,
+            options=[("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)])
+        pb_grpc.add_RetrievalServiceServicer_to_server(
+            RetrievalServicer(self.engine, self.metrics, cfg.max_batch_queries), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        await self._set_serving(False)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        await self._server.start()
+        log.info("listening on %s:%d (%s)", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext")
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.load)
+        except BaseException:
+            await self._close(grace=0)
+            raise
+        if loaded:
+            await self._set_serving(True)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while not self._stop_watching.is_set():
+            if await self.engine.poll_once():
+                await self._set_serving(True)
+            try:
+                await asyncio.wait_for(self._stop_watching.wait(), self.config.watch_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, then stop accepting and let in-flight calls finish within `grace`."""
+        grace = self.config.grace_s if grace is None else grace
+        log.info("shutting down (grace %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        await self._close(grace)
+
+    async def _close(self, grace: float) -> None:
+        self._stop_watching.set()
+        if self._watcher is not None:
+            await self._watcher
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.metrics.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def _serve(config: ServeConfig) -> None:
+    server = RetrievalServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()
+
+
+def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    asyncio.run(_serve(config))
+
+
+class ServerThread:
+    """A RetrievalServer on its own event loop in a daemon thread.
+
+        with ServerThread(ServeConfig(index=root, port=0, metrics_port=-1)) as srv:
+            client = RetrievalClient(srv.address)
+    """
+
+    def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] = cached_model):
+        self.config, self.model_loader = config, model_loader
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="retrieval-server", daemon=True)
+        self.server: RetrievalServer | None = None
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, timeout: float = 300) -> "ServerThread":
+        self.thread.start()
+
+        async def make_and_start():
+            self.server = RetrievalServer(self.config, self.model_loader)
+            await self.server.start()
+
+        try:
+            self._call(make_and_start(), timeout)
+        except BaseException:
+            self._halt()
+            raise
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{'localhost' if self.config.host in ('0.0.0.0', '::', '[::]') else self.config.host}:{self.server.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.server is not None and self.thread.is_alive():
+            self._call(self.server.stop(grace), timeout=60)
+        self._halt()
+
+    def _halt(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=0)

@@ -1,0 +1,42 @@
+"""`retrieval serve`: the gRPC server over an index root (flags or RETRIEVAL_* environment variables)."""
+from __future__ import annotations
+
+import argparse
+
+from retrieval.config import add_dataclass_arguments, dataclass_from_args
+from retrieval.server import ServeConfig, serve
+
+SERVE_HELP = {
+    "index": "index root: serves the version ROOT/CURRENT names and swaps to each newly published one",
+    "host": "address to listen on (0.0.0.0 for every interface)",
+    "port": "gRPC port (0 picks a free one)",
+    "metrics_port": "Prometheus /metrics HTTP port (0 picks a free one, negative disables)",
+    "model": "model to load instead of the one the index manifest names (its fingerprint must match)",
+    "max_batch": "most queries per encoder forward pass (1 disables micro-batching)",
+    "max_wait_ms": "longest a queued query waits for others to fill its batch",
+    "max_message_mb": "largest request or response in MiB (image queries travel whole)",
+    "max_k": "largest k a query may ask for",
+    "max_text_chars": "longest text query in characters",
+    "max_batch_queries": "most queries in one BatchSearch call",
+    "watch_interval_s": "how often ROOT/CURRENT is checked for a new version, in seconds",
+    "grace_s": "on SIGTERM, how long in-flight calls may take to finish, in seconds",
+    "workers": "threads for decoding, encoding and FAISS search (off the event loop)",
+    "token": "require 'authorization: Bearer TOKEN' metadata (health and reflection stay open)",
+    "tls_cert": "PEM certificate chain: serve over TLS (with --tls-key)",
+    "tls_key": "PEM private key for --tls-cert",
+    "verify": "check every index file's sha256 against its manifest before serving it",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an index over gRPC (health, reflection, metrics, hot swap)",
+                       description="gRPC retrieval server. Loads ROOT/CURRENT and the model its manifest names, "
+                                   "refuses to start on a fingerprint mismatch, swaps to newly published versions "
+                                   "without failing requests, and stops gracefully on SIGTERM.")
+    add_dataclass_arguments(p, ServeConfig, SERVE_HELP, env_prefix="RETRIEVAL_")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    serve(dataclass_from_args(ServeConfig, args))
+    return 0
