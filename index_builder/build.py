@@ -1,0 +1,273 @@
+"""One build: collect the inputs, encode what is not encoded yet (resumable shards), assemble the
+image and text indexes, write the metadata and the manifest, publish atomically.
+
+    cfg = BuildConfig(out="indexes", dataset="../shared/datasets/flickr8k")
+    manifest = build(cfg)                      # loads cfg.model
+    manifest = build(cfg, loaded=(model, preprocess, tokenizer))   # a model already in memory
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrieval.errors import DatasetError, FingerprintMismatchError
+from retrieval.factory import DEFAULT_MODEL
+from retrieval.features import default_workers
+from retrieval.index import INDEX_FILES, MANIFEST, META, IndexVersion, read_current, sha256_file
+
+from index_builder import faiss_index
+from index_builder.encode import ShardStore, encode_images, encode_texts
+from index_builder.metadata import read_hashes, write_metadata
+from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
+from index_builder.sources import Collection, collect, stable_id
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sphere-index/1"
+BLOCK = 8192
+
+
+@dataclass
+class BuildConfig:
+    out: str
+    images: str | None = None
+    captions: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    model: str = DEFAULT_MODEL
+    index_factory: str | None = None
+    incremental: bool = False
+    keep: int = 3
+    shard_size: int = 4096
+    batch_size: int = 64
+    text_batch_size: int = 256
+    workers: int | None = None
+    recall_queries: int = 500
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("keep", "shard_size", "batch_size", "text_batch_size", "recall_queries"):
+            if getattr(self, name) < 1:
+                raise DatasetError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise DatasetError(f"--workers must be 0 or more, got {self.workers}")
+
+
+@dataclass
+class _Modality:
+    """What one modality's index is made of: ids reused from the base version, ids whose vector
+    is in the shard store under their content hash."""
+    reuse: list[int]
+    need: dict[str, list[int]]     # sha256 -> ids
+    store: ShardStore
+    base_index: faiss.Index | None
+
+    @property
+    def count(self) -> int:
+        return len(self.reuse) + sum(len(v) for v in self.need.values())
+
+    def blocks(self):
+        for start in range(0, len(self.reuse), BLOCK):
+            ids = np.asarray(self.reuse[start:start + BLOCK], np.int64)
+            yield ids, faiss_index.reconstruct(self.base_index, ids)
+        emitted: set[str] = set()
+        for shas, vecs in self.store.iter_vectors():
+            rows, ids = [], []
+            for r, sha in enumerate(shas.tolist()):
+                if sha in self.need and sha not in emitted:
+                    emitted.add(sha)
+                    rows += [r] * len(self.need[sha])
+                    ids += self.need[sha]
+            if rows:
+                yield np.asarray(ids, np.int64), vecs[rows]
+
+
+def _base_version(root: Path, cfg: BuildConfig, fingerprint: str) -> IndexVersion | None:
+    if not cfg.incremental:
+        return None
+    if read_current(root) is None:
+        log.warning("--incremental: nothing is published under %s yet; building everything", root)
+        return None
+    base = IndexVersion.open(root)
+    if base.fingerprint != fingerprint:
+        raise FingerprintMismatchError(
+            f"--incremental: the current version {base.name} was built with model '{base.model}' "
+            f"(fingerprint {base.fingerprint}), not this one ({fingerprint}); run a full build instead")
+    return base
+
+
+def _reusable(base: IndexVersion | None, modality: str, table: str) -> dict[int, str]:
+    """{id: sha256} of the base version whose vectors can be read back exactly."""
+    if base is None or base.count(modality) == 0:
+        return {}
+    hashes = read_hashes(base.path / META, table)
+    probe = np.asarray(list(hashes)[:64], np.int64)
+    try:
+        from retrieval.sphere import is_unit_norm
+        ok = is_unit_norm(faiss_index.reconstruct(base.indexes[modality], probe))
+    except RuntimeError:
+        ok = False
+    if not ok:
+        log.warning("the %s index of %s cannot give back exact vectors; re-encoding all of it", modality, base.name)
+        return {}
+    return hashes
+
+
+def _skipped_rows(pairs) -> list[dict]:
+    return [{"item": item, "reason": reason} for item, reason in pairs]
+
+
+def build(cfg: BuildConfig, loaded=None) -> dict:
+    """Build and publish a new version under cfg.out; returns its manifest."""
+    started = time.perf_counter()
+    cfg.validate()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = Path(cfg.out)
+    coll = collect(cfg.images, cfg.captions, cfg.dataset, cfg.split, cfg.progress)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    with RootLock(root):
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # a killed build's unfinished version: garbage
+            shutil.rmtree(stale, ignore_errors=True)
+        if loaded is None:
+            from retrieval.factory import create_model
+            loaded = create_model(cfg.model)
+        model, preprocess, tokenizer = loaded
+        fingerprint, dim = model.fingerprint(), int(model.embed_dim)
+        base = _base_version(root, cfg, fingerprint)
+        try:
+            return _build_locked(cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers, started)
+        finally:
+            if base is not None:
+                base.close()
+
+
+def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fingerprint, dim, base, workers, started) -> dict:
+    work = root / f"{WORK_PREFIX}{fingerprint}"
+    img_store, txt_store = ShardStore(work / "images", dim), ShardStore(work / "texts", dim)
+    counts: dict[str, int] = {"images_found": len(coll.images), "texts_found": len(coll.texts)}
+    skipped = list(coll.skipped)
+
+    # -- images: reuse unchanged ones, resume from shards, encode the rest ------------------------
+    base_images = _reusable(base, "image", "images")
+    reuse_img = [it for it in coll.images if base_images.get(it.id) == it.sha256]
+    fresh_img = [it for it in coll.images if base_images.get(it.id) != it.sha256]
+    done, failed = img_store.scan()
+    counts["images_resumed"] = sum(1 for it in fresh_img if it.sha256 in done or it.sha256 in failed)
+    todo = list({it.sha256: (it.sha256, it.path) for it in fresh_img
+                 if it.sha256 not in done and it.sha256 not in failed}.values())
+    log.info("images: %d reused from %s, %d already encoded in %s, %d to encode", len(reuse_img),
+             base.name if base else "-", counts["images_resumed"], work.name, len(todo))
+    img_stats = encode_images(model, preprocess, img_store, todo, batch_size=cfg.batch_size, workers=workers,
+                              shard_size=cfg.shard_size, progress=cfg.progress)
+    done, failed = img_store.scan()
+    bad_img = [it for it in fresh_img if it.sha256 in failed]
+    skipped += [(it.key, failed[it.sha256]) for it in bad_img]
+    kept_img = reuse_img + [it for it in fresh_img if it.sha256 in done]
+    kept_img.sort(key=lambda it: it.key)
+    by_key = {it.key: it for it in kept_img}
+    bad_keys = {it.key for it in bad_img}
+    counts.update(images_reused=len(reuse_img), images_encoded=img_stats.items, images_skipped=len(bad_img),
+                  images_indexed=len(kept_img))
+
+    # -- captions: drop those of images that did not decode ----------------------------------------
+    texts = [t for t in coll.texts if t.image_key not in bad_keys]
+    counts["texts_dropped_with_bad_image"] = len(coll.texts) - len(texts)
+    base_texts = _reusable(base, "text", "texts")
+    reuse_txt = [t for t in texts if base_texts.get(t.id) == t.sha256]
+    fresh_txt = [t for t in texts if base_texts.get(t.id) != t.sha256]
+    done_t, _ = txt_store.scan()
+    counts["texts_resumed"] = sum(1 for t in fresh_txt if t.sha256 in done_t)
+    todo_t = list({t.sha256: (t.sha256, t.caption) for t in fresh_txt if t.sha256 not in done_t}.values())
+    log.info("captions: %d reused, %d already encoded, %d distinct to encode", len(reuse_txt), counts["texts_resumed"], len(todo_t))
+    txt_stats = encode_texts(model, tokenizer, txt_store, todo_t, batch_size=cfg.text_batch_size, workers=workers,
+                             shard_size=cfg.shard_size, progress=cfg.progress)
+    counts.update(texts_reused=len(reuse_txt), texts_encoded=txt_stats.items, texts_indexed=len(texts))
+    if not kept_img and not texts:
+        raise DatasetError(f"nothing could be indexed: all {len(coll.images)} image(s) failed to decode and there are "
+                           f"no captions; first problem: {skipped[0][1] if skipped else '?'}")
+
+    # -- indexes -----------------------------------------------------------------------------------
+    mods = {
+        "image": _Modality([it.id for it in reuse_img], _need(it for it in fresh_img if it.sha256 in done), img_store,
+                           base.indexes["image"] if base else None),
+        "text": _Modality([t.id for t in reuse_txt], _need(fresh_txt), txt_store, base.indexes["text"] if base else None),
+    }
+    name = next_version(root)
+    tmp = new_temp_dir(root)
+    factories, recalls, types = {}, {}, {}
+    for modality, mod in mods.items():
+        other = mods["text" if modality == "image" else "image"]
+        factory = "Flat" if mod.count == 0 else (cfg.index_factory or faiss_index.choose_factory(mod.count))
+        log.info("building the %s index (%s) over %d vectors", modality, factory, mod.count)
+        index = faiss_index.build_index(mod.blocks, mod.count, dim, factory)
+        source = other if other.count else mod
+        queries = faiss_index.sample(source.blocks, source.count, cfg.recall_queries) if source.count else np.zeros((0, dim), np.float32)
+        recall = faiss_index.recall_at_10(index, mod.blocks, queries)
+        recall["query_source"] = ("text" if modality == "image" else "image") if other.count else f"{modality} (in-collection sample)"
+        faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
+        factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
+        del index
+
+    def text_rows():
+        for t in texts:
+            image = by_key.get(t.image_key) if t.image_key else None
+            yield t, (image.id if image else None), (image.uri if image else t.image_ref)
+
+    write_metadata(tmp / META, kept_img, text_rows())
+    counts["skipped"] = len(skipped)
+    manifest = {
+        "format": FORMAT,
+        "version": name,
+        "model": _model_spec(cfg.model),
+        "fingerprint": fingerprint,
+        "dim": dim,
+        "metric": "inner_product",
+        "num_images": len(kept_img),
+        "num_texts": len(texts),
+        "index_factory": factories,
+        "index_type": types,
+        "recall_at_10": {m: r["recall_at_10"] for m, r in recalls.items()},
+        "recall": recalls,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": None,
+        "sources": coll.sources,
+        "incremental": {"base": base.name} if base else None,
+        "report": {"counts": counts, "skipped": _skipped_rows(skipped),
+                   "encode": {"images_per_second": round(img_stats.per_second, 2),
+                              "captions_per_second": round(txt_stats.per_second, 2),
+                              "workers": workers, "shards_written": len(img_stats.shards) + len(txt_stats.shards)},
+                   "config": asdict(cfg)},
+        "files": {f: sha256_file(tmp / f) for f in sorted([*INDEX_FILES.values(), META])},
+    }
+    manifest["build_seconds"] = round(time.perf_counter() - started, 2)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    publish(root, tmp, name, cfg.keep)
+    shutil.rmtree(root / f"{WORK_PREFIX}{fingerprint}", ignore_errors=True)  # its vectors are in the version now
+    return manifest
+
+
+def _model_spec(name: str) -> str:
+    """What create_model needs to give the same model back: a checkpoint as an absolute path."""
+    path = Path(name)
+    return str(path.resolve()) if not name.startswith("open_clip:") and path.is_file() else name
+
+
+def _need(items) -> dict[str, list[int]]:
+    need: dict[str, list[int]] = {}
+    for it in items:
+        need.setdefault(it.sha256, []).append(it.id)
+    return need
+
+
+def stable_image_id(key: str) -> int:
+    """The id an image with this collection key gets (relative path under --images / dataset images/)."""
+    return stable_id("image", key)

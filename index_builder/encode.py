@@ -1,0 +1,201 @@
+"""Streaming, resumable encoding into content-addressed shards.
+
+A build's work directory (`ROOT/.work-<model fingerprint>/`) holds, per modality, shards
+`shard-000001.npz` with the sha256 of each encoded item's content and its unit vector, plus the
+content hashes that failed to decode and why. A shard is written to a temporary name, fsynced and
+renamed, so a build killed at any moment leaves only complete shards; the rerun scans them and
+encodes only what they lack. Memory stays bounded: one shard's worth of vectors is in flight.
+
+Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
+worker processes decode and preprocess while the main process runs the model); captions through
+a DataLoader that tokenizes length-sorted batches in a worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval.errors import RetrievalError
+from retrieval.features import _transform_size, image_loader
+from retrieval.sphere import is_unit_norm
+
+log = logging.getLogger(__name__)
+
+SHARD_RE = re.compile(r"^shard-(\d{6,})\.npz$")
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardStore:
+    """Encoded vectors of one modality under one model, keyed by content sha256."""
+
+    def __init__(self, directory: Path, dim: int):
+        self.dir, self.dim = Path(directory), dim
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def shard_paths(self) -> list[Path]:
+        names = [p.name for p in self.dir.iterdir() if SHARD_RE.match(p.name)]
+        return [self.dir / n for n in sorted(names, key=lambda n: int(SHARD_RE.match(n).group(1)))]
+
+    def scan(self) -> tuple[set[str], dict[str, str]]:
+        """(hashes with a vector, {hash: reason} of items that failed). Leftover temporary files
+        of a killed run are removed; an unreadable shard is removed too (its items re-encode)."""
+        for tmp in self.dir.glob("*.tmp*"):
+            tmp.unlink(missing_ok=True)
+        done: set[str] = set()
+        failed: dict[str, str] = {}
+        for path in self.shard_paths():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    done.update(z["sha"].tolist())
+                    failed.update(zip(z["bad_sha"].tolist(), z["bad_reason"].tolist()))
+            except Exception as e:  # a shard damaged after it was written: encode its items again
+                log.warning("ignoring unreadable shard %s (%s)", path, e)
+                path.unlink(missing_ok=True)
+        return done, {k: v for k, v in failed.items() if k not in done}
+
+    def write(self, shas: Sequence[str], vectors: np.ndarray, bad: dict[str, str]) -> Path:
+        vectors = np.asarray(vectors, np.float32).reshape(len(shas), self.dim)
+        if len(shas) and not is_unit_norm(vectors):
+            raise RetrievalError("the model returned vectors that are not unit norm; refusing to store them")
+        existing = self.shard_paths()
+        number = int(SHARD_RE.match(existing[-1].name).group(1)) + 1 if existing else 1
+        path = self.dir / f"shard-{number:06d}.npz"
+        tmp = self.dir / f"shard-{number:06d}.tmp.npz"
+        np.savez(tmp, sha=np.array(list(shas), dtype="U64"), vectors=vectors,
+                 bad_sha=np.array(list(bad), dtype="U64"), bad_reason=np.array(list(bad.values()), dtype=str))
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(self.dir)
+        return path
+
+    def iter_vectors(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(sha (n,), vectors (n, D)) per shard, in shard order."""
+        for path in self.shard_paths():
+            with np.load(path, allow_pickle=False) as z:
+                yield z["sha"], z["vectors"]
+
+
+@dataclass
+class EncodeStats:
+    items: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+class _ShardWriter:
+    """Accumulates (sha, vector) rows and flushes a shard every `shard_size` rows."""
+
+    def __init__(self, store: ShardStore, shard_size: int, stats: EncodeStats):
+        self.store, self.shard_size, self.stats = store, shard_size, stats
+        self.shas: list[str] = []
+        self.vecs: list[np.ndarray] = []
+        self.bad: dict[str, str] = {}
+
+    def add(self, shas: Sequence[str], vecs: np.ndarray, bad: dict[str, str]) -> None:
+        self.shas += list(shas)
+        self.vecs.append(vecs)
+        self.bad.update(bad)
+        if len(self.shas) + len(self.bad) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.shas and not self.bad:
+            return
+        vecs = np.concatenate(self.vecs) if self.vecs else np.zeros((0, self.store.dim), np.float32)
+        path = self.store.write(self.shas, vecs, self.bad)
+        self.stats.shards.append(path.name)
+        log.debug("wrote %s (%d vectors, %d failures)", path.name, len(self.shas), len(self.bad))
+        self.shas, self.vecs, self.bad = [], [], {}
+
+
+def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence[tuple[str, Path]], *,
+                  batch_size: int = 64, workers: int = 1, shard_size: int = 2048,
+                  progress: bool = True) -> EncodeStats:
+    """Encode (sha, path) pairs into shards; a file that does not decode is recorded with its
+    reason (never a crash) and its placeholder is not run through the model."""
+    stats = EncodeStats()
+    if not todo:
+        return stats
+    size = getattr(getattr(model, "image_tower", None), "image_size", None) or _transform_size(preprocess)
+    loader = image_loader([p for _, p in todo], preprocess, size, batch_size, workers)
+    writer = _ShardWriter(store, shard_size, stats)
+    start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(todo), desc="encode images", unit="img", disable=not progress) as bar:
+        for idx, pixels, errors in loader:
+            rows = idx.tolist()
+            ok = [j for j, e in enumerate(errors) if not e]
+            bad = {todo[rows[j]][0]: errors[j] for j in range(len(rows)) if errors[j]}
+            vecs = np.zeros((0, store.dim), np.float32)
+            if ok:
+                batch = pixels if len(ok) == len(rows) else pixels[ok]
+                vecs = model.encode_image(batch.contiguous(memory_format=torch.channels_last)).float().numpy()
+            writer.add([todo[rows[j]][0] for j in ok], vecs, bad)
+            stats.items += len(ok)
+            stats.failed += len(bad)
+            bar.update(len(rows))
+    writer.flush()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+class _TokenizedBatches(torch.utils.data.Dataset):
+    """Batch b of the length-sorted texts, tokenized (in a DataLoader worker)."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: Callable, batch_size: int):
+        self.texts, self.tokenizer, self.batch_size = texts, tokenizer, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.texts) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, b: int):
+        start = b * self.batch_size
+        return start, self.tokenizer(list(self.texts[start:start + self.batch_size]))
+
+
+def text_batches(texts: Sequence[str], tokenizer: Callable, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(_TokenizedBatches(texts, tokenizer, batch_size), batch_size=None,
+                                       num_workers=workers, shuffle=False)
+
+
+def encode_texts(model, tokenizer: Callable, store: ShardStore, todo: Sequence[tuple[str, str]], *,
+                 batch_size: int = 256, workers: int = 1, shard_size: int = 2048,
+                 progress: bool = True) -> EncodeStats:
+    """Encode (sha, caption) pairs into shards, batched by length (less padding)."""
+    stats = EncodeStats()
+    if not todo:
+        return stats
+    order = sorted(range(len(todo)), key=lambda i: len(todo[i][1]))
+    shas = [todo[i][0] for i in order]
+    texts = [todo[i][1] for i in order]
+    writer = _ShardWriter(store, shard_size, stats)
+    start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(todo), desc="encode captions", unit="txt", disable=not progress) as bar:
+        for first, token_ids in text_batches(texts, tokenizer, batch_size, workers):
+            vecs = model.encode_text(token_ids).float().numpy()
+            writer.add(shas[first:first + len(vecs)], vecs, {})
+            stats.items += len(vecs)
+            bar.update(len(vecs))
+    writer.flush()
+    stats.seconds = time.perf_counter() - start
+    return stats

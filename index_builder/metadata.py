@@ -1,0 +1,49 @@
+"""The metadata database of a version (`meta.sqlite`), in the schema `retrieval.index` reads:
+`images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Iterable
+
+from index_builder.sources import ImageItem, TextItem
+
+SCHEMA = """
+CREATE TABLE images (id INTEGER PRIMARY KEY, uri TEXT NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE texts (id INTEGER PRIMARY KEY, caption TEXT NOT NULL, image_id INTEGER, image_uri TEXT, sha256 TEXT NOT NULL);
+CREATE INDEX texts_image_id ON texts (image_id);
+"""
+
+
+def write_metadata(path: Path, images: Iterable[ImageItem], texts: Iterable[tuple[TextItem, int | None, str | None]],
+                   chunk: int = 10_000) -> None:
+    """`texts` yields (item, image id or None, image uri or None)."""
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(SCHEMA)
+        _insert(db, "INSERT INTO images VALUES (?, ?, ?)", ((it.id, it.uri, it.sha256) for it in images), chunk)
+        _insert(db, "INSERT INTO texts VALUES (?, ?, ?, ?, ?)",
+                ((it.id, it.caption, image_id, image_uri, it.sha256) for it, image_id, image_uri in texts), chunk)
+        db.commit()
+    finally:
+        db.close()
+
+
+def _insert(db: sqlite3.Connection, sql: str, rows: Iterable[tuple], chunk: int) -> None:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= chunk:
+            db.executemany(sql, batch)
+            batch = []
+    if batch:
+        db.executemany(sql, batch)
+
+
+def read_hashes(path: Path, table: str) -> dict[int, str]:
+    """{id: sha256} of a published version's table (what an incremental build compares against)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {int(i): s for i, s in db.execute(f"SELECT id, sha256 FROM {table}")}
+    finally:
+        db.close()

@@ -1,0 +1,295 @@
+"""What goes into an index: image folders, captions files (CSV or JSONL) and caption-dataset
+folders, turned into items with stable int64 ids and content hashes.
+
+- An image's identity (`key`) is its path relative to the collection's root, so its id survives
+  a content change and a rebuild; its `sha256` is the hash of the file's bytes.
+- A caption's key is its explicit id when the file gives one, else (image key, text, ordinal of
+  that same pair), so unchanged captions keep their ids; its `sha256` is the hash of its text.
+- ids are the first 63 bits of sha256(kind, key): deterministic, never -1 (FAISS's "no result").
+
+Structural problems (missing folder, unknown format, nothing to index) raise DatasetError;
+item-level problems (a line without text, a file that is not an image) are skipped with a reason.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from retrieval.errors import DatasetError
+from retrieval.images import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+TEXT_COLUMNS = ("text", "caption")
+IMAGE_COLUMNS = ("image", "image_path", "path", "uri")
+ID_COLUMNS = ("id", "caption_id")
+
+
+def stable_id(kind: str, key: str) -> int:
+    digest = hashlib.sha256(f"{kind}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    id: int
+    key: str        # path relative to the collection root (posix), or the absolute path
+    path: Path      # absolute path of the file
+    sha256: str
+
+    @property
+    def uri(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class TextItem:
+    id: int
+    key: str
+    caption: str
+    sha256: str
+    image_key: str | None = None   # key of the image it describes, when that image is in the collection
+    image_ref: str | None = None   # the reference as written (kept as image_uri when not in the collection)
+
+
+@dataclass
+class Collection:
+    images: list[ImageItem]
+    texts: list[TextItem]
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (item, reason)
+    sources: dict = field(default_factory=dict)                    # what was read, for the manifest
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def scan_image_folder(root: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """{relative key: absolute path} of files with an image suffix under root (recursive, sorted,
+    hidden entries ignored); other files are reported as skipped."""
+    if not root.is_dir():
+        raise DatasetError(f"image folder '{root}' does not exist or is not a folder")
+    found: dict[str, Path] = {}
+    skipped: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            path = Path(dirpath) / name
+            key = path.relative_to(root).as_posix()
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found[key] = path.resolve()
+            else:
+                skipped.append((key, f"not an image file type ('{path.suffix or 'no suffix'}')"))
+    return found, skipped
+
+
+def _pick(columns: list[str], wanted: tuple[str, ...]) -> str | None:
+    lowered = {c.strip().lower(): c for c in columns}
+    return next((lowered[w] for w in wanted if w in lowered), None)
+
+
+def read_captions_file(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Rows {text, image, id} from a CSV (with a header) or JSONL file; bad rows are skipped."""
+    if not path.is_file():
+        raise DatasetError(f"captions file '{path}' does not exist")
+    rows: list[dict] = []
+    skipped: list[tuple[str, str]] = []
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            cols = list(reader.fieldnames or [])
+            text_col = _pick(cols, TEXT_COLUMNS)
+            if text_col is None:
+                raise DatasetError(f"{path} needs a header with a 'text' or 'caption' column, found {cols}")
+            image_col, id_col = _pick(cols, IMAGE_COLUMNS), _pick(cols, ID_COLUMNS)
+            for line, row in enumerate(reader, start=2):
+                rows.append({"where": f"{path.name}:{line}", "text": row.get(text_col),
+                             "image": row.get(image_col) if image_col else None, "id": row.get(id_col) if id_col else None})
+    elif suffix in (".jsonl", ".ndjson", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for line, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{path.name}:{line}"
+                try:
+                    obj = json.loads(raw)
+                except ValueError as e:
+                    skipped.append((where, f"invalid JSON ({e.msg})"))
+                    continue
+                if not isinstance(obj, dict):
+                    skipped.append((where, "a line must be a JSON object"))
+                    continue
+                keys = list(obj)
+                text_k, image_k, id_k = _pick(keys, TEXT_COLUMNS), _pick(keys, IMAGE_COLUMNS), _pick(keys, ID_COLUMNS)
+                rows.append({"where": where, "text": obj.get(text_k) if text_k else None,
+                             "image": obj.get(image_k) if image_k else None, "id": obj.get(id_k) if id_k else None})
+    else:
+        raise DatasetError(f"captions file '{path}' must be .csv, .tsv or .jsonl (got '{suffix or 'no suffix'}')")
+    good = []
+    for row in rows:
+        text = row["text"] if isinstance(row["text"], str) else None
+        if not text or not text.strip():
+            skipped.append((row["where"], "no caption text"))
+            continue
+        row["text"] = text.strip()
+        row["image"] = str(row["image"]).strip() or None if row["image"] not in (None, "") else None
+        row["id"] = str(row["id"]).strip() or None if row["id"] not in (None, "") else None
+        good.append(row)
+    return good, skipped
+
+
+class _TextKeys:
+    """Caption keys: the explicit id, else (image key, text, ordinal of that pair)."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}
+        self.ids: set[str] = set()
+
+    def key(self, caption: str, image_key: str | None, explicit_id: str | None) -> str | None:
+        if explicit_id is not None:
+            if explicit_id in self.ids:
+                return None
+            self.ids.add(explicit_id)
+            return f"id:{explicit_id}"
+        pair = f"{image_key or ''}\0{caption}"
+        n = self.seen.get(pair, 0)
+        self.seen[pair] = n + 1
+        return f"{pair}\0{n}"
+
+
+def _hash_images(paths: dict[str, Path], progress: bool) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+    """Content hashes, read in a few threads (hashlib releases the GIL)."""
+    keys = list(paths)
+
+    def one(key: str):
+        try:
+            return file_sha256(paths[key]), None
+        except OSError as e:
+            return None, f"cannot be read: {e.strerror or e}"
+
+    items, skipped = [], []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = tqdm(pool.map(one, keys), total=len(keys), desc="hash images", unit="file",
+                       disable=not progress or len(keys) < 1000)
+        for key, (digest, error) in zip(keys, results):
+            if error:
+                skipped.append((key, error))
+            else:
+                items.append(ImageItem(stable_id("image", key), key, paths[key], digest))
+    return items, skipped
+
+
+def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]]) -> list[TextItem]:
+    keys, texts = _TextKeys(), []
+    for row in rows:
+        image_key = resolve(row["image"]) if row["image"] else None
+        key = keys.key(row["text"], image_key or row["image"], row["id"])
+        if key is None:
+            skipped.append((row["where"], f"duplicate caption id '{row['id']}'"))
+            continue
+        texts.append(TextItem(stable_id("text", key), key, row["text"], text_sha256(row["text"]),
+                              image_key, row["image"]))
+    return texts
+
+
+def from_dataset(root: Path, split: str | None, progress: bool = True) -> Collection:
+    from retrieval.data import load_caption_dataset
+
+    ds = load_caption_dataset(root, split)
+    images, skipped = _hash_images({name: (root / "images" / name).resolve() for name in ds.images}, progress)
+    skipped = list(ds.skipped) + skipped
+    keys, texts = _TextKeys(), []
+    for caption, owner in zip(ds.captions, ds.caption_image):
+        name = ds.images[int(owner)]
+        key = keys.key(caption, name, None)
+        texts.append(TextItem(stable_id("text", key), key, caption, text_sha256(caption), name, name))
+    return Collection(images, texts, skipped, {"dataset": str(root.resolve()), "split": split})
+
+
+def from_files(images_dir: Path | None, captions: Path | None, progress: bool = True) -> Collection:
+    """An image folder and/or a captions file. Without a folder, the images a captions file
+    references (relative to the file's folder) are the collection's images."""
+    skipped: list[tuple[str, str]] = []
+    found: dict[str, Path] = {}
+    if images_dir is not None:
+        found, skipped = scan_image_folder(images_dir)
+    rows: list[dict] = []
+    if captions is not None:
+        rows, bad_rows = read_captions_file(captions)
+        skipped += bad_rows
+    base = images_dir.resolve() if images_dir is not None else (captions.parent.resolve() if captions else None)
+    missing: set[str] = set()
+
+    def resolve(ref: str) -> str | None:
+        if "://" in ref:
+            return None
+        path = Path(ref) if Path(ref).is_absolute() else base / ref
+        try:
+            key = path.resolve().relative_to(base).as_posix()
+        except ValueError:
+            key = str(path.resolve())
+        if key not in found and images_dir is None and path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found[key] = path.resolve()
+        if key not in found:
+            if ref not in missing:
+                missing.add(ref)
+                skipped.append((ref, "a caption references this image, which is not in the collection"))
+            return None
+        return key
+
+    texts = _make_texts(rows, resolve, skipped)
+    images, hash_skipped = _hash_images(found, progress)
+    skipped += hash_skipped
+    sources = {"images": str(images_dir.resolve()) if images_dir else None,
+               "captions": str(captions.resolve()) if captions else None}
+    return Collection(images, texts, skipped, sources)
+
+
+def collect(images: str | None = None, captions: str | None = None, dataset: str | None = None,
+            split: str | None = None, progress: bool = True) -> Collection:
+    if dataset and (images or captions):
+        raise DatasetError("--dataset cannot be combined with --images or --captions")
+    if split and not dataset:
+        raise DatasetError("--split applies to --dataset only")
+    if not (dataset or images or captions):
+        raise DatasetError("nothing to index: give --images DIR, --captions FILE or --dataset DIR")
+    if dataset:
+        coll = from_dataset(Path(dataset), split, progress)
+    else:
+        coll = from_files(Path(images) if images else None, Path(captions) if captions else None, progress)
+    if not coll.images and not coll.texts:
+        raise DatasetError(f"the collection is empty: no image files and no captions found "
+                           f"({len(coll.skipped)} item(s) skipped)")
+    _check_unique_ids(coll)
+    log.info("collection: %d image(s), %d caption(s), %d item(s) skipped", len(coll.images), len(coll.texts), len(coll.skipped))
+    return coll
+
+
+def _check_unique_ids(coll: Collection) -> None:
+    for kind, items in (("image", coll.images), ("caption", coll.texts)):
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):  # 63-bit hashes: astronomically unlikely, but never silently
+            raise DatasetError(f"two {kind} keys hash to the same 63-bit id; rename one of them")
