@@ -6,6 +6,8 @@ several views (the center crop plus random resized crops); each epoch pairs ever
 image with one random view and one random caption of its own. Loss: symmetric InfoNCE
 (open_clip's ClipLoss) with a learnable temperature clamped at 100, or SigLIP's.
 Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable.
+Outputs in OUT: last.pt (resume state), best.pt (best dev epoch), model.pt (best heads in
+float16: the file to ship as retrieval/weights/NAME.pt or to pass to create_model).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from retrieval.checkpoint import load_checkpoint, save_checkpoint
+from retrieval.checkpoint import load_checkpoint, round_heads_to_half, save_checkpoint
 from retrieval.data import CaptionDataset, load_caption_dataset
 from retrieval.evaluate import recall_at_k
 from retrieval.factory import image_preprocess, text_tokenizer
@@ -201,7 +203,14 @@ def train(cfg: TrainConfig, model) -> dict:
                         history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         logit_bias=float(logit_bias) if logit_bias is not None else None,
                         torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state())
+    # The deliverable: the best heads, float16, no optimizer state: small enough to ship in the package.
+    best_state = load_checkpoint(out / "best.pt")
+    model.load_head_state_dict(best_state["heads"])
+    round_heads_to_half(model)
+    save_checkpoint(out / "model.pt", model, half=True, data=data_info, metrics=best_state["metrics"],
+                    train_config=asdict(cfg))
+    model.eval()
     summary = {"best_dev_R@1_mean": best, "epochs": cfg.epochs, "seconds": round(time.time() - t0, 1),
-               "checkpoint": str(out / "best.pt"), "history": history, "config": asdict(cfg)}
+               "checkpoint": str(out / "model.pt"), "history": history, "config": asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

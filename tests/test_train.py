@@ -1,0 +1,72 @@
+"""Training on a small real subset: the loss falls, checkpoints round-trip, resume is exact."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import retrieval.train as train_mod
+from retrieval.factory import create_model
+from retrieval.features import encode_texts
+from retrieval.train import TrainConfig, train
+
+
+def _cfg(data, tmp_path, **kw):
+    base = dict(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path.parent / "feature-cache"),
+                views=2, epochs=6, batch_size=16, lr=3e-3, warmup_epochs=1, workers=0, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(flickr_mini, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = _cfg(flickr_mini, tmp)
+    model, _, _ = create_model(cfg.model, load_weights=False)
+    return cfg, model, train(cfg, model)
+
+
+def test_contrastive_loss_falls_on_real_pairs(trained):
+    _, _, summary = trained
+    losses = [h["loss"] for h in summary["history"]]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], f"loss did not fall: {losses}"
+    assert all(1.0 <= h["logit_scale"] <= 100.0 for h in summary["history"])
+
+
+def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_mini):
+    cfg, model, summary = trained
+    best = torch.load(summary["checkpoint"], weights_only=False)
+    assert best["config"]["embed_dim"] == model.embed_dim and best["fingerprint"]
+    assert best["data"]["train_images"] == 48 and best["data"]["views"] == 2
+    assert "dev" in best["metrics"] and best["train_config"]["seed"] == 3
+    # train() leaves the model equal to the exported model.pt (best epoch, float16-rounded heads)
+    loaded, _, tokenizer = create_model(summary["checkpoint"])
+    captions = ["A man rides a bike .", "A black dog swims in a lake ."]
+    np.testing.assert_array_equal(encode_texts(model.eval(), tokenizer, captions, progress=False),
+                                  encode_texts(loaded, tokenizer, captions, progress=False))
+    assert loaded.fingerprint() == model.fingerprint()
+    summary_file = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert summary_file["best_dev_R@1_mean"] == summary["best_dev_R@1_mean"]
+
+
+def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini, tmp_path, monkeypatch):
+    _, reference, _ = trained
+    cfg = _cfg(flickr_mini, tmp_path)
+    real_save, saves = train_mod.save_checkpoint, []
+
+    def save_then_die_after_epoch_3(path, model, **extra):
+        real_save(path, model, **extra)
+        saves.append(path.name)
+        if saves.count("last.pt") == 3:
+            raise KeyboardInterrupt  # as if the job were killed right after epoch 3's checkpoint
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die_after_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, create_model(cfg.model, load_weights=False)[0])
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    resumed, _, _ = create_model(cfg.model, load_weights=False)
+    summary = train(TrainConfig(**{**cfg.__dict__, "resume": True}), resumed)
+    assert [h["epoch"] for h in summary["history"]] == list(range(6))
+    for key, value in reference.head_state_dict().items():
+        torch.testing.assert_close(resumed.head_state_dict()[key], value, msg=f"{key} differs after resume")
