@@ -1,0 +1,368 @@
+"""The gRPC server end to end: a real server on a loopback port over an index the index builder
+made from real Flickr8k photos. Rankings over gRPC equal the in-process model + index; every bad
+input gets its status code and the server keeps answering; auth, TLS, health, reflection,
+metrics, the `retrieval query` CLI, a fingerprint mismatch and SIGTERM."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from retrieval.client import RetrievalClient, search_request
+from retrieval.engine import cached_model
+from retrieval.images import load_image
+from retrieval.index import IndexVersion
+from retrieval.pb import retrieval_pb2 as pb
+from retrieval.server import ServeConfig, ServerThread
+
+pytestmark = pytest.mark.dataset
+MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_K, MAX_TEXT = 50, 200
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def build_index(root: Path, dataset: Path, split: str) -> None:
+    from index_builder.cli import main
+
+    assert main(["-q", "build", "--out", str(root), "--dataset", str(dataset), "--split", split, "--model", MODEL,
+                 "--workers", "0", "--no-progress"]) == 0
+
+
+def split_items(dataset: Path, split: str) -> tuple[list[str], list[str]]:
+    names = (dataset / "splits" / f"{split}.txt").read_text().split()
+    with (dataset / "captions.csv").open(newline="") as f:
+        captions = [r["caption"] for r in csv.DictReader(f) if r["image"] in set(names)]
+    return names, captions
+
+
+
+
+@pytest.fixture(scope="module")
+def index_root(flickr_mini, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("server") / "index"
+    build_index(root, flickr_mini, "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return cached_model(MODEL)  # the same cached model the servers load: loaded once
+
+
+@pytest.fixture(scope="module")
+def server(index_root, bundle):
+    srv = ServerThread(ServeConfig(index=str(index_root), port=0, metrics_port=0, max_message_mb=1.0, max_k=MAX_K,
+                                   max_text_chars=MAX_TEXT, watch_interval_s=0.2)).start()
+    yield srv
+    srv.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with RetrievalClient(server.address, timeout=60) as c:
+        yield c
+
+
+def health_stub(address: str, creds=None):
+    channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+    return channel, health_pb2_grpc.HealthStub(channel)
+
+
+# -- same answers as the in-process pipeline --------------------------------------------------------
+
+def in_process(bundle, index: IndexVersion, query, target: str, k: int):
+    model, preprocess, tokenizer = bundle
+    if isinstance(query, str):
+        q = model.encode_text(tokenizer([query])).numpy()
+    else:
+        q = model.encode_image(preprocess(load_image(query))[None]).numpy()
+    scores, ids = index.search(target, q, k)
+    return ids[0].tolist(), scores[0]
+
+
+@pytest.mark.parametrize("target", [None, "text"])
+def test_text_queries_rank_like_the_in_process_model(client, bundle, index_root, flickr_mini, target):
+    index = IndexVersion.open(index_root)
+    _, captions = split_items(flickr_mini, "test")
+    for text in captions[::40]:
+        results = client.search_text(text, k=10, target=target)
+        ids, scores = in_process(bundle, index, text, target or "image", 10)
+        assert [r.id for r in results] == ids
+        np.testing.assert_allclose([r.score for r in results], scores, atol=1e-4)
+        np.testing.assert_allclose([r.angle_deg for r in results], np.degrees(np.arccos(np.clip(scores, -1, 1))),
+                                   atol=1e-2)
+        assert all(r.modality == (target or "image") for r in results)
+    if target is None:
+        assert all(r.uri.endswith(".jpg") for r in results)
+    else:
+        assert text in [r.caption for r in client.search_text(text, k=3, target="text")]
+
+
+@pytest.mark.parametrize("target", [None, "image"])
+def test_image_queries_rank_like_the_in_process_model(client, bundle, index_root, flickr_mini, target):
+    index = IndexVersion.open(index_root)
+    names, _ = split_items(flickr_mini, "test")
+    for name in names[::10]:
+        data = (flickr_mini / "images" / name).read_bytes()
+        results = client.search_image(data, k=10, target=target)
+        ids, scores = in_process(bundle, index, data, target or "text", 10)
+        assert [r.id for r in results] == ids
+        np.testing.assert_allclose([r.score for r in results], scores, atol=1e-4)
+        if target is None:
+            assert all(r.caption and r.image_uri for r in results)
+        else:
+            assert results[0].uri.endswith(name) and results[0].score > 0.999  # the image finds itself
+
+
+def test_embed_embedding_search_batch_and_min_score(client, bundle, index_root):
+    model, _, tokenizer = bundle
+    text = "a dog runs through the grass"
+    vec = client.embed_text(text)
+    np.testing.assert_allclose(vec, model.encode_text(tokenizer([text])).numpy()[0], atol=1e-5)
+    assert abs(np.linalg.norm(vec) - 1) < 1e-5
+    by_text = client.search_text(text, k=5)
+    by_vec = client.search_embedding(vec * 3.0, target="image", k=5)  # normalized by the server
+    assert [r.id for r in by_vec] == [r.id for r in by_text]
+    batch = client.batch_search([search_request(text=text, k=5), search_request(embedding=vec, target="text", k=4)])
+    assert [r.id for r in batch[0]] == [r.id for r in by_text] and len(batch[1]) == 4
+    cut = by_text[2].score
+    assert [r.id for r in client.search_text(text, k=5, min_score=cut)] == [r.id for r in by_text[:3]]
+    info = client.index_info()
+    index = IndexVersion.open(index_root)
+    assert (info.version, info.model, info.model_fingerprint, info.dim) == ("v0001", MODEL, model.fingerprint(), 256)
+    assert (info.image_count, info.text_count) == (index.count("image"), index.count("text")) == (32, 160)
+
+
+# -- bad input: its status code, a message that names it, and the server keeps serving ---------------
+
+def _truncated_jpeg(flickr_mini) -> bytes:
+    return next((flickr_mini / "images").iterdir()).read_bytes()[:2000]
+
+
+BAD_SEARCHES = {
+    "empty text": (lambda d: search_request(text=""), "text is empty"),
+    "blank text": (lambda d: search_request(text="  \n "), "text is empty"),
+    "text over the limit": (lambda d: search_request(text="dog " * 100), f"over the limit of {MAX_TEXT}"),
+    "undecodable image": (lambda d: search_request(image=b"GIF89a this is not really an image"), "not a decodable"),
+    "truncated image": (lambda d: search_request(image=_truncated_jpeg(d)), "decoded"),
+    "empty image": (lambda d: search_request(image=b""), "image bytes are empty"),
+    "k zero": (lambda d: search_request(text="a dog", k=0), f"k must be between 1 and {MAX_K}, got 0"),
+    "k negative": (lambda d: search_request(text="a dog", k=-2), "got -2"),
+    "k over the maximum": (lambda d: search_request(text="a dog", k=MAX_K + 1), f"got {MAX_K + 1}"),
+    "embedding of the wrong dimension": (lambda d: search_request(embedding=[1.0, 0.0, 0.0], target="image"),
+                                         "dimension 3, the index expects 256"),
+    "zero-norm embedding": (lambda d: search_request(embedding=np.zeros(256), target="image"), "zero norm"),
+    "embedding without a target": (lambda d: search_request(embedding=np.ones(256)), "must name its target"),
+    "min_score out of range": (lambda d: search_request(text="a dog", min_score=1.5), "min_score"),
+    "no query": (lambda d: pb.SearchRequest(k=5), "query is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SEARCHES))
+def test_bad_search_is_invalid_argument_and_server_keeps_serving(client, flickr_mini, case):
+    make, message = BAD_SEARCHES[case]
+    with pytest.raises(grpc.RpcError) as err:
+        client.search(make(flickr_mini))
+    assert err.value.code() == INVALID, err.value.details()
+    assert message in err.value.details()
+    assert "Traceback" not in err.value.details()
+    assert len(client.search_text("two children play in the water", k=3)) == 3
+
+
+def test_bad_batch_and_embed_requests(client):
+    for call, message in [
+        (lambda: client.batch_search([search_request(text="a dog"), search_request(text="")]), "requests[1]: text is empty"),
+        (lambda: client.batch_search([]), "requests is empty"),
+        (lambda: client.embed_text(""), "text is empty"),
+        (lambda: client.embed_image(b"\x89PNG\r\n\x1a\n broken"), "image"),
+        (lambda: client._call(client.stub.Embed, pb.EmbedRequest(), None), "input is empty"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == INVALID and message in err.value.details(), err.value.details()
+    assert client.index_info().version == "v0001"
+
+
+def test_oversize_message_is_resource_exhausted(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.search_image(os.urandom(int(1.5 * (1 << 20))))  # the server in this module allows 1 MiB
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(client.search_text("a man in a red shirt", k=2)) == 2
+
+
+# -- auth and TLS ---------------------------------------------------------------------------------------
+
+def test_bearer_token_is_required_when_set(index_root, bundle):
+    cfg = ServeConfig(index=str(index_root), port=0, metrics_port=-1, token="s3cret")
+    with ServerThread(cfg) as srv:
+        for token in (None, "wrong"):
+            with RetrievalClient(srv.address, timeout=30, token=token) as c, pytest.raises(grpc.RpcError) as err:
+                c.search_text("a dog", k=1)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in err.value.details()
+        with RetrievalClient(srv.address, timeout=30, token="s3cret") as c:
+            assert len(c.search_text("a dog", k=2)) == 2
+        channel, stub = health_stub(srv.address)  # health stays open for probes
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+        channel.close()
+
+
+def test_tls(index_root, bundle, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed; it makes the test's self-signed certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    cfg = ServeConfig(index=str(index_root), host="localhost", port=0, metrics_port=-1, tls_cert=str(cert),
+                      tls_key=str(key))
+    with ServerThread(cfg) as srv:
+        with RetrievalClient(srv.address, timeout=30, tls_ca=str(cert)) as c:
+            assert len(c.search_text("a dog", k=2)) == 2
+        with RetrievalClient(srv.address, timeout=5) as plain, pytest.raises(grpc.RpcError) as err:
+            plain.search_text("a dog", k=2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- no index yet, health, reflection, metrics ------------------------------------------------------------
+
+def test_no_index_is_unavailable_until_one_is_published(index_root, bundle, tmp_path):
+    root = tmp_path / "empty-root"
+    cfg = ServeConfig(index=str(root), port=0, metrics_port=-1, model=MODEL, watch_interval_s=0.1)
+    with ServerThread(cfg) as srv, RetrievalClient(srv.address, timeout=30) as c:
+        channel, health = health_stub(srv.address)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == NOT_SERVING
+        for call in (lambda: c.search_text("a dog"), lambda: c.index_info(), lambda: c.embed_text("a dog")):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no index version" in err.value.details()
+        # publish: a builder-made version copied in, then CURRENT flipped atomically
+        shutil.copytree(index_root / "v0001", root / "v0001")
+        (root / ".CURRENT.tmp").write_text("v0001\n")
+        os.replace(root / ".CURRENT.tmp", root / "CURRENT")
+        deadline = time.monotonic() + 30
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=10).status != SERVING:
+            assert time.monotonic() < deadline, "the server did not pick up the published version"
+            time.sleep(0.1)
+        assert len(c.search_text("a dog", k=3)) == 3
+        channel.close()
+
+
+def test_reflection_lists_the_service(server):
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="retrieval.v1.RetrievalService")]
+        listing, files = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+    names = {s.name for s in listing.list_services_response.service}
+    assert {"retrieval.v1.RetrievalService", "grpc.health.v1.Health"} <= names
+    fd = descriptor_pb2.FileDescriptorProto.FromString(files.file_descriptor_response.file_descriptor_proto[0])
+    assert fd.package == "retrieval.v1" and "Search" in [m.name for m in fd.service[0].method]
+
+
+def test_metrics_endpoint(server, client):
+    client.search_text("a girl in a pink dress", k=3)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'retrieval_requests_total{code="OK",method="Search"}' in text
+    assert 'retrieval_requests_total{code="INVALID_ARGUMENT",method="Search"}' in text
+    assert "retrieval_request_latency_seconds_bucket" in text and 'retrieval_encoder_batch_size_count{modality="text"}' in text
+    assert "retrieval_index_version 1.0" in text
+
+
+def test_health_goes_not_serving_on_shutdown(index_root, bundle):
+    srv = ServerThread(ServeConfig(index=str(index_root), port=0, metrics_port=-1)).start()
+    channel, health = health_stub(srv.address)
+    stream = health.Watch(health_pb2.HealthCheckRequest(service="retrieval.v1.RetrievalService"), timeout=30)
+    assert next(stream).status == SERVING
+    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 1.0})
+    stopper.start()
+    assert next(stream).status == NOT_SERVING
+    stopper.join(30)
+    channel.close()
+
+
+# -- CLIs ---------------------------------------------------------------------------------------------------
+
+def test_query_cli_json_and_text(server, flickr_mini, capsys):
+    from retrieval.cli import main
+
+    assert main(["query", "--address", server.address, "--text", "a black dog", "--k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 3 and all({"id", "score", "angle_deg", "uri"} <= set(r) for r in out)
+    assert out[0]["score"] >= out[1]["score"] >= out[2]["score"]
+    image = flickr_mini / "images" / split_items(flickr_mini, "test")[0][0]
+    assert main(["query", "--address", server.address, "--image", str(image), "--k", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 2 and all({"id", "score", "angle_deg", "caption"} <= set(r) for r in out)
+    assert main(["query", "--address", server.address, "--text", "a black dog", "--k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].lstrip().startswith("1.") and "cos" in lines[0] and ".jpg" in lines[0]
+    assert main(["query", "--address", server.address, "--text", "a dog", "--k", "0"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_fingerprint_mismatch(index_root, bundle, tmp_path, capsys):
+    from retrieval.cli import main
+
+    root = tmp_path / "tampered"
+    shutil.copytree(index_root, root)
+    manifest_path = root / "v0001" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fingerprint"] = "0123456789abcdef"
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["serve", "--index", str(root), "--port", "0", "--metrics-port", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint 0123456789abcdef" in err and "Rebuild the index" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_cli_stops_gracefully_on_sigterm(index_root):
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRIEVAL_METRICS_PORT": "-1", "RETRIEVAL_GRACE_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_root), "--port",
+                             str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        channel, health = health_stub(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become SERVING"
+            time.sleep(0.25)
+        stream = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(stream).status == SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert next(stream).status == NOT_SERVING
+        assert proc.wait(timeout=60) == 0
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
