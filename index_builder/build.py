@@ -142,6 +142,8 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
             loaded = create_model(cfg.model)
         model, preprocess, tokenizer = loaded
         fingerprint, dim = model.fingerprint(), int(model.embed_dim)
+        if cfg.index_factory:
+            faiss_index.make_index(dim, cfg.index_factory)  # a bad factory string fails now, not after encoding
         base = _base_version(root, cfg, fingerprint)
         try:
             return _build_locked(cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers, started)

@@ -7,6 +7,7 @@ ids are the builder's stable int64 ids and vectors can be reconstructed by id (i
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -28,6 +29,12 @@ HNSW_EF_CONSTRUCTION = 80
 MAX_TRAIN = 100_000
 
 
+def faiss_error(e: Exception) -> str:
+    """FAISS's message without its C++ location prefix."""
+    lines = str(e).strip().splitlines() or ["unknown error"]
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", lines[0]).strip()
+
+
 def choose_factory(n: int) -> str:
     """Flat (exact) for small collections, HNSW for medium, IVF for large."""
     if n <= EXACT_MAX:
@@ -43,8 +50,7 @@ def make_index(dim: int, factory: str) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, f"IDMap2,{inner}", faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "invalid"
-        raise DatasetError(f"invalid --index-factory '{factory}': {first}") from e
+        raise DatasetError(f"invalid --index-factory '{factory}': {faiss_error(e)}") from e
     sub = faiss.downcast_index(index.index)
     if isinstance(sub, faiss.IndexHNSW):
         sub.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -78,7 +84,7 @@ def build_index(blocks: Blocks, n: int, dim: int, factory: str) -> faiss.Index:
         try:
             index.train(train)
         except RuntimeError as e:
-            raise DatasetError(f"cannot train '{factory}' on {len(train)} vectors: {str(e).strip().splitlines()[-1]}") from e
+            raise DatasetError(f"cannot train '{factory}' on {len(train)} vectors: {faiss_error(e)}") from e
     added = 0
     for ids, vecs in blocks():
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
