@@ -81,7 +81,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no versions under {args.root}")
     for row in rows:
         print(f"{'*' if row['current'] else ' '} {row['version']}  {row['created_at']}  {row['model']}  "
-              f"images {row['num_images']}  texts {row['num_texts']}  {row['index_factory']}"
+              f"images {row['num_images']}  texts {row['num_texts']}  "
+              + " ".join(f"{k}:{v}" for k, v in (row["index_factory"] or {}).items())
               + (f"  (incremental from {row['incremental_from']})" if row["incremental_from"] else ""))
     for name in work_dirs(args.root):
         print(f"  {name}: encoded shards of an unfinished build (a rerun resumes from them)")

@@ -192,7 +192,7 @@ def test_incremental_encodes_only_changes(tmp_path, flickr_mini, bundle):
 
     write_captions(names)
     root = tmp_path / "idx"
-    m1 = _build(bundle, root, images=str(photos), captions=str(photos.parent / "caps.csv"))
+    assert _build(bundle, root, images=str(photos), captions=str(photos.parent / "caps.csv"))["num_images"] == 5
     v1 = IndexVersion.open(root, "v0001")
 
     new = _images(flickr_mini, photos, 1, start=10)[0]       # added
