@@ -5,6 +5,10 @@ A batch closes when it holds `max_batch` items or when its oldest item has waite
 whichever comes first. Items that arrive while a batch runs wait for the next one, so under
 load batches fill without extra waiting; `max_batch=1` gives an unbatched encoder. One batch
 runs at a time per batcher (the model's forward pass already uses every core).
+
+A lone client should not pay `max_wait_s` on every call: after `patience` waits in a row that
+brought no second item, the batcher stops waiting (it still takes whatever is queued) until it
+sees concurrent items again, and probes with a wait every `patience * 2` batches.
 """
 from __future__ import annotations
 
@@ -16,13 +20,16 @@ from typing import Any, Callable, Sequence
 
 class MicroBatcher:
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch: int = 32, max_wait_s: float = 0.002,
-                 executor: Executor | None = None, on_batch: Callable[[int], None] | None = None):
+                 executor: Executor | None = None, on_batch: Callable[[int], None] | None = None,
+                 patience: int = 8):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
-        self.executor, self.on_batch = executor, on_batch
+        self.executor, self.on_batch, self.patience = executor, on_batch, patience
+        self._fruitless = 0  # consecutive waits that brought no second item
+        self._batches = 0
         self._queue: collections.deque[tuple[Any, asyncio.Future, float]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -41,7 +48,8 @@ class MicroBatcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
-            deadline = self._queue[0][2] + self.max_wait_s
+            wait = self._fruitless < self.patience or self._batches % (2 * self.patience) == 0
+            deadline = self._queue[0][2] + (self.max_wait_s if wait else 0.0)
             while len(self._queue) < self.max_batch and (remaining := deadline - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
@@ -52,6 +60,11 @@ class MicroBatcher:
             taken = [t for t in taken if not t[1].done()]  # callers that gave up (cancelled)
             if not taken:
                 continue
+            self._batches += 1
+            if len(taken) > 1:
+                self._fruitless = 0
+            elif wait and self.max_wait_s > 0:
+                self._fruitless += 1
             if self.on_batch is not None:
                 self.on_batch(len(taken))
             try:
