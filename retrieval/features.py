@@ -54,7 +54,11 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     loader = image_loader(paths, transform, size, batch_size, default_workers() if workers is None else workers, seed)
     out: np.ndarray | None = None
     bad: dict[int, str] = {}
-    with torch.inference_mode(), tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+    # Random crops draw from torch's RNG: in-process (workers=0) that is the global one, so fork
+    # it: the crops depend on `seed` alone, and the caller's random stream is left untouched.
+    with torch.random.fork_rng(), torch.inference_mode(), \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        torch.manual_seed(seed)
         for idx, pixels, errors in loader:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
             vecs = model.encode_image(pixels) if project else model.image_tower(pixels)

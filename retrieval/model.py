@@ -72,6 +72,16 @@ class SphereModel(nn.Module):
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:  # (B,L) -> (B,D) float32
         return self.project_text(self.text_tower(token_ids)).float()
 
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Fresh initialization of everything trainable (from torch's global RNG: seed it first)."""
+        for module in list(self.image_head.modules()) + list(self.text_head.modules()):
+            if hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters()
+        self.logit_scale.fill_(math.log(1 / 0.07))
+        self.image_center.zero_()
+        self.text_center.zero_()
+
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained part (heads, temperature, centers): what checkpoints and the package ship."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))}

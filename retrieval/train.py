@@ -131,6 +131,8 @@ def train(cfg: TrainConfig, model) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    if not Path(cfg.model).is_file():  # a registered name: start from seeded fresh heads
+        model.reset_heads()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -187,7 +189,7 @@ def train(cfg: TrainConfig, model) -> dict:
             opt.step()
             sched.step()
             model.logit_scale.data.clamp_(0.0, math.log(cfg.max_logit_scale))
-            losses.append(float(loss))
+            losses.append(loss.item())
         if cfg.center:
             fit_centers(model, tr)
         metrics = dev_metrics(model, dev)
