@@ -6,8 +6,9 @@
 For text-to-image and image-to-text queries at concurrency 1, 8 and 32, three ways:
   - in_process:        decode/tokenize + encode + FAISS search + metadata in this process, one
                        query per forward pass, `concurrency` threads (no gRPC);
-  - server_batched:    `retrieval serve` in a subprocess with micro-batching (--max-batch 32);
-  - server_unbatched:  the same server with --max-batch 1.
+  - server_batched:    `retrieval serve` in a subprocess with micro-batching (--max-batch 32 for
+                       texts, --max-image-batch 4 for images);
+  - server_unbatched:  the same server with batches of 1.
 Both servers start first; then, for each cell, the three modes take turns in short rounds so that
 a change in the (shared) machine's background load hits them alike. Queries are real Flickr8k
 captions and image files of test images that are not in the index. Writes bench/results/server.json (with the command) and server.md.
@@ -32,6 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Client, in-process pipeline and servers share the machine's cores: OpenMP workers that spin
+# after each forward pass (the ACTIVE default) steal the cores another process is computing on.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = Path(os.environ.get("FLICKR8K_DIR", REPO.parent / "shared" / "datasets" / "flickr8k"))
 KINDS = ("text_to_image", "image_to_text")
@@ -50,6 +55,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up before each round (default: %(default)s)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-batch", type=int, default=32, help="batched server's --max-batch (default: %(default)s)")
+    p.add_argument("--max-image-batch", type=int, default=4,
+                   help="batched server's --max-image-batch (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batched server's --max-wait-ms (default: %(default)s)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     return p.parse_args(argv)
@@ -82,68 +89,82 @@ def load_queries(dataset: Path, n: int = 200) -> dict[str, list]:
 
 
 # -- measurement ----------------------------------------------------------------------------------------
-# A cell runs `concurrency` closed-loop workers; it measures requests that complete inside the
-# window after the warm-up, and their latencies. Raw numbers are merged over rounds.
+# A round runs `concurrency` closed-loop workers and measures the requests that complete after the
+# warm-up: for `duration` seconds, extended until at least 2 x concurrency requests completed (a
+# batch of 32 images can outlast a short window). QPS = measured completions / measured time;
+# raw numbers are merged over rounds.
 
 def summarize(latencies: list[float], errors: int, seconds: float) -> dict:
     lat = np.asarray(latencies) * 1000
-    return {"requests": len(latencies), "errors": errors,
+    return {"requests": len(latencies), "errors": errors, "seconds": round(seconds, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
-            "qps": round(len(latencies) / seconds, 2)}
+            "qps": round(len(latencies) / seconds, 2) if seconds > 0 else None}
 
 
-def run_threads(call, queries: list, concurrency: int, duration: float, warmup: float) -> tuple[list[float], int]:
+class Window:
+    def __init__(self, now: float, concurrency: int, duration: float, warmup: float):
+        self.measure_from, self.stop_at = now + warmup, now + warmup + duration
+        self.hard_stop = now + warmup + 20 * duration
+        self.min_requests = 2 * concurrency
+        self.latencies: list[float] = []
+        self.last = self.measure_from
+        self.errors = 0
+
+    def going(self, t0: float) -> bool:
+        return t0 < self.stop_at or (len(self.latencies) < self.min_requests and t0 < self.hard_stop)
+
+    def done(self, t0: float, t1: float) -> None:
+        if t1 >= self.measure_from:
+            self.latencies.append(t1 - t0)
+            self.last = max(self.last, t1)
+
+    def result(self) -> tuple[list[float], int, float]:
+        return self.latencies, self.errors, self.last - self.measure_from
+
+
+def run_threads(call, queries: list, concurrency: int, duration: float, warmup: float):
     """`concurrency` threads, each calling `call(query)` back to back."""
-    latencies, errors, lock = [], [0], threading.Lock()
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + duration
+    window, lock = Window(time.perf_counter(), concurrency, duration, warmup), threading.Lock()
 
     def worker(w: int) -> None:
         i = w
-        while (t0 := time.perf_counter()) < stop_at:
+        while window.going(t0 := time.perf_counter()):
             try:
                 call(queries[i % len(queries)])
                 t1 = time.perf_counter()
-                if measure_from <= t1 < stop_at:
-                    with lock:
-                        latencies.append(t1 - t0)
+                with lock:
+                    window.done(t0, t1)
             except Exception:  # noqa: BLE001 - counted
                 with lock:
-                    errors[0] += 1
+                    window.errors += 1
             i += concurrency
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
-    return latencies, errors[0]
+    return window.result()
 
 
 async def run_async(address: str, kind: str, queries: list, concurrency: int, duration: float, warmup: float,
-                    k: int) -> tuple[list[float], int]:
+                    k: int):
     from retrieval.client import AsyncRetrievalClient, search_request
 
     requests = [search_request(text=q, k=k) if kind == "text_to_image" else search_request(image=q, k=k) for q in queries]
-    latencies, errors = [], 0
-    async with AsyncRetrievalClient(address, timeout=120) as client:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        measure_from, stop_at = start + warmup, start + warmup + duration
+    async with AsyncRetrievalClient(address, timeout=300) as client:
+        window = Window(time.perf_counter(), concurrency, duration, warmup)
 
         async def worker(w: int) -> None:
-            nonlocal errors
             i = w
-            while (t0 := loop.time()) < stop_at:
+            while window.going(t0 := time.perf_counter()):
                 try:
                     await client.search(requests[i % len(requests)])
-                    t1 = loop.time()
-                    if measure_from <= t1 < stop_at:
-                        latencies.append(t1 - t0)
+                    window.done(t0, time.perf_counter())
                 except Exception:  # noqa: BLE001 - counted
-                    errors += 1
+                    window.errors += 1
                 i += concurrency
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return latencies, errors
+    return window.result()
 
 
 # -- the pipelines ---------------------------------------------------------------------------------------
@@ -176,10 +197,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, index_root: str, max_batch: int, max_wait_ms: float):
+    def __init__(self, index_root: str, max_batch: int, max_image_batch: int, max_wait_ms: float):
         self.port = free_port()
         self.args = [sys.executable, "-m", "retrieval.cli", "serve", "--index", index_root, "--port", str(self.port),
-                     "--metrics-port", "-1", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+                     "--metrics-port", "-1", "--max-batch", str(max_batch), "--max-image-batch", str(max_image_batch),
+                     "--max-wait-ms", str(max_wait_ms)]
         self.proc = None
 
     def __enter__(self) -> "ServerProcess":
@@ -236,8 +258,9 @@ def markdown(result: dict) -> str:
              f"{result['machine']['torch_threads']}; index {result['index']['version']} with "
              f"{result['index']['images']} images / {result['index']['texts']} captions; k={result['config']['k']}; "
              f"{result['config']['duration_s']} s measured per cell and mode, in {result['config']['rounds']} interleaved rounds. "
-             f"Batched server: max batch {result['config']['max_batch']}, max wait {result['config']['max_wait_ms']} ms; "
-             f"unbatched: max batch 1. Client and server share the machine's cores.", "",
+             f"Batched server: max batch {result['config']['max_batch']} (text), {result['config']['max_image_batch']} (image), "
+             f"max wait {result['config']['max_wait_ms']} ms; unbatched: max batch 1. Client, in-process pipeline and "
+             f"servers share the machine's cores (OMP_WAIT_POLICY={result['config']['omp_wait_policy']}).", "",
              "| query | mode | concurrency | p50 ms | p99 ms | QPS | errors |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         lines.append(f"| {r['query']} | {r['mode']} | {r['concurrency']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | {r['errors']} |")
@@ -270,8 +293,8 @@ def main(argv=None) -> int:
     queries = load_queries(args.dataset)
     rows = []
     calls = in_process_calls(index_root, args.k)
-    with ServerProcess(index_root, args.max_batch, args.max_wait_ms) as batched, \
-            ServerProcess(index_root, 1, args.max_wait_ms) as unbatched:
+    with ServerProcess(index_root, args.max_batch, args.max_image_batch, args.max_wait_ms) as batched, \
+            ServerProcess(index_root, 1, 1, args.max_wait_ms) as unbatched:
         runners = {
             "in_process": lambda kind, c, d, w: run_threads(calls[kind], queries[kind], c, d, w),
             "server_batched": lambda kind, c, d, w: asyncio.run(run_async(
@@ -283,13 +306,13 @@ def main(argv=None) -> int:
             for c in args.concurrency:
                 # The modes take turns in short rounds, so a change in the machine's background load
                 # hits all three alike.
-                raw = {mode: ([], 0) for mode in runners}
+                raw = {mode: ([], 0, 0.0) for mode in runners}
                 for _ in range(args.rounds):
                     for mode, run in runners.items():
-                        lat, err = run(kind, c, args.duration / args.rounds, args.warmup)
-                        raw[mode] = (raw[mode][0] + lat, raw[mode][1] + err)
-                for mode, (lat, err) in raw.items():
-                    stats = summarize(lat, err, args.duration)
+                        lat, err, seconds = run(kind, c, args.duration / args.rounds, args.warmup)
+                        raw[mode] = (raw[mode][0] + lat, raw[mode][1] + err, raw[mode][2] + seconds)
+                for mode, (lat, err, seconds) in raw.items():
+                    stats = summarize(lat, err, seconds)
                     rows.append({"mode": mode, "query": kind, "concurrency": c, **stats})
                     print(f"{mode:17s} {kind:14s} c={c:<3d} p50 {stats['p50_ms']} ms  p99 {stats['p99_ms']} ms  "
                           f"{stats['qps']} QPS  errors {stats['errors']}", flush=True)
@@ -298,7 +321,8 @@ def main(argv=None) -> int:
         "command": "python bench/bench_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "index": {"version": index.name, "model": index.model, "images": index.count("image"), "texts": index.count("text")},
-        "config": {"k": args.k, "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup, "max_batch": args.max_batch,
+        "config": {"k": args.k, "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup, "max_batch": args.max_batch, "max_image_batch": args.max_image_batch,
+                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                    "max_wait_ms": args.max_wait_ms, "concurrency": args.concurrency},
         "results": rows,
         "goals": goals(rows, args.concurrency),

@@ -33,7 +33,8 @@ QueryInput = Union[str, bytes, np.ndarray]  # text, image file bytes, or a raw e
 class Limits:
     max_k: int = 1000
     max_text_chars: int = 2000
-    max_batch: int = 32          # encoder micro-batch size (1 = unbatched)
+    max_batch: int = 32          # text encoder micro-batch size (1 = unbatched)
+    max_image_batch: int = 4     # image encoder's (on CPU, large image batches are slower per image)
     max_wait_s: float = 0.002    # how long the oldest queued item may wait for others
 
 
@@ -69,7 +70,8 @@ class Encoder:
         self.executor = executor
         hook = (lambda kind: (lambda n: on_batch(kind, n))) if on_batch else (lambda kind: None)
         self.text_batcher = MicroBatcher(self._encode_texts, limits.max_batch, limits.max_wait_s, executor, hook("text"))
-        self.image_batcher = MicroBatcher(self._encode_images, limits.max_batch, limits.max_wait_s, executor, hook("image"))
+        self.image_batcher = MicroBatcher(self._encode_images, limits.max_image_batch, limits.max_wait_s, executor,
+                                          hook("image"))
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.model.encode_text(self.tokenizer(texts)).cpu().numpy())

@@ -42,6 +42,7 @@ class ServeConfig:
     metrics_port: int = 9464
     model: str | None = None
     max_batch: int = 32
+    max_image_batch: int = 4
     max_wait_ms: float = 2.0
     max_message_mb: float = 20.0
     max_k: int = 1000
@@ -88,6 +89,7 @@ class RetrievalServer:
         self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="retrieval")
         limits = Limits(max_k=config.max_k, max_text_chars=config.max_text_chars, max_batch=config.max_batch,
+                        max_image_batch=config.max_image_batch,
                         max_wait_s=config.max_wait_ms / 1000.0)
         self.engine = Engine(config.index, limits, self.executor, model=config.model, model_loader=model_loader,
                              verify=config.verify, on_batch=self.metrics.observe_batch,
