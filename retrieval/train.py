@@ -39,7 +39,7 @@ class TrainConfig:
     model: str = "lite0-minilm"
     out: str = "runs/lite0-minilm"
     cache_dir: str = ".feature-cache"
-    views: int = 5              # image views cached per training image: 1 center + (views-1) random crops
+    views: int = 4              # image views cached per training image: 1 center + (views-1) random crops
     crop_scale_min: float = 0.5
     epochs: int = 40
     batch_size: int = 512
@@ -72,7 +72,7 @@ def split_features(model, split: str, cfg: TrainConfig, views: int) -> SplitFeat
     per_view, bad = [], {}
     for v in range(views):
         transform = image_preprocess(model, train=v > 0, crop_scale=(cfg.crop_scale_min, 1.0))
-        key = cache.key(model.image_tower, paths, f"{transform}|view={v}|seed={cfg.seed}")
+        key = cache.key(model.image_tower, paths, f"{model.config['image_tower']}|{transform}|view={v}|seed={cfg.seed}")
         feats, bad_v = cache.get_or_compute(key, lambda: encode_image_files(
             model, paths, transform, project=False, workers=cfg.workers, seed=cfg.seed * 1000 + v,
             desc=f"{split} images, view {v + 1}/{views}"))
@@ -126,8 +126,9 @@ def make_loss(kind: str):
     raise ValueError(f"unknown loss '{kind}' (choose clip or siglip)")
 
 
-def train(cfg: TrainConfig, model) -> dict:
-    """Trains `model`'s heads in place; returns the summary written next to the checkpoints."""
+def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures] | None = None) -> dict:
+    """Trains `model`'s heads in place; returns the summary written next to the checkpoints.
+    `features` (train, dev) skips loading them from the cache (benchmarks slice them)."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -136,8 +137,8 @@ def train(cfg: TrainConfig, model) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tr = split_features(model, cfg.train_split, cfg, cfg.views)
-    dev = split_features(model, cfg.dev_split, cfg, 1)
+    tr, dev = features or (split_features(model, cfg.train_split, cfg, cfg.views),
+                           split_features(model, cfg.dev_split, cfg, 1))
     log.info("features ready in %.0fs: train %s images x %d views, %d captions; dev %d images",
              time.time() - t0, tr.image.shape[1], tr.image.shape[0], len(tr.text), dev.image.shape[1])
     loss_fn, logit_bias = make_loss(cfg.loss)
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig, model) -> dict:
         metrics = dev_metrics(model, dev)
         score = metrics["R@1_mean"] if cfg.center else metrics["R@1_mean_uncentered"]
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev": metrics,
-                        "logit_scale": float(model.logit_scale.exp())})
+                        "logit_scale": model.logit_scale.exp().item()})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
         if score > best:
             best = score
