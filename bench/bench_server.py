@@ -8,7 +8,8 @@ For text-to-image and image-to-text queries at concurrency 1, 8 and 32, three wa
                        query per forward pass, `concurrency` threads (no gRPC);
   - server_batched:    `retrieval serve` in a subprocess with micro-batching (--max-batch 32 for
                        texts, --max-image-batch 4 for images);
-  - server_unbatched:  the same server with batches of 1.
+  - server_unbatched:  the same server with batches of 1 (everything else the same, so the
+                       difference is what micro-batching buys).
 Both servers start first; then, for each cell, the three modes take turns in short rounds so that
 a change in the (shared) machine's background load hits them alike. Queries are real Flickr8k
 captions and image files of test images that are not in the index. Writes bench/results/server.json (with the command) and server.md.
@@ -259,7 +260,9 @@ def markdown(result: dict) -> str:
              f"{result['index']['images']} images / {result['index']['texts']} captions; k={result['config']['k']}; "
              f"{result['config']['duration_s']} s measured per cell and mode, in {result['config']['rounds']} interleaved rounds. "
              f"Batched server: max batch {result['config']['max_batch']} (text), {result['config']['max_image_batch']} (image), "
-             f"max wait {result['config']['max_wait_ms']} ms; unbatched: max batch 1. Client, in-process pipeline and "
+             f"max wait {result['config']['max_wait_ms']} ms; unbatched: max batch 1. Both run up to "
+             f"{result['config']['text_concurrency']} text and {result['config']['image_concurrency']} image forward "
+             f"passes at once. Client, in-process pipeline and "
              f"servers share the machine's cores (OMP_WAIT_POLICY={result['config']['omp_wait_policy']}).", "",
              "| query | mode | concurrency | p50 ms | p99 ms | QPS | errors |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
@@ -277,6 +280,7 @@ def main(argv=None) -> int:
     import torch
 
     from retrieval.index import IndexVersion
+    from retrieval.server import ServeConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
     index_root = args.index
@@ -323,6 +327,7 @@ def main(argv=None) -> int:
         "index": {"version": index.name, "model": index.model, "images": index.count("image"), "texts": index.count("text")},
         "config": {"k": args.k, "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup, "max_batch": args.max_batch, "max_image_batch": args.max_image_batch,
                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                   "text_concurrency": ServeConfig.text_concurrency, "image_concurrency": ServeConfig.image_concurrency,
                    "max_wait_ms": args.max_wait_ms, "concurrency": args.concurrency},
         "results": rows,
         "goals": goals(rows, args.concurrency),

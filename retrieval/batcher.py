@@ -3,8 +3,9 @@ function run off the event loop (a thread executor).
 
 A batch closes when it holds `max_batch` items or when its oldest item has waited `max_wait_s`,
 whichever comes first. Items that arrive while a batch runs wait for the next one, so under
-load batches fill without extra waiting; `max_batch=1` gives an unbatched encoder. One batch
-runs at a time per batcher (the model's forward pass already uses every core).
+load batches fill without extra waiting; `max_batch=1` gives an unbatched encoder. At most
+`concurrency` batches run at once (1: the forward pass alone uses every core; 2 suits models whose
+small forward passes leave cores idle, such as EfficientNet-Lite on a CPU).
 
 A lone client should not pay `max_wait_s` on every call: after `patience` waits in a row that
 brought no second item, the batcher stops waiting (it still takes whatever is queued) until it
@@ -21,9 +22,11 @@ from typing import Any, Callable, Sequence
 class MicroBatcher:
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch: int = 32, max_wait_s: float = 0.002,
                  executor: Executor | None = None, on_batch: Callable[[int], None] | None = None,
-                 patience: int = 8):
+                 patience: int = 8, concurrency: int = 1):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
@@ -33,6 +36,9 @@ class MicroBatcher:
         self._queue: collections.deque[tuple[Any, asyncio.Future, float]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self.concurrency = concurrency
+        self._slots: asyncio.Semaphore | None = None  # made on the loop, at first use
+        self._running: set[asyncio.Task] = set()
 
     async def submit(self, item: Any) -> Any:
         """The batch function's output for `item` (its exception, if the batch failed)."""
@@ -47,7 +53,10 @@ class MicroBatcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
         while self._queue:
+            await self._slots.acquire()  # while every slot is busy, items pile up for the next batch
             wait = self._fruitless < self.patience or self._batches % (2 * self.patience) == 0
             deadline = self._queue[0][2] + (self.max_wait_s if wait else 0.0)
             while len(self._queue) < self.max_batch and (remaining := deadline - loop.time()) > 0:
@@ -59,6 +68,7 @@ class MicroBatcher:
             taken = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             taken = [t for t in taken if not t[1].done()]  # callers that gave up (cancelled)
             if not taken:
+                self._slots.release()
                 continue
             self._batches += 1
             if len(taken) > 1:
@@ -67,15 +77,23 @@ class MicroBatcher:
                 self._fruitless += 1
             if self.on_batch is not None:
                 self.on_batch(len(taken))
-            try:
-                outputs = await loop.run_in_executor(self.executor, self.fn, [t[0] for t in taken])
-                if len(outputs) != len(taken):
-                    raise RuntimeError(f"batch function returned {len(outputs)} outputs for {len(taken)} items")
-            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
-                for _, future, _ in taken:
-                    if not future.done():
-                        future.set_exception(e)
-            else:
-                for (_, future, _), out in zip(taken, outputs):
-                    if not future.done():
-                        future.set_result(out)
+            task = loop.create_task(self._run(taken))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, taken: list) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self.executor, self.fn, [t[0] for t in taken])
+            if len(outputs) != len(taken):
+                raise RuntimeError(f"batch function returned {len(outputs)} outputs for {len(taken)} items")
+        except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+            for _, future, _ in taken:
+                if not future.done():
+                    future.set_exception(e)
+        else:
+            for (_, future, _), out in zip(taken, outputs):
+                if not future.done():
+                    future.set_result(out)
+        finally:
+            self._slots.release()

@@ -35,6 +35,8 @@ class Limits:
     max_text_chars: int = 2000
     max_batch: int = 32          # text encoder micro-batch size (1 = unbatched)
     max_image_batch: int = 4     # image encoder's (on CPU, large image batches are slower per image)
+    text_concurrency: int = 1    # text-encoder batches that may run at once
+    image_concurrency: int = 2   # image-encoder batches that may run at once
     max_wait_s: float = 0.002    # how long the oldest queued item may wait for others
 
 
@@ -69,9 +71,10 @@ class Encoder:
         self.dim = int(self.model.embed_dim)
         self.executor = executor
         hook = (lambda kind: (lambda n: on_batch(kind, n))) if on_batch else (lambda kind: None)
-        self.text_batcher = MicroBatcher(self._encode_texts, limits.max_batch, limits.max_wait_s, executor, hook("text"))
+        self.text_batcher = MicroBatcher(self._encode_texts, limits.max_batch, limits.max_wait_s, executor, hook("text"),
+                                         concurrency=limits.text_concurrency)
         self.image_batcher = MicroBatcher(self._encode_images, limits.max_image_batch, limits.max_wait_s, executor,
-                                          hook("image"))
+                                          hook("image"), concurrency=limits.image_concurrency)
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.model.encode_text(self.tokenizer(texts)).cpu().numpy())

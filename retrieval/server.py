@@ -43,6 +43,8 @@ class ServeConfig:
     model: str | None = None
     max_batch: int = 32
     max_image_batch: int = 4
+    text_concurrency: int = 1
+    image_concurrency: int = 2
     max_wait_ms: float = 2.0
     max_message_mb: float = 20.0
     max_k: int = 1000
@@ -89,7 +91,8 @@ class RetrievalServer:
         self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="retrieval")
         limits = Limits(max_k=config.max_k, max_text_chars=config.max_text_chars, max_batch=config.max_batch,
-                        max_image_batch=config.max_image_batch,
+                        max_image_batch=config.max_image_batch, text_concurrency=config.text_concurrency,
+                        image_concurrency=config.image_concurrency,
                         max_wait_s=config.max_wait_ms / 1000.0)
         self.engine = Engine(config.index, limits, self.executor, model=config.model, model_loader=model_loader,
                              verify=config.verify, on_batch=self.metrics.observe_batch,
@@ -108,8 +111,6 @@ class RetrievalServer:
 
     async def start(self) -> None:
         cfg = self.config
-        if not Path(cfg.index).is_dir():
-            Path(cfg.index).mkdir(parents=True, exist_ok=True)  # a fresh root: wait for the first version
         max_bytes = int(cfg.max_message_mb * MiB)
         self._server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(cfg.token)] if cfg.token else None,

@@ -3,6 +3,7 @@ status codes (through `retrieval.server_errors`, the one mapping). It receives i
 its metrics; it loads nothing itself."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from typing import Any, Awaitable, Callable
@@ -31,6 +32,9 @@ def _rpc(method: Callable[..., Awaitable[Any]]):
         code = grpc.StatusCode.OK
         try:
             return await method(self, request, context)
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as e:  # noqa: BLE001 - the client gets a status, the log gets the rest
             code, message = status_for(e, name)
         finally:

@@ -87,7 +87,22 @@ def test_cancelled_callers_are_skipped():
     assert run(main()) == "kept" and seen == ["kept"]
 
 
-@pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"max_wait_s": -1}])
+def test_concurrency_runs_batches_side_by_side():
+    def slow(items):
+        time.sleep(0.3)
+        return items
+
+    async def main(concurrency):
+        b = MicroBatcher(slow, max_batch=1, max_wait_s=0, concurrency=concurrency)
+        t0 = time.perf_counter()
+        assert await asyncio.gather(*(b.submit(i) for i in range(4))) == [0, 1, 2, 3]
+        return time.perf_counter() - t0
+
+    assert run(main(1)) >= 1.15
+    assert run(main(2)) < 0.9  # two at a time: about 0.6 s
+
+
+@pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"max_wait_s": -1}, {"concurrency": 0}])
 def test_bad_settings(kwargs):
     with pytest.raises(ValueError):
         MicroBatcher(lambda xs: xs, **kwargs)
