@@ -10,8 +10,18 @@ from retrieval.errors import (DatasetError, FingerprintMismatchError, IndexCorru
                               InvalidInputError, ModelError, RetrievalError, UnauthenticatedError)
 from retrieval.factory import DEFAULT_MODEL, create_model, get_model_config, list_models
 
+
+def __getattr__(name: str):
+    # The client pulls in grpc and the generated stubs: import it only when asked for.
+    if name == "RetrievalClient":
+        from retrieval.client import RetrievalClient
+
+        return RetrievalClient
+    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+
+
 __all__ = [
-    "DEFAULT_MODEL", "create_model", "get_model_config", "list_models",
+    "DEFAULT_MODEL", "create_model", "get_model_config", "list_models", "RetrievalClient",
     "RetrievalError", "InvalidInputError", "DatasetError", "ModelError", "IndexUnavailableError",
     "IndexCorruptError", "FingerprintMismatchError", "UnauthenticatedError",
 ]
