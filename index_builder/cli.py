@@ -15,8 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-from retrieval.config import add_dataclass_arguments, dataclass_from_args
-from retrieval.errors import RetrievalError
+from retrieval.config import add_dataclass_arguments, dataclass_from_args, run_command
 
 BUILD_HELP = {
     "out": "index root: versions go to OUT/vNNNN, OUT/CURRENT names the live one",
@@ -134,18 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups retry for minutes without network
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet, args.verbose)
-    try:
-        return args.func(args)
-    except RetrievalError as e:
-        print(f"index-builder {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. an unwritable --out
-        print(f"index-builder {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"index-builder {args.command}: interrupted (a rerun resumes from the encoded shards)", file=sys.stderr)
-        return 130
-
+    return run_command("index-builder", args, " (a rerun resumes from the encoded shards)")
 
 if __name__ == "__main__":
     sys.exit(main())

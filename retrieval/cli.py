@@ -9,8 +9,7 @@ import os
 import sys
 from typing import Sequence
 
-from retrieval.config import add_dataclass_arguments, dataclass_from_args
-from retrieval.errors import RetrievalError
+from retrieval.config import add_dataclass_arguments, dataclass_from_args, run_command
 
 TRAIN_HELP = {
     "data": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
@@ -94,15 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    try:
-        return args.func(args)
-    except RetrievalError as e:
-        print(f"retrieval {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"retrieval {args.command}: interrupted", file=sys.stderr)
-        return 130
-
+    return run_command("retrieval", args)
 
 if __name__ == "__main__":
     sys.exit(main())

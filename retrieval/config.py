@@ -50,3 +50,20 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, help: di
 
 def dataclass_from_args(cls: type, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def run_command(prog: str, args: argparse.Namespace, interrupted_hint: str = "") -> int:
+    """Run `args.func(args)` for a CLI: a RetrievalError or OSError becomes one line on stderr
+    and exit code 2 (never a traceback), Ctrl-C exit code 130."""
+    import sys
+
+    from retrieval.errors import RetrievalError
+
+    try:
+        return args.func(args)
+    except (RetrievalError, OSError) as e:  # OSError: e.g. an unwritable output folder
+        print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog} {args.command}: interrupted{interrupted_hint}", file=sys.stderr)
+        return 130

@@ -91,7 +91,10 @@ class IndexVersion:
                     raise IndexCorruptError(f"{path / name} is missing or does not match its checksum in the manifest")
         indexes = {}
         for modality, filename in INDEX_FILES.items():
-            index = faiss.read_index(str(path / filename))
+            try:
+                index = faiss.read_index(str(path / filename))
+            except RuntimeError as e:  # faiss reports a missing or unreadable file this way
+                raise IndexCorruptError(f"cannot read {path / filename}: {str(e).splitlines()[0]}") from e
             if index.d != int(manifest["dim"]):
                 raise IndexCorruptError(f"{path / filename} has dimension {index.d}, manifest says {manifest['dim']}")
             indexes[modality] = index

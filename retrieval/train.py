@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval.checkpoint import load_checkpoint, round_heads_to_half, save_checkpoint
