@@ -40,10 +40,10 @@ class TrainConfig:
     cache_dir: str = ".feature-cache"
     views: int = 4              # image views cached per training image: 1 center + (views-1) random crops
     crop_scale_min: float = 0.5
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 512
     lr: float = 2e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.5
     warmup_epochs: float = 2.0
     loss: str = "clip"          # "clip" (symmetric InfoNCE) or "siglip"
     max_logit_scale: float = 100.0
