@@ -10,13 +10,13 @@ or per call); errors arrive as `grpc.RpcError` with the server's status code and
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import grpc
 import numpy as np
 
+from retrieval.hits import Hit
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.pb import retrieval_pb2_grpc as pb_grpc
 
@@ -27,22 +27,7 @@ _TARGETS = {None: pb.MODALITY_UNSPECIFIED, "image": pb.MODALITY_IMAGE, "text": p
 _MODALITY = {pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text", pb.MODALITY_UNSPECIFIED: ""}
 
 
-@dataclass(frozen=True)
-class Result:
-    id: int
-    score: float
-    angle_deg: float
-    modality: str
-    uri: str = ""
-    caption: str = ""
-    image_id: int = -1
-    image_uri: str = ""
-
-    def to_dict(self) -> dict:
-        """id, score, angle_deg, modality and the metadata that applies (uri, or caption + its image)."""
-        d = asdict(self)
-        keep = ("uri",) if self.modality == "image" else ("caption", "image_id", "image_uri")
-        return {k: v for k, v in d.items() if k in ("id", "score", "angle_deg", "modality") or k in keep}
+Result = Hit  # what the client returns: the engine's own result type
 
 
 def _results(resp: pb.SearchResponse) -> list[Result]:

@@ -20,6 +20,7 @@ import torch
 
 from retrieval.batcher import MicroBatcher
 from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, InvalidInputError, RetrievalError)
+from retrieval.hits import Hit
 from retrieval.images import load_image
 from retrieval.index import IndexVersion, list_versions, read_current
 from retrieval.sphere import angle_deg
@@ -38,18 +39,6 @@ class Limits:
     text_concurrency: int = 1    # text-encoder batches that may run at once
     image_concurrency: int = 2   # image-encoder batches that may run at once
     max_wait_s: float = 0.002    # how long the oldest queued item may wait for others
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: int
-    score: float
-    angle_deg: float
-    modality: Modality
-    uri: str = ""
-    caption: str = ""
-    image_id: int = -1
-    image_uri: str = ""
 
 
 @functools.lru_cache(maxsize=2)
