@@ -1,6 +1,6 @@
 """Builder encode throughput against the raw model forward pass, on the same batches, in one run.
 
-    python bench/bench_builder.py                       # 512 Flickr8k images, 2,560 captions, 3 repeats
+    python bench/bench_builder.py                       # 1,024 Flickr8k images, 2,560 captions, 5 repeats
     python bench/bench_builder.py --full                # plus one full Flickr8k build and the eval check
 
 `builder`: the builder's own encode stage (`index_builder.encode.encode_images/encode_texts`:
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from index_builder.encode import ShardStore, encode_images, encode_texts, text_batches  # noqa: E402
 from index_builder.sources import from_dataset  # noqa: E402
 from retrieval.factory import create_model  # noqa: E402
-from retrieval.features import default_workers, image_loader  # noqa: E402
+from retrieval.features import IMAGE_BATCH, default_workers, image_loader  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flickr8k"
 
@@ -49,10 +49,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="caption-dataset folder (default: %(default)s)")
     p.add_argument("--model", default="lite0-minilm")
-    p.add_argument("--images", type=int, default=512, help="images in the throughput subset")
+    p.add_argument("--images", type=int, default=1024, help="images in the throughput subset")
     p.add_argument("--captions", type=int, default=2560, help="captions in the throughput subset")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=IMAGE_BATCH, help="images per forward pass (default: the builder's, %(default)s)")
     p.add_argument("--text-batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the builder's default)")
     p.add_argument("--full", action="store_true", help="also build all of Flickr8k once and check it against eval")

@@ -21,7 +21,7 @@ import numpy as np
 
 from retrieval.errors import DatasetError, FingerprintMismatchError
 from retrieval.factory import DEFAULT_MODEL
-from retrieval.features import default_workers
+from retrieval.features import IMAGE_BATCH, default_workers
 from retrieval.index import INDEX_FILES, MANIFEST, META, IndexVersion, read_current, sha256_file
 
 from index_builder import faiss_index
@@ -48,7 +48,7 @@ class BuildConfig:
     incremental: bool = False
     keep: int = 3
     shard_size: int = 4096
-    batch_size: int = 64
+    batch_size: int = IMAGE_BATCH
     text_batch_size: int = 256
     workers: int | None = None
     recall_queries: int = 500

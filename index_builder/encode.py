@@ -7,8 +7,8 @@ renamed, so a build killed at any moment leaves only complete shards; the rerun 
 encodes only what they lack. Memory stays bounded: one shard's worth of vectors is in flight.
 
 Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
-worker processes decode and preprocess while the main process runs the model); captions through
-a DataLoader that tokenizes length-sorted batches in a worker.
+worker processes, where there are spare cores, decode and preprocess while the main process runs
+the model); captions through a DataLoader that tokenizes length-sorted batches.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from retrieval.errors import RetrievalError
-from retrieval.features import _transform_size, image_loader
+from retrieval.features import IMAGE_BATCH, image_loader, input_size
 from retrieval.sphere import is_unit_norm
 
 log = logging.getLogger(__name__)
@@ -130,14 +130,14 @@ class _ShardWriter:
 
 
 def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence[tuple[str, Path]], *,
-                  batch_size: int = 64, workers: int = 1, shard_size: int = 2048,
+                  batch_size: int = IMAGE_BATCH, workers: int = 1, shard_size: int = 2048,
                   progress: bool = True) -> EncodeStats:
     """Encode (sha, path) pairs into shards; a file that does not decode is recorded with its
     reason (never a crash) and its placeholder is not run through the model."""
     stats = EncodeStats()
     if not todo:
         return stats
-    size = getattr(getattr(model, "image_tower", None), "image_size", None) or _transform_size(preprocess)
+    size = input_size(model, preprocess)
     loader = image_loader([p for _, p in todo], preprocess, size, batch_size, workers)
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()

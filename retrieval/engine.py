@@ -21,6 +21,7 @@ import torch
 from retrieval.batcher import MicroBatcher
 from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, InvalidInputError, RetrievalError)
 from retrieval.hits import Hit
+from retrieval.features import input_size
 from retrieval.images import load_image
 from retrieval.index import IndexVersion, list_versions, read_current
 from retrieval.sphere import angle_deg
@@ -58,6 +59,7 @@ class Encoder:
         self.model, self.preprocess, self.tokenizer = bundle
         self.fingerprint = self.model.fingerprint()
         self.dim = int(self.model.embed_dim)
+        self.image_size = input_size(self.model, self.preprocess)
         self.executor = executor
         hook = (lambda kind: (lambda n: on_batch(kind, n))) if on_batch else (lambda kind: None)
         self.text_batcher = MicroBatcher(self._encode_texts, limits.max_batch, limits.max_wait_s, executor, hook("text"),
@@ -72,7 +74,8 @@ class Encoder:
         return list(self.model.encode_image(torch.stack(pixels)).cpu().numpy())
 
     def _prepare_image(self, data: bytes) -> torch.Tensor:
-        return self.preprocess(load_image(data))  # InvalidInputError when the bytes do not decode
+        # InvalidInputError when the bytes do not decode; decoded as the index builder does
+        return self.preprocess(load_image(data, min_side=self.image_size))
 
     async def embed_text(self, text: str) -> np.ndarray:
         return await self.text_batcher.submit(text)

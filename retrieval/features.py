@@ -22,8 +22,20 @@ from retrieval.model import state_fingerprint
 log = logging.getLogger(__name__)
 
 
+# Images per encoder forward pass in bulk encoding (training features, eval, the index builder).
+# On a CPU, EfficientNet-Lite's activations outgrow the per-core cache in large batches: on 2 cores
+# Lite0 encodes ~60-100 images/s at batch 4-8 but ~30-50 at batch 32-64 (bench/results/builder.md).
+# On a GPU, pass a larger batch.
+IMAGE_BATCH = 8
+
+
 def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    """DataLoader worker processes for decoding. With 2 CPUs or fewer there is no spare core:
+    the encoder's threads fill both, a worker process can only preempt them, and decoding in
+    the main process between forward passes costs less (Flickr8k on 2 cores: builder/raw image
+    throughput 0.79-0.85 with one worker, 0.95-0.98 without; bench/bench_builder.py --workers)."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
 def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
@@ -46,11 +58,11 @@ def _seed_worker(worker_id: int) -> None:  # random crops depend on the loader's
 
 
 def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, *, project: bool = True,
-                       batch_size: int = 64, workers: int | None = None, seed: int = 0,
+                       batch_size: int = IMAGE_BATCH, workers: int | None = None, seed: int = 0,
                        desc: str = "images", progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
     """Returns (vectors (N, D or F) float32, {index: reason} of files that did not decode;
     their rows are zeros)."""
-    size = getattr(getattr(model, "image_tower", None), "image_size", None) or _transform_size(transform)
+    size = input_size(model, transform)
     loader = image_loader(paths, transform, size, batch_size, default_workers() if workers is None else workers, seed)
     out: np.ndarray | None = None
     bad: dict[int, str] = {}
@@ -72,6 +84,11 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     if bad:
         log.warning("%d of %d image(s) did not decode and were skipped", len(bad), len(paths))
     return (out if out is not None else np.zeros((0, 0), np.float32)), bad
+
+
+def input_size(model, transform: Callable) -> int:
+    """Side of the square image the encoder takes: the tower's, else the transform's crop."""
+    return getattr(getattr(model, "image_tower", None), "image_size", None) or _transform_size(transform)
 
 
 def _transform_size(transform: Callable) -> int:

@@ -72,3 +72,17 @@ def test_an_unreadable_image_is_skipped_and_reported_by_eval(dataset, default_mo
 def test_load_image_errors_name_the_problem(payload, reason):
     with pytest.raises(InvalidInputError, match=reason):
         load_image(payload)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_never_below_the_encoder_size(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1200), (200, 30, 30)).save(path, quality=90)
+    assert load_image(path).size == (2000, 1200)
+    # 1/4 scale: the 1/8 one (250x150) would fall below the 224-px side the encoder needs
+    assert load_image(path, min_side=224).size == (500, 300)
+    assert load_image(path.read_bytes(), min_side=224).size == (500, 300)
+    png = tmp_path / "big.png"
+    Image.new("RGB", (2000, 1200), (200, 30, 30)).save(png)
+    assert load_image(png, min_side=224).size == (2000, 1200)  # only JPEG has reduced-scale decoding
