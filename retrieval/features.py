@@ -39,22 +39,11 @@ def default_workers() -> int:
 
 
 def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
-                 workers: int, seed: int = 0) -> torch.utils.data.DataLoader:
-    """Decoding and preprocessing in worker processes overlap the encoder's forward pass."""
-    dataset = ImageFileDataset(paths, transform, (3, image_size, image_size))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
-        worker_init_fn=_seed_worker if workers else None,
-    )
-
-
-def _seed_worker(worker_id: int) -> None:  # random crops depend on the loader's seed only
-    import random
-
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
+                 workers: int, seed: int | None = None) -> torch.utils.data.DataLoader:
+    """Decoding and preprocessing in worker processes overlap the encoder's forward pass (where
+    there are spare cores). `seed`: per-item seeding of random transforms (ImageFileDataset)."""
+    dataset = ImageFileDataset(paths, transform, (3, image_size, image_size), seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
 
 
 def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, *, project: bool = True,
@@ -66,11 +55,10 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     loader = image_loader(paths, transform, size, batch_size, default_workers() if workers is None else workers, seed)
     out: np.ndarray | None = None
     bad: dict[int, str] = {}
-    # Random crops draw from torch's RNG: in-process (workers=0) that is the global one, so fork
-    # it: the crops depend on `seed` alone, and the caller's random stream is left untouched.
+    # Random crops reseed torch's RNG per item: in-process (workers=0) that is the global one, so
+    # fork it: the caller's random stream is left untouched.
     with torch.random.fork_rng(), torch.inference_mode(), \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
-        torch.manual_seed(seed)
         for idx, pixels, errors in loader:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
             vecs = model.encode_image(pixels) if project else model.image_tower(pixels)

@@ -54,15 +54,21 @@ def load_image(source: str | Path | bytes, min_side: int | None = None) -> Image
 
 class ImageFileDataset(torch.utils.data.Dataset):
     """(index, pixels, error) per path; error is "" for a good image. A bad file gives zeros of
-    `shape` so the batch still collates, and its reason so the caller can skip and report it."""
+    `shape` so the batch still collates, and its reason so the caller can skip and report it.
+    With `seed`, a random transform draws from torch's RNG seeded by (seed, index) for each item,
+    so random crops do not depend on batch size, worker count or order (this reseeds the RNG
+    of the process that decodes: in-process callers fork it around the loop)."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Callable, shape: tuple[int, int, int]):
-        self.paths, self.transform, self.shape = list(paths), transform, shape
+    def __init__(self, paths: Sequence[str | Path], transform: Callable, shape: tuple[int, int, int],
+                 seed: int | None = None):
+        self.paths, self.transform, self.shape, self.seed = list(paths), transform, shape, seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        if self.seed is not None:
+            torch.manual_seed(self.seed * 1_000_003 + i)
         try:
             return i, self.transform(load_image(self.paths[i], min_side=self.shape[-1])), ""
         except InvalidInputError as e:

@@ -71,7 +71,7 @@ def split_features(model, split: str, cfg: TrainConfig, views: int) -> SplitFeat
     per_view, bad = [], {}
     for v in range(views):
         transform = image_preprocess(model, train=v > 0, crop_scale=(cfg.crop_scale_min, 1.0))
-        key = cache.key(model.image_tower, paths, f"{model.config['image_tower']}|{transform}|view={v}|seed={cfg.seed}")
+        key = cache.key(model.image_tower, paths, f"{model.config['image_tower']}|{transform}|view={v}|seed={cfg.seed}|crops seeded per item")
         feats, bad_v = cache.get_or_compute(key, lambda: encode_image_files(
             model, paths, transform, project=False, workers=cfg.workers, seed=cfg.seed * 1000 + v,
             desc=f"{split} images, view {v + 1}/{views}"))

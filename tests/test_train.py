@@ -70,3 +70,23 @@ def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini,
     assert [h["epoch"] for h in summary["history"]] == list(range(6))
     for key, value in reference.head_state_dict().items():
         torch.testing.assert_close(resumed.head_state_dict()[key], value, msg=f"{key} differs after resume")
+
+
+def test_augmented_views_do_not_depend_on_workers_or_batch_size(flickr_mini, default_model):
+    """The cached training crops are the same whatever machine (worker count) encodes them."""
+    from retrieval.data import load_caption_dataset
+    from retrieval.factory import image_preprocess
+    from retrieval.features import encode_image_files
+
+    model = default_model[0]
+    paths = load_caption_dataset(str(flickr_mini), "train").image_paths()[:6]
+    crops = image_preprocess(model, train=True)
+    runs = [encode_image_files(model, paths, crops, project=False, batch_size=b, workers=w, seed=7, progress=False)[0]
+            for b, w in ((2, 0), (3, 1), (6, 0))]
+    for other in runs[1:]:
+        np.testing.assert_allclose(other, runs[0], atol=1e-4)
+    differently_seeded = encode_image_files(model, paths, crops, project=False, seed=8, progress=False)[0]
+    assert not np.allclose(differently_seeded, runs[0], atol=1e-2)
+    rng_before = torch.get_rng_state()
+    encode_image_files(model, paths, crops, project=False, seed=7, workers=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before), "the caller's RNG must be left untouched"
