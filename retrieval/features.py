@@ -30,12 +30,7 @@ IMAGE_BATCH = 8
 
 
 def default_workers() -> int:
-    """DataLoader worker processes for decoding. With 2 CPUs or fewer there is no spare core:
-    the encoder's threads fill both, a worker process can only preempt them, and decoding in
-    the main process between forward passes costs less (Flickr8k on 2 cores: builder/raw image
-    throughput 0.79-0.85 with one worker, 0.95-0.98 without; bench/bench_builder.py --workers)."""
-    cpus = os.cpu_count() or 1
-    return 0 if cpus <= 2 else min(4, cpus - 1)
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
