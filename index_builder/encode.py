@@ -7,8 +7,8 @@ renamed, so a build killed at any moment leaves only complete shards; the rerun 
 encodes only what they lack. Memory stays bounded: one shard's worth of vectors is in flight.
 
 Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
-worker processes, where there are spare cores, decode and preprocess while the main process runs
-the model); captions through a DataLoader that tokenizes length-sorted batches.
+worker processes decode and preprocess while the main process runs the model); captions through
+a DataLoader that tokenizes length-sorted batches in a worker.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ import torch
 
 from retrieval.batcher import MicroBatcher
 from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, InvalidInputError, RetrievalError)
-from retrieval.hits import Hit
 from retrieval.features import input_size
+from retrieval.hits import Hit
 from retrieval.images import load_image
 from retrieval.index import IndexVersion, list_versions, read_current
 from retrieval.sphere import angle_deg

@@ -35,8 +35,8 @@ def default_workers() -> int:
 
 def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
                  workers: int, seed: int | None = None) -> torch.utils.data.DataLoader:
-    """Decoding and preprocessing in worker processes overlap the encoder's forward pass (where
-    there are spare cores). `seed`: per-item seeding of random transforms (ImageFileDataset)."""
+    """Decoding and preprocessing in worker processes overlap the encoder's forward pass.
+    `seed`: per-item seeding of random transforms (see ImageFileDataset)."""
     dataset = ImageFileDataset(paths, transform, (3, image_size, image_size), seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
 

@@ -125,6 +125,18 @@ def make_loss(kind: str):
     raise ValueError(f"unknown loss '{kind}' (choose clip or siglip)")
 
 
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, **extra) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices, none on biases, norms and scalars."""
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to zero over `total_steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) *
+                                             0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
+
+
 def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures] | None = None) -> dict:
     """Trains `model`'s heads in place; returns the summary written next to the checkpoints.
     `features` (train, dev) skips loading them from the cache (benchmarks slice them)."""
@@ -144,15 +156,10 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     if cfg.loss == "siglip":
         model.logit_scale.data.fill_(math.log(10.0))
     params = [p for p in model.parameters() if p.requires_grad] + ([logit_bias] if logit_bias is not None else [])
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.lr)
     n_img = tr.image.shape[1]
     steps_per_epoch = math.ceil(n_img / cfg.batch_size)
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) *
-                                              0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
+    sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     start_epoch, best, history = 0, -1.0, []
     if cfg.resume and (out / "last.pt").is_file():
         state = load_checkpoint(out / "last.pt")
