@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ import numpy as np
 import torch
 
 from retrieval.evaluate import recall_at_k, recall_from_scores
-from retrieval.factory import build_sphere_model, create_model, get_model_config, text_tokenizer
+from retrieval.factory import build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
+from retrieval.features import IMAGE_BATCH
+from retrieval.images import load_image
 from retrieval.train import SplitFeatures, TrainConfig, split_features, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,6 +116,20 @@ def ladder(args, cfg0: TrainConfig) -> list[dict]:
     return rows
 
 
+def image_encode_rate(model, paths: list, repeats: int = 3) -> float:
+    """Median images/s of the model's image encoder alone (decoded beforehand), batch IMAGE_BATCH."""
+    pixels = torch.stack([image_preprocess(model)(load_image(p)) for p in paths]).contiguous(memory_format=torch.channels_last)
+    seconds = []
+    with torch.inference_mode():
+        model.encode_image(pixels[:IMAGE_BATCH])  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for s in range(0, len(pixels), IMAGE_BATCH):
+                model.encode_image(pixels[s:s + IMAGE_BATCH])
+            seconds.append(time.perf_counter() - started)
+    return round(len(pixels) / statistics.median(seconds), 1)
+
+
 def towers(args, cfg0: TrainConfig) -> list[dict]:
     """The same heads and training on each EfficientNet-Lite image tower, one view (the center
     crop) per training image so that feature extraction stays affordable for the larger towers."""
@@ -128,6 +145,7 @@ def towers(args, cfg0: TrainConfig) -> list[dict]:
         row = train_variant(f"{name} 1view", f"EfficientNet-{variant.capitalize()} at {full.image_tower.image_size} px, "
                             "shipped head and training settings, 1 view", name, config, cfg, feats)
         row["feature_seconds_cached_or_computed"] = feature_seconds
+        row["image_encode_per_s"] = image_encode_rate(full, feats[2].dataset.image_paths()[:256])
         rows.append(row)
     return rows
 
@@ -227,7 +245,9 @@ def write_markdown(path: Path, result: dict) -> None:
         for r in sec["variants"]:
             t = r["test"]
             secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
-            lines.append(f"| {r['variant']} | {r['what']} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
+            what = r["what"] + (f"; image encoder {r['image_encode_per_s']:.0f} img/s (batch {IMAGE_BATCH}, decoding excluded)"
+                                if "image_encode_per_s" in r else "")
+            lines.append(f"| {r['variant']} | {what} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
                          f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {secs} |")
         lines.append("")
     path.write_text("\n".join(lines))
