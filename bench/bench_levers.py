@@ -169,11 +169,11 @@ def query_time(args, cfg0: TrainConfig) -> list[dict]:
         bank_t, bank_i = model.project_text(tr.text).numpy(), model.project_image(tr.image[0]).numpy()
 
     @torch.no_grad()
-    def scores(f: SplitFeatures, beta: float | None) -> dict:
+    def scores(f: SplitFeatures, beta: float | None, banks: tuple[np.ndarray, np.ndarray] = (bank_t, bank_i)) -> dict:
         img, txt = model.project_image(f.image[0]).numpy(), model.project_text(f.text).numpy()
         t2i, i2t = txt @ img.T, img @ txt.T                                          # (C, N), (N, C)
         if beta is not None:
-            t2i, i2t = querybank_scores(t2i, bank_t @ img.T, beta), querybank_scores(i2t, bank_i @ txt.T, beta)
+            t2i, i2t = querybank_scores(t2i, banks[0] @ img.T, beta), querybank_scores(i2t, banks[1] @ txt.T, beta)
         return recall_from_scores(t2i, i2t, f.dataset.caption_image)
 
     def r1(m: dict) -> float:
@@ -191,15 +191,14 @@ def query_time(args, cfg0: TrainConfig) -> list[dict]:
         rows.append({"variant": name, "what": what, "beta": beta, "dev_R@1_mean": round(r1(d), 2),
                      "test": {k: round(v, 2) for k, v in scores(test, beta).items()},
                      "dev_by_beta": {str(b): round(r1(m), 2) for b, m in dev_by_beta.items()} if beta else None})
-    full_t, full_i = bank_t, bank_i
     rng = np.random.default_rng(0)
     for size in (4000, 2000, 1000):  # what a bank small enough to ship inside the model keeps
-        bank_t, bank_i = (b[rng.choice(len(b), min(size, len(b)), replace=False)] for b in (full_t, full_i))
-        by_beta = {beta: scores(dev, beta) for beta in (10.0, 20.0, 30.0)}
+        banks = tuple(b[rng.choice(len(b), min(size, len(b)), replace=False)] for b in (bank_t, bank_i))
+        by_beta = {beta: scores(dev, beta, banks) for beta in (10.0, 20.0, 30.0)}
         beta = max(by_beta, key=lambda b: r1(by_beta[b]))
         rows.append({"variant": f"+inverted-softmax bank {size}", "beta": beta, "dev_R@1_mean": round(r1(by_beta[beta]), 2),
                      "what": f"the same over {size} random training captions / {size} images, beta {beta:g} (best dev){pending}",
-                     "test": {k: round(v, 2) for k, v in scores(test, beta).items()}})
+                     "test": {k: round(v, 2) for k, v in scores(test, beta, banks).items()}})
     for r in rows:
         print(f"{r['variant']:30s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
               f"i2t R@1 {r['test']['i2t_R@1']:.1f}", flush=True)
