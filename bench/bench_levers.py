@@ -163,8 +163,7 @@ def query_time(args, cfg0: TrainConfig) -> list[dict]:
     """The shipped model (centering included) with and without the inverted softmax, whose
     temperature is chosen on dev; the banks are the training split's captions and images."""
     model, _, _ = create_model("lite0-minilm")
-    full = build_sphere_model("lite0-minilm", model.config)  # same towers: the cached features apply
-    tr, dev, test = (split_features(full, split, cfg0, 1) for split in ("train", "dev", "test"))
+    tr, dev, test = (split_features(model, split, cfg0, 1) for split in ("train", "dev", "test"))
     with torch.no_grad():
         bank_t, bank_i = model.project_text(tr.text).numpy(), model.project_image(tr.image[0]).numpy()
 

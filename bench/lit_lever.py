@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers.masking_utils import create_bidirectional_mask
 
 from retrieval.evaluate import recall_at_k
-from retrieval.train import SplitFeatures, _captions_of, decay_groups, warmup_cosine
+from retrieval.train import SplitFeatures, _captions_of, decay_groups, epoch_batches, optimizer_step, warmup_cosine
 
 
 @torch.no_grad()
@@ -106,19 +106,10 @@ def train_lit(model, k: int, tr: SplitFeatures, dev: SplitFeatures, test: SplitF
     for epoch in tqdm(range(epochs), desc=f"LiT top {k}", unit="epoch"):
         model.train()
         top.train()
-        perm = torch.randperm(n_img)
-        view = torch.randint(0, tr.image.shape[0], (n_img,))
-        cap = torch.tensor([c[np.random.randint(len(c))] for c in caps])
-        for s in range(0, n_img, batch_size):
-            idx = perm[s:s + batch_size]
-            zi = model.project_image(tr.image[view[idx], idx], center=False)               # (B, D)
-            zt = model.project_text(text_features("train", cap[idx]), center=False)        # (B, D)
-            loss = loss_fn(zi, zt, model.logit_scale.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            model.logit_scale.data.clamp_(0.0, math.log(100.0))
+        for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, batch_size):
+            zi = model.project_image(tr.image[view, idx], center=False)                    # (B, D)
+            zt = model.project_text(text_features("train", cap), center=False)             # (B, D)
+            optimizer_step(model, loss_fn(zi, zt, model.logit_scale.exp()), opt, sched, 100.0)
         model.eval()
         top.eval()
         with torch.no_grad():  # centers as the shipped model fits them (one caption per image here)

@@ -137,6 +137,26 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: in
                                              0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
 
 
+def epoch_batches(n_img: int, n_views: int, caps: list[np.ndarray], batch_size: int):
+    """One epoch's draws: a permutation of the training images and, per image, one random view
+    and one random caption of its own. Yields (image indices, their views, their captions) per batch."""
+    perm = torch.randperm(n_img)
+    view = torch.randint(0, n_views, (n_img,))
+    cap = torch.tensor([c[np.random.randint(len(c))] for c in caps])
+    for s in range(0, n_img, batch_size):
+        idx = perm[s:s + batch_size]
+        yield idx, view[idx], cap[idx]
+
+
+def optimizer_step(model, loss: torch.Tensor, opt: torch.optim.Optimizer, sched, max_logit_scale: float) -> None:
+    """Backward, AdamW and schedule step, then CLIP's clamp of the learnable temperature."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    model.logit_scale.data.clamp_(0.0, math.log(max_logit_scale))
+
+
 def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures] | None = None) -> dict:
     """Trains `model`'s heads in place; returns the summary written next to the checkpoints.
     `features` (train, dev) skips loading them from the cache (benchmarks slice them)."""
@@ -179,23 +199,15 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     bar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="epoch", initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(n_img)
-        view = torch.randint(0, tr.image.shape[0], (n_img,))
-        cap = torch.tensor([c[np.random.randint(len(c))] for c in caps])
         losses = []
-        for s in range(0, n_img, cfg.batch_size):
-            idx = perm[s:s + cfg.batch_size]
-            zi = model.project_image(tr.image[view[idx], idx], center=False)   # (B, D)
-            zt = model.project_text(tr.text[cap[idx]], center=False)           # (B, D)
+        for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, cfg.batch_size):
+            zi = model.project_image(tr.image[view, idx], center=False)        # (B, D)
+            zt = model.project_text(tr.text[cap], center=False)                # (B, D)
             if logit_bias is None:
                 loss = loss_fn(zi, zt, model.logit_scale.exp())
             else:
                 loss = loss_fn(zi, zt, model.logit_scale.exp(), logit_bias)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            model.logit_scale.data.clamp_(0.0, math.log(cfg.max_logit_scale))
+            optimizer_step(model, loss, opt, sched, cfg.max_logit_scale)
             losses.append(loss.item())
         if cfg.center:
             fit_centers(model, tr)
