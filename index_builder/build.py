@@ -22,7 +22,10 @@ import numpy as np
 from retrieval.errors import DatasetError, FingerprintMismatchError
 from retrieval.factory import DEFAULT_MODEL
 from retrieval.features import IMAGE_BATCH, default_workers
-from retrieval.index import INDEX_FILES, MANIFEST, META, IndexVersion, read_current, sha256_file
+from retrieval.index import (FORMAT, INDEX_FILES, MANIFEST, META, IndexVersion, query_rows, read_current, reconstruct,
+                             sha256_file, with_bias)
+from retrieval.querybank import QueryBank, querybank_of
+from retrieval.sphere import is_unit_norm
 
 from index_builder import faiss_index
 from index_builder.encode import ShardStore, encode_images, encode_texts
@@ -32,7 +35,6 @@ from index_builder.sources import Collection, collect, stable_id
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sphere-index/1"
 BLOCK = 8192
 
 
@@ -76,9 +78,10 @@ class _Modality:
         return len(self.reuse) + sum(len(v) for v in self.need.values())
 
     def blocks(self):
+        """(ids, unit embeddings (n, D)) of every item, reused ones first."""
         for start in range(0, len(self.reuse), BLOCK):
             ids = np.asarray(self.reuse[start:start + BLOCK], np.int64)
-            yield ids, faiss_index.reconstruct(self.base_index, ids)
+            yield ids, reconstruct(self.base_index, ids)[:, :-1]  # the embedding without its bias
         emitted: set[str] = set()
         for shas, vecs in self.store.iter_vectors():
             rows, ids = [], []
@@ -112,8 +115,7 @@ def _reusable(base: IndexVersion | None, modality: str, table: str) -> dict[int,
     hashes = read_hashes(base.path / META, table)
     probe = np.asarray(list(hashes)[:64], np.int64)
     try:
-        from retrieval.sphere import is_unit_norm
-        ok = is_unit_norm(faiss_index.reconstruct(base.indexes[modality], probe))
+        ok = is_unit_norm(reconstruct(base.indexes[modality], probe)[:, :-1])
     except RuntimeError:
         ok = False
     if not ok:
@@ -143,7 +145,7 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
         model, preprocess, tokenizer = loaded
         fingerprint, dim = model.fingerprint(), int(model.embed_dim)
         if cfg.index_factory:
-            faiss_index.make_index(dim, cfg.index_factory)  # a bad factory string fails now, not after encoding
+            faiss_index.make_index(dim + 1, cfg.index_factory)  # a bad factory string fails now, not after encoding
         base = _base_version(root, cfg, fingerprint)
         try:
             return _build_locked(cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers, started)
@@ -206,14 +208,16 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     name = next_version(root)
     tmp = new_temp_dir(root)
     factories, recalls, types = {}, {}, {}
+    bank = querybank_of(model)
     for modality, mod in mods.items():
         other = mods["text" if modality == "image" else "image"]
         factory = "Flat" if mod.count == 0 else (cfg.index_factory or faiss_index.choose_factory(mod.count))
         log.info("building the %s index (%s) over %d vectors", modality, factory, mod.count)
-        index = faiss_index.build_index(mod.blocks, mod.count, dim, factory)
+        stored = _with_bias(mod.blocks, bank, modality)
+        index = faiss_index.build_index(stored, mod.count, dim + 1, factory)
         source = other if other.count else mod
         queries = faiss_index.sample(source.blocks, source.count, cfg.recall_queries) if source.count else np.zeros((0, dim), np.float32)
-        recall = faiss_index.recall_at_10(index, mod.blocks, queries)
+        recall = faiss_index.recall_at_10(index, stored, query_rows(queries, cross_modal=bool(other.count)))
         recall["query_source"] = ("text" if modality == "image" else "image") if other.count else f"{modality} (in-collection sample)"
         faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
         factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
@@ -232,7 +236,9 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "model": _model_spec(cfg.model),
         "fingerprint": fingerprint,
         "dim": dim,
+        "index_dim": dim + 1,
         "metric": "inner_product",
+        "querybank": bank.info(),
         "num_images": len(kept_img),
         "num_texts": len(texts),
         "index_factory": factories,
@@ -255,6 +261,14 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     publish(root, tmp, name, cfg.keep)
     shutil.rmtree(root / f"{WORK_PREFIX}{fingerprint}", ignore_errors=True)  # its vectors are in the version now
     return manifest
+
+
+def _with_bias(blocks, bank: QueryBank, modality: str):
+    """A fresh pass of (ids, rows [g, b_g]): each embedding with its inverted-softmax bias."""
+    def stored():
+        for ids, vecs in blocks():
+            yield ids, with_bias(vecs, bank.bias(vecs, modality))
+    return stored
 
 
 def _model_spec(name: str) -> str:

@@ -1,8 +1,9 @@
 """FAISS indexes over unit vectors: the factory string chosen by collection size, building from a
 stream of (ids, vectors) blocks, and recall@10 measured against exact search.
 
-Every index is `IDMap2,<factory>` with METRIC_INNER_PRODUCT (the cosine of unit vectors), so
-ids are the builder's stable int64 ids and vectors can be reconstructed by id (incremental builds).
+Every index is `IDMap2,<factory>` with METRIC_INNER_PRODUCT over rows [g, b_g]: a unit embedding
+plus its inverted-softmax bias (see `retrieval.index`), so ids are the builder's stable int64 ids
+and vectors can be reconstructed by id (incremental builds).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from retrieval.sphere import is_unit_norm
 
 log = logging.getLogger(__name__)
 
-Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # a fresh pass of (ids (n,), vectors (n, D))
+Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # a fresh pass of (ids (n,), vectors (n, D'))
 
 EXACT_MAX = 100_000      # up to this many vectors, exact search is fast enough (a few ms a query)
 HNSW_MAX = 2_000_000     # beyond, IVF: HNSW's graph gets slow to build and heavy in memory
@@ -74,7 +75,8 @@ def sample(blocks: Blocks, n: int, want: int) -> np.ndarray:
 
 
 def build_index(blocks: Blocks, n: int, dim: int, factory: str) -> faiss.Index:
-    """Train if needed (on an even sample), then add every block; vectors must be unit norm."""
+    """Train if needed (on an even sample), then add every block of rows [g, b_g] (dim = D+1);
+    each g must be unit norm."""
     index = make_index(dim, factory)
     if not index.is_trained:
         train = sample(blocks, n, MAX_TRAIN)
@@ -88,8 +90,8 @@ def build_index(blocks: Blocks, n: int, dim: int, factory: str) -> faiss.Index:
     added = 0
     for ids, vecs in blocks():
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-        if not is_unit_norm(vecs):
-            raise RetrievalError("refusing to index vectors that are not unit norm")
+        if not is_unit_norm(vecs[:, :-1]):
+            raise RetrievalError("refusing to index embeddings that are not unit norm")
         index.add_with_ids(vecs, np.ascontiguousarray(ids, dtype=np.int64))
         added += len(ids)
     if added != n:
@@ -126,16 +128,3 @@ def recall_at_10(index: faiss.Index, blocks: Blocks, queries: np.ndarray, k: int
 def describe(index: faiss.Index) -> str:
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     return f"{type(index).__name__}({type(inner).__name__})"
-
-
-def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
-    """Vectors stored under `ids` (exact for Flat storage: Flat, HNSW*,Flat, IVF*,Flat)."""
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    try:
-        return index.reconstruct_batch(ids)
-    except RuntimeError:
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is None:
-            raise
-        ivf.make_direct_map()
-        return index.reconstruct_batch(ids)

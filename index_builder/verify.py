@@ -1,29 +1,23 @@
 """Is a published index consistent with its model? Encode a caption-dataset split with the model
 (the query vectors a server would make), search the version's indexes restricted to that split's
-ids, and score recall@K with the same protocol `retrieval eval` uses on the model's own vectors.
-For an exact (Flat) index both must agree, whether the index holds the split or the whole dataset.
+ids as the server does (cross-modal, so with the inverted softmax's biases), and score recall@K
+with the same protocol `retrieval eval` uses on the model's own vectors. For an exact (Flat)
+index both must agree, whether the index holds the split or the whole dataset.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from retrieval.errors import FingerprintMismatchError
-from retrieval.evaluate import recall_at_k
 from retrieval.features import encode_image_files, encode_texts
 from retrieval.index import IndexVersion
+from retrieval.querybank import model_recall
 
 from index_builder.sources import from_dataset
 
 KS = (1, 5, 10)
-
-
-def _search_within(version: IndexVersion, modality: str, queries: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64)))
-    _, ids = version.indexes[modality].search(np.ascontiguousarray(queries, np.float32), k, params=params)
-    return ids
 
 
 def index_recall(root: str | Path, data: str | Path, split: str, loaded, *, workers: int | None = None,
@@ -45,15 +39,15 @@ def index_recall(root: str | Path, data: str | Path, split: str, loaded, *, work
         texts = [t for t in coll.texts if t.image_key in row_of]
         text_vecs = encode_texts(model, tokenizer, [t.caption for t in texts], progress=progress)
         owner = np.array([row_of[t.image_key] for t in texts], np.int64)
-        expected = recall_at_k(image_vecs, text_vecs, owner, KS)
+        expected = model_recall(model, image_vecs, text_vecs, owner)
 
         image_ids = np.array([it.id for it in images], np.int64)
         text_ids = np.array([t.id for t in texts], np.int64)
         k = max(KS)
-        found_images = _search_within(version, "image", text_vecs, image_ids, k)         # (C, k) image ids
+        _, found_images = version.search("image", text_vecs, k, cross_modal=True, allowed=image_ids)  # (C, k) image ids
         t2i_rank = np.argmax(np.concatenate([found_images == image_ids[owner][:, None],
                                              np.ones((len(texts), 1), bool)], axis=1), axis=1)
-        found_texts = _search_within(version, "text", image_vecs, text_ids, k)           # (N, k) caption ids
+        _, found_texts = version.search("text", image_vecs, k, cross_modal=True, allowed=text_ids)    # (N, k) caption ids
         text_owner = {int(i): image_ids[o] for i, o in zip(text_ids, owner)}
         hit = np.array([[text_owner.get(int(t), -1) == image_ids[r] for t in row] for r, row in enumerate(found_texts)])
         i2t_rank = np.argmax(np.concatenate([hit, np.ones((len(images), 1), bool)], axis=1), axis=1)

@@ -26,6 +26,8 @@ TRAIN_HELP = {
     "loss": "clip (symmetric InfoNCE) or siglip",
     "max_logit_scale": "clamp of the learnable inverse temperature exp(t)",
     "center": "subtract each modality's training mean before normalizing (modality-gap correction)",
+    "querybank_size": "training queries per modality kept in the model for the inverted softmax, a query-time "
+                      "correction of hubness whose beta is chosen on dev (0: none)",
     "seed": "random seed (crops, batches, init)",
     "workers": "image-decoding worker processes (default: cores - 1)",
     "resume": "continue from OUT/last.pt when present",

@@ -40,8 +40,10 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
 
 
 def search_request(text: str | None = None, image: bytes | str | Path | None = None, embedding=None,
-                   target: str | None = None, k: int = 10, min_score: float | None = None) -> pb.SearchRequest:
-    """One query: exactly one of text, image (bytes or a path) or embedding."""
+                   target: str | None = None, k: int = 10, min_score: float | None = None,
+                   embedding_modality: str | None = None) -> pb.SearchRequest:
+    """One query: exactly one of text, image (bytes or a path) or embedding; `embedding_modality`
+    ("text" or "image", what the embedding encodes) makes it rank as that query would."""
     if sum(x is not None for x in (text, image, embedding)) != 1:
         raise ValueError("give exactly one of text, image or embedding")
     if text is not None:
@@ -49,7 +51,8 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
     elif image is not None:
         query = pb.Query(image=_image_bytes(image))
     else:
-        query = pb.Query(embedding=pb.Embedding(values=np.asarray(embedding, np.float32).reshape(-1).tolist()))
+        query = pb.Query(embedding=pb.Embedding(values=np.asarray(embedding, np.float32).reshape(-1).tolist(),
+                                                modality=_TARGETS[embedding_modality]))
     req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k)
     if min_score is not None:
         req.min_score = min_score
@@ -93,8 +96,10 @@ class RetrievalClient:
         return self.search(search_request(image=image, target=target, k=k, min_score=min_score), timeout)
 
     def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
-                         timeout: float | None = None) -> list[Result]:
-        return self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score), timeout)
+                         timeout: float | None = None, modality: str | None = None) -> list[Result]:
+        """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
+        return self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
+                                          embedding_modality=modality), timeout)
 
     def batch_search(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[list[Result]]:
         resp = self._call(self.stub.BatchSearch, pb.BatchSearchRequest(requests=list(requests)), timeout)

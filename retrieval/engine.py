@@ -43,11 +43,12 @@ class Limits:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_model(name: str):
-    """(model, preprocess, tokenizer) for a model name or checkpoint, loaded once per process."""
+def cached_model(name: str, device: str = "cpu"):
+    """(model, preprocess, tokenizer) for a model name or checkpoint on a torch device, loaded
+    once per process."""
     from retrieval.factory import create_model
 
-    return create_model(name)
+    return create_model(name, device=device)
 
 
 class Encoder:
@@ -59,6 +60,7 @@ class Encoder:
         self.model, self.preprocess, self.tokenizer = bundle
         self.fingerprint = self.model.fingerprint()
         self.dim = int(self.model.embed_dim)
+        self.device = next(self.model.parameters()).device  # inputs go there, vectors come back to the CPU
         self.image_size = input_size(self.model, self.preprocess)
         self.executor = executor
         hook = (lambda kind: (lambda n: on_batch(kind, n))) if on_batch else (lambda kind: None)
@@ -68,10 +70,10 @@ class Encoder:
                                           hook("image"), concurrency=limits.image_concurrency)
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self.model.encode_text(self.tokenizer(texts)).cpu().numpy())
+        return list(self.model.encode_text(self.tokenizer(texts).to(self.device)).cpu().numpy())
 
     def _encode_images(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.model.encode_image(torch.stack(pixels)).cpu().numpy())
+        return list(self.model.encode_image(torch.stack(pixels).to(self.device)).cpu().numpy())
 
     def _prepare_image(self, data: bytes) -> torch.Tensor:
         # InvalidInputError when the bytes do not decode; decoded as the index builder does
@@ -205,12 +207,15 @@ class Engine:
             raise InvalidInputError(f"min_score is a cosine and must lie in [-1, 1], got {min_score}")
         return min_score
 
-    def validate(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None) -> Modality:
+    def validate(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
+                 source: Modality | None = None) -> Modality:
         """Checks what can be checked before any work; returns the gallery to search."""
         self.check_k(k)
         self.check_min_score(min_score)
         if target not in (None, "image", "text"):
             raise InvalidInputError(f"unknown target modality {target!r}")
+        if source not in (None, "image", "text"):
+            raise InvalidInputError(f"unknown embedding modality {source!r}")
         if isinstance(query, str):
             self.check_text(query)
             return target or "image"
@@ -234,30 +239,36 @@ class Engine:
         return await live.encoder.embed_image(bytes(query))
 
     async def search(self, query: QueryInput, target: Modality | None = None, k: int = 10,
-                     min_score: float | None = None) -> tuple[list[Hit], str]:
-        """Top-k hits of `target` for one query and the index version that answered."""
-        target = self.validate(query, target, k, min_score)
+                     min_score: float | None = None, source: Modality | None = None) -> tuple[list[Hit], str]:
+        """Top-k hits of `target` for one query and the index version that answered. `source` is
+        what a raw embedding encodes, if known (texts and image bytes are known)."""
+        target = self.validate(query, target, k, min_score, source)
         live = self.live()
         if isinstance(query, np.ndarray):
             vector = self.check_embedding(query, live.index.dim)
         else:
             vector = await self.embed(query, live)
+        # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
+        # and embeddings of unknown modality by the plain cosine
+        source = "text" if isinstance(query, str) else "image" if isinstance(query, (bytes, bytearray)) else source
+        cross_modal = source is not None and source != target
         hits = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._lookup, live.index, target, vector, k, min_score)
+            self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal)
         return hits, live.index.name
 
-    async def search_many(self, queries: list[tuple[QueryInput, Modality | None, int, float | None]]):
+    async def search_many(self, queries: list[tuple[QueryInput, Modality | None, int, float | None, Modality | None]]):
         """Several searches; all are validated before any runs (the first bad one is named)."""
-        for i, (query, target, k, min_score) in enumerate(queries):
+        for i, query in enumerate(queries):
             try:
-                self.validate(query, target, k, min_score)
+                self.validate(*query)
             except InvalidInputError as e:
                 raise InvalidInputError(f"requests[{i}]: {e}") from None
         return await asyncio.gather(*(self.search(*q) for q in queries))
 
     @staticmethod
-    def _lookup(index: IndexVersion, target: Modality, vector: np.ndarray, k: int, min_score: float | None) -> list[Hit]:
-        scores, ids = index.search(target, vector[None, :], k)
+    def _lookup(index: IndexVersion, target: Modality, vector: np.ndarray, k: int, min_score: float | None,
+                cross_modal: bool) -> list[Hit]:
+        scores, ids = index.search(target, vector[None, :], k, cross_modal=cross_modal)  # cosines, ranked
         rows = index.metadata(target, ids[0])
         hits = []
         for score, id_, row in zip(scores[0].tolist(), ids[0].tolist(), rows):

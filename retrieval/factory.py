@@ -79,7 +79,7 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
         from retrieval.open_clip_model import OpenClipEncoder
 
         arch, _, tag = name_or_checkpoint[len("open_clip:"):].partition("@")
-        model = OpenClipEncoder(arch, pretrained or tag or None).to(device)
+        model = to_device(OpenClipEncoder(arch, pretrained or tag or None), device)
         return model, model.preprocess, model.tokenizer
 
     if name_or_checkpoint.endswith((".pt", ".pth")) or Path(name_or_checkpoint).is_file():
@@ -98,5 +98,15 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
                 raise ModelError(f"model '{name_or_checkpoint}' ships no trained heads; train them with "
                                  f"`retrieval train --model {name_or_checkpoint} --data DIR` and pass the checkpoint")
             model.load_head_state_dict(load_checkpoint(path)["heads"])
-    model = model.to(device).eval()
+    model = to_device(model, device).eval()
     return model, image_preprocess(model), text_tokenizer(model)
+
+
+def to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """The model moved to `device`, or one clear error naming the device (torch's own is long)."""
+    try:
+        return model.to(torch.device(device))
+    except (RuntimeError, AssertionError, ValueError) as e:  # unknown name, CUDA absent or not compiled in
+        available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        raise ModelError(f"cannot run the model on device '{device}' ({str(e).splitlines()[0]}); "
+                         f"available here: {', '.join(available)}") from e

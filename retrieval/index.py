@@ -3,10 +3,15 @@
 Layout under an index root (written by `index_builder.publish`):
 
     ROOT/CURRENT              one line: the live version's directory name, e.g. "v0007"
-    ROOT/v0007/manifest.json  model, fingerprint, dim, counts, index types, checksums
-    ROOT/v0007/images.faiss   IndexIDMap2 over an inner-product index of image unit vectors
+    ROOT/v0007/manifest.json  model, fingerprint, dim, counts, index types, query bank, checksums
+    ROOT/v0007/images.faiss   IndexIDMap2 over an inner-product index of image vectors [g, b_g]
     ROOT/v0007/texts.faiss    the same for captions
     ROOT/v0007/meta.sqlite    tables `images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`
+
+Each stored vector is a unit embedding g (D) plus its inverted-softmax bias b_g as coordinate D+1
+(`retrieval.querybank`; 0 for models without a query bank). A cross-modal query q searches with
+[q, 1], so the index ranks by cos(q, g) + b_g; any other with [q, 0], the plain cosine. Search
+results report the cosine either way (the score minus the bias it included).
 
 Readers resolve CURRENT once per open; a version directory is complete before CURRENT names it.
 """
@@ -24,6 +29,7 @@ import numpy as np
 
 from retrieval.errors import IndexCorruptError, IndexUnavailableError, InvalidInputError
 
+FORMAT = "sphere-index/2"   # /2: vectors carry the inverted-softmax bias as coordinate D+1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 META = "meta.sqlite"
@@ -57,6 +63,23 @@ def read_current(root: str | Path) -> str | None:
     return name
 
 
+def with_bias(vectors: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """(N, D) unit gallery rows and (N,) biases -> (N, D+1) rows as the index stores them."""
+    return np.ascontiguousarray(np.hstack([vectors, bias[:, None]]), dtype=np.float32)
+
+
+def query_rows(queries: np.ndarray, cross_modal: bool) -> np.ndarray:
+    """(B, D) unit queries -> (B, D+1): last coordinate 1 to add the gallery's bias, 0 not to."""
+    last = np.full((len(queries), 1), 1.0 if cross_modal else 0.0, np.float32)
+    return np.ascontiguousarray(np.hstack([queries, last]), dtype=np.float32)
+
+
+def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """Vectors stored under `ids` (exact for Flat storage: Flat, HNSW*,Flat, IVF*,Flat; IVF
+    indexes need their direct map, which `IndexVersion.open` makes)."""
+    return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -85,6 +108,9 @@ class IndexVersion:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as e:
             raise IndexCorruptError(f"cannot read {path / MANIFEST}: {e}") from e
+        if manifest.get("format") != FORMAT:
+            raise IndexCorruptError(f"{path} has index format {manifest.get('format')!r}, this reader needs {FORMAT!r}; "
+                                    f"rebuild it with `index-builder build`")
         if verify:
             for name, digest in manifest.get("files", {}).items():
                 if not (path / name).is_file() or sha256_file(path / name) != digest:
@@ -95,8 +121,12 @@ class IndexVersion:
                 index = faiss.read_index(str(path / filename))
             except RuntimeError as e:  # faiss reports a missing or unreadable file this way
                 raise IndexCorruptError(f"cannot read {path / filename}: {str(e).splitlines()[0]}") from e
-            if index.d != int(manifest["dim"]):
-                raise IndexCorruptError(f"{path / filename} has dimension {index.d}, manifest says {manifest['dim']}")
+            if index.d != int(manifest["dim"]) + 1:
+                raise IndexCorruptError(f"{path / filename} has dimension {index.d}, the manifest's embedding "
+                                        f"dimension {manifest['dim']} plus its bias coordinate is {int(manifest['dim']) + 1}")
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.make_direct_map()  # reconstruct by id (the bias of each hit), made before any search
             indexes[modality] = index
         return cls(path, manifest, indexes)
 
@@ -111,15 +141,24 @@ class IndexVersion:
     def count(self, modality: Modality) -> int:
         return int(self.indexes[modality].ntotal)
 
-    def search(self, modality: Modality, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, modality: Modality, queries: np.ndarray, k: int, cross_modal: bool = False,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of `modality` for unit query rows (B, D): (cosines (B, k), ids (B, k)); id -1 pads
-        when fewer than k items exist. Thread-safe (FAISS search is read-only)."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        when fewer than k items exist. `cross_modal` ranks by cosine + the inverted softmax's bias
+        (queries of the other modality); `allowed` restricts the search to those ids.
+        Thread-safe (FAISS search and reconstruction are read-only)."""
+        queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InvalidInputError(f"query vectors must have shape (B, {self.dim}), got {queries.shape}")
         if k <= 0:
             raise InvalidInputError(f"k must be positive, got {k}")
-        scores, ids = self.indexes[modality].search(queries, min(k, max(1, self.count(modality))))
+        index = self.indexes[modality]
+        params = None if allowed is None else faiss.SearchParameters(
+            sel=faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64)))
+        scores, ids = index.search(query_rows(queries, cross_modal), min(k, max(1, self.count(modality))), params=params)
+        if cross_modal:
+            found = ids >= 0
+            scores[found] -= reconstruct(index, ids[found])[:, self.dim]   # back to the cosine
         return scores, ids
 
     def metadata(self, modality: Modality, ids: np.ndarray | list[int]) -> list[dict | None]:

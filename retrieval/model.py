@@ -4,8 +4,9 @@
     text  (B,L)     -> text tower  -> (B,Ft) -> text head  -> (B,D) -> - center_t -> normalize
 
 The centers are each modality's mean projection on the training set, subtracted before the
-final normalization (a query-time correction of the modality gap). They live in the model, so
-the index builder and the server apply exactly what evaluation measured.
+final normalization (a query-time correction of the modality gap). The query banks and their
+beta drive the inverted softmax of `retrieval.querybank` (a correction of hubness). They all
+live in the model, so the index builder and the server apply exactly what evaluation measured.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from retrieval.errors import ModelError
 
 
 class ProjectionHead(nn.Module):
@@ -51,6 +54,10 @@ class SphereModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_buffer("image_center", torch.zeros(self.embed_dim))
         self.register_buffer("text_center", torch.zeros(self.embed_dim))
+        # the inverted softmax's banks of projected training queries (B, D) and its beta (0: off)
+        self.register_buffer("text_bank", torch.zeros(0, self.embed_dim))
+        self.register_buffer("image_bank", torch.zeros(0, self.embed_dim))
+        self.register_buffer("querybank_beta", torch.tensor(0.0))
         for p in list(self.image_tower.parameters()) + list(self.text_tower.parameters()):
             p.requires_grad_(False)
 
@@ -81,15 +88,28 @@ class SphereModel(nn.Module):
         self.logit_scale.fill_(math.log(1 / 0.07))
         self.image_center.zero_()
         self.text_center.zero_()
+        self.set_querybank(torch.zeros(0, self.embed_dim), torch.zeros(0, self.embed_dim), 0.0)
+
+    @torch.no_grad()
+    def set_querybank(self, text_bank: torch.Tensor, image_bank: torch.Tensor, beta: float) -> None:
+        """Banks of unit query rows (B, D) per modality and the inverted softmax's beta (0: off)."""
+        for name, bank in (("text_bank", text_bank), ("image_bank", image_bank)):
+            assert bank.ndim == 2 and bank.shape[1] == self.embed_dim, f"{name} must be (B, {self.embed_dim}), got {tuple(bank.shape)}"
+            setattr(self, name, bank.detach().float().clone().to(self.text_center.device))
+        self.querybank_beta.fill_(float(beta))
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained part (heads, temperature, centers): what checkpoints and the package ship."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))}
 
     def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "text_bank" in state and "image_bank" in state:  # banks vary in size: take the checkpoint's
+            self.set_querybank(state["text_bank"], state["image_bank"], float(state.get("querybank_beta", 0.0)))
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
-        assert not missing and not unexpected, f"head state mismatch: missing {missing}, unexpected {unexpected}"
+        if missing or unexpected:
+            raise ModelError(f"the trained heads do not fit model '{self.name}': missing {missing}, unexpected "
+                             f"{unexpected} (written by another version of this project? retrain them)")
 
     def fingerprint(self) -> str:
         """sha256 over the name and every tensor (towers included): equal iff embeddings equal."""

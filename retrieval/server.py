@@ -10,6 +10,7 @@ message. A watcher swaps to each newly published version. Shutdown: health NOT_S
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import signal
@@ -57,6 +58,7 @@ class ServeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     verify: bool = True
+    device: str = "cpu"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -86,8 +88,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RetrievalServer:
-    def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] = cached_model):
+    def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] | None = None):
         self.config = config
+        model_loader = model_loader or functools.partial(cached_model, device=config.device)
         self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="retrieval")
         limits = Limits(max_k=config.max_k, max_text_chars=config.max_text_chars, max_batch=config.max_batch,
@@ -194,7 +197,7 @@ class ServerThread:
             client = RetrievalClient(srv.address)
     """
 
-    def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] = cached_model):
+    def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] | None = None):
         self.config, self.model_loader = config, model_loader
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="retrieval-server", daemon=True)

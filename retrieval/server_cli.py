@@ -31,6 +31,7 @@ SERVE_HELP = {
     "tls_cert": "PEM certificate chain: serve over TLS (with --tls-key)",
     "tls_key": "PEM private key for --tls-cert",
     "verify": "check every index file's sha256 against its manifest before serving it",
+    "device": "torch device the encoders run on: cpu, cuda or cuda:N (FAISS search stays on the CPU)",
 }
 
 

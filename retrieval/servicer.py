@@ -57,7 +57,11 @@ def _query_args(req: pb.SearchRequest) -> tuple:
         raise InvalidInputError("query is empty: set text, image or embedding")
     if req.target not in _MODALITY_IN:
         raise InvalidInputError(f"unknown target modality {req.target}")
-    return query, _MODALITY_IN[req.target], req.k, (req.min_score if req.HasField("min_score") else None)
+    source = req.query.embedding.modality if kind == "embedding" else pb.MODALITY_UNSPECIFIED
+    if source not in _MODALITY_IN:
+        raise InvalidInputError(f"unknown embedding modality {source}")
+    return (query, _MODALITY_IN[req.target], req.k, (req.min_score if req.HasField("min_score") else None),
+            _MODALITY_IN[source])
 
 
 def _response(hits: list[Hit], version: str) -> pb.SearchResponse:
@@ -99,7 +103,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             raise InvalidInputError("input is empty: set text or image")
         live = self.engine.live()
         vector = await self.engine.embed(getattr(request, kind), live)
-        return pb.EmbedResponse(embedding=pb.Embedding(values=vector.tolist()), model=live.encoder.name,
+        return pb.EmbedResponse(embedding=pb.Embedding(values=vector.tolist(), modality=_MODALITY_OUT[kind]),
+                                model=live.encoder.name,
                                 model_fingerprint=live.encoder.fingerprint)
 
     @_rpc

@@ -6,7 +6,8 @@ several views (the center crop plus random resized crops); each epoch pairs ever
 image with one random view and one random caption of its own. Loss: symmetric InfoNCE
 (open_clip's ClipLoss) with a learnable temperature clamped at 100, or SigLIP's.
 Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable.
-Outputs in OUT: last.pt (resume state), best.pt (best dev epoch), model.pt (best heads in
+Last, the best heads get the inverted softmax's query banks (random training captions and
+images) with its beta chosen on dev (`retrieval.querybank`). Outputs in OUT: last.pt (resume state), best.pt (best dev epoch), model.pt (best heads in
 float16: the file to ship as retrieval/weights/NAME.pt or to pass to create_model).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from retrieval.data import CaptionDataset, load_caption_dataset
 from retrieval.evaluate import recall_at_k
 from retrieval.factory import image_preprocess, text_tokenizer
 from retrieval.features import FeatureCache, encode_image_files, encode_texts
+from retrieval.querybank import fit_querybank
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class TrainConfig:
     loss: str = "clip"          # "clip" (symmetric InfoNCE) or "siglip"
     max_logit_scale: float = 100.0
     center: bool = True         # subtract each modality's training mean before normalizing
+    querybank_size: int = 1000  # training queries per modality kept for the inverted softmax (0: none)
     seed: int = 0
     workers: int | None = None
     resume: bool = False
@@ -113,6 +116,18 @@ def dev_metrics(model, dev: SplitFeatures) -> dict[str, float]:
     out["R@1_mean"] = (out["t2i_R@1"] + out["i2t_R@1"]) / 2
     out["R@1_mean_uncentered"] = (raw["t2i_R@1"] + raw["i2t_R@1"]) / 2
     return out
+
+
+@torch.no_grad()
+def fit_querybank_on(model, tr: SplitFeatures, dev: SplitFeatures, cfg: TrainConfig) -> dict:
+    """The inverted softmax's banks from the training split (center views, all captions) and
+    its beta from dev, both through the model's final (centered) projections."""
+    model.eval()
+    bank, report = fit_querybank(model.project_text(tr.text).numpy(), model.project_image(tr.image[0]).numpy(),
+                                 model.project_image(dev.image[0]).numpy(), model.project_text(dev.text).numpy(),
+                                 dev.dataset.caption_image, cfg.querybank_size, cfg.seed)
+    model.set_querybank(torch.from_numpy(bank.text), torch.from_numpy(bank.image), bank.beta)
+    return report
 
 
 def make_loss(kind: str):
@@ -224,14 +239,19 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
                         history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         logit_bias=float(logit_bias) if logit_bias is not None else None,
                         torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state())
-    # The deliverable: the best heads, float16, no optimizer state: small enough to ship in the package.
+    # The deliverable: the best heads, float16, with their query banks, no optimizer state: small
+    # enough to ship in the package.
     best_state = load_checkpoint(out / "best.pt")
     model.load_head_state_dict(best_state["heads"])
     round_heads_to_half(model)
-    save_checkpoint(out / "model.pt", model, half=True, data=data_info, metrics=best_state["metrics"],
-                    train_config=asdict(cfg))
+    metrics = dict(best_state["metrics"])
+    if cfg.querybank_size > 0:
+        metrics["querybank"] = fit_querybank_on(model, tr, dev, cfg)
+        round_heads_to_half(model)  # the banks too, as the float16 file stores them
+    save_checkpoint(out / "model.pt", model, half=True, data=data_info, metrics=metrics, train_config=asdict(cfg))
     model.eval()
-    summary = {"best_dev_R@1_mean": best, "epochs": cfg.epochs, "seconds": round(time.time() - t0, 1),
-               "checkpoint": str(out / "model.pt"), "history": history, "config": asdict(cfg)}
+    summary = {"best_dev_R@1_mean": best, "querybank": metrics.get("querybank"), "epochs": cfg.epochs,
+               "seconds": round(time.time() - t0, 1), "checkpoint": str(out / "model.pt"), "history": history,
+               "config": asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

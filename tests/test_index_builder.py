@@ -24,7 +24,8 @@ from index_builder.metadata import write_metadata
 from index_builder.publish import new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
 from retrieval.errors import FingerprintMismatchError
-from retrieval.index import IndexVersion, list_versions, read_current, sha256_file
+from retrieval.index import FORMAT, IndexVersion, list_versions, read_current, sha256_file
+from retrieval.querybank import querybank_of
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "lite0-minilm"
@@ -87,18 +88,22 @@ def test_dataset_build_is_consistent_with_the_model(tmp_path, flickr_mini, bundl
     version = IndexVersion.open(root)
     image_rows = _rows(root / "v0001", "SELECT id, uri FROM images ORDER BY uri")
     ids = np.array([r[0] for r in image_rows], np.int64)
-    stored = version.indexes["image"].reconstruct_batch(ids)
+    stored = version.indexes["image"].reconstruct_batch(ids)                  # (N, D+1): [g, b_g]
+    emb, bias = stored[:, :-1], stored[:, -1]
     model_vecs, bad = encode_image_files(bundle[0], [r[1] for r in image_rows[:8]], bundle[1], workers=0, progress=False)
-    assert not bad and np.allclose(stored[:8], model_vecs, atol=1e-5)
+    assert not bad and np.allclose(emb[:8], model_vecs, atol=1e-5)
+    assert m["querybank"]["beta"] > 0 and np.allclose(bias, querybank_of(bundle[0]).bias(emb, "image"), atol=1e-6)
+    assert np.ptp(bias) > 0.01, "the shipped model's inverted softmax should give items different biases"
 
-    # exact search through the index == brute force in numpy over the same vectors
+    # exact search through the index == brute force in numpy over the same vectors: cross-modal
+    # queries rank by cosine + bias and report the cosine; same-modal ones rank by the cosine
     text_ids = np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM texts")], np.int64)
-    queries = version.indexes["text"].reconstruct_batch(text_ids)
-    scores, found = version.search("image", queries, 10)
-    brute = queries @ stored.T
-    order = np.argsort(-brute, axis=1, kind="stable")[:, :10]
-    assert np.allclose(scores, np.take_along_axis(brute, order, 1), atol=1e-5)
-    assert (found == ids[order]).mean() > 0.99  # ties aside
+    queries = version.indexes["text"].reconstruct_batch(text_ids)[:, :-1]
+    for cross_modal, brute in ((True, queries @ emb.T + bias), (False, queries @ emb.T)):
+        scores, found = version.search("image", queries, 10, cross_modal=cross_modal)
+        order = np.argsort(-brute, axis=1, kind="stable")[:, :10]
+        assert np.allclose(scores, np.take_along_axis(queries @ emb.T, order, 1), atol=1e-5)
+        assert (found == ids[order]).mean() > 0.99  # ties aside
     meta = version.metadata("text", text_ids[:3])
     assert all(r["image_id"] in set(ids.tolist()) and r["caption"] for r in meta)
     version.close()
@@ -243,7 +248,7 @@ def test_sigkill_leaves_current_and_rerun_resumes(tmp_path, flickr_mini, bundle)
     assert read_current(root) == "v0001" and list_versions(root) == ["v0001"]
     version = IndexVersion.open(root)
     scores, ids = version.search("image", version.indexes["image"].reconstruct_batch(
-        np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM images LIMIT 2")], np.int64)), 3)
+        np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM images LIMIT 2")], np.int64))[:, :-1], 3)
     assert (ids >= 0).all() and np.allclose(scores[:, 0], 1.0, atol=1e-4)  # the old version loads and answers
     version.close()
 
@@ -302,9 +307,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, flickr_mini, bundle, cap
     root = tmp_path / "idx3"  # a version built by another model: --incremental refuses to mix
     tmp = new_temp_dir(root)
     for name in ("images.faiss", "texts.faiss"):
-        faiss.write_index(faiss.index_factory(256, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), str(tmp / name))
+        faiss.write_index(faiss.index_factory(257, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), str(tmp / name))
     write_metadata(tmp / "meta.sqlite", [], [])
-    (tmp / "manifest.json").write_text(json.dumps({"model": "other", "fingerprint": "0123", "dim": 256}))
+    (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT, "model": "other", "fingerprint": "0123", "dim": 256}))
     publish(root, tmp, "v0001", keep=3)
     with pytest.raises(FingerprintMismatchError, match="run a full build"):
         _build(bundle, root, dataset=str(flickr_mini), split="test", incremental=True)

@@ -90,3 +90,10 @@ def test_a_checkpoint_that_is_not_ours_is_a_clear_error(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a zip")
     with pytest.raises(ModelError, match="cannot be read"):
         create_model(str(tmp_path / "garbage.pt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: 'cuda' would load")
+def test_an_unusable_device_is_one_clear_error():
+    for device in ("cuda", "tpu-of-dreams"):
+        with pytest.raises(ModelError, match=f"cannot run the model on device '{device}'.*available here: cpu"):
+            create_model("lite0-minilm", device=device)

@@ -92,7 +92,7 @@ def in_process(bundle, index: IndexVersion, query, target: str, k: int):
         q = model.encode_text(tokenizer([query])).numpy()
     else:
         q = model.encode_image(preprocess(load_image(query))[None]).numpy()
-    scores, ids = index.search(target, q, k)
+    scores, ids = index.search(target, q, k, cross_modal=isinstance(query, str) == (target == "image"))
     return ids[0].tolist(), scores[0]
 
 
@@ -137,14 +137,19 @@ def test_embed_embedding_search_batch_and_min_score(client, bundle, index_root):
     np.testing.assert_allclose(vec, model.encode_text(tokenizer([text])).numpy()[0], atol=1e-5)
     assert abs(np.linalg.norm(vec) - 1) < 1e-5
     by_text = client.search_text(text, k=5)
-    by_vec = client.search_embedding(vec * 3.0, target="image", k=5)  # normalized by the server
+    # an embedding that says it encodes a text ranks as the text does (inverted softmax included);
+    # one of unknown modality by the plain cosine
+    by_vec = client.search_embedding(vec * 3.0, target="image", k=5, modality="text")  # normalized by the server
     assert [r.id for r in by_vec] == [r.id for r in by_text]
+    plain = client.search_embedding(vec, target="image", k=5)
+    index = IndexVersion.open(index_root)
+    scores, ids = index.search("image", vec[None], 5, cross_modal=False)
+    assert [r.id for r in plain] == ids[0].tolist() and np.all(np.diff([r.score for r in plain]) <= 1e-6)
     batch = client.batch_search([search_request(text=text, k=5), search_request(embedding=vec, target="text", k=4)])
     assert [r.id for r in batch[0]] == [r.id for r in by_text] and len(batch[1]) == 4
-    cut = by_text[2].score
-    assert [r.id for r in client.search_text(text, k=5, min_score=cut)] == [r.id for r in by_text[:3]]
+    cut = sorted(r.score for r in by_text)[2]  # min_score filters on the cosine, whatever the ranking
+    assert [r.id for r in client.search_text(text, k=5, min_score=cut)] == [r.id for r in by_text if r.score >= cut]
     info = client.index_info()
-    index = IndexVersion.open(index_root)
     assert (info.version, info.model, info.model_fingerprint, info.dim) == ("v0001", MODEL, model.fingerprint(), 256)
     assert (info.image_count, info.text_count) == (index.count("image"), index.count("text")) == (32, 160)
 
@@ -169,6 +174,8 @@ BAD_SEARCHES = {
                                          "dimension 3, the index expects 256"),
     "zero-norm embedding": (lambda d: search_request(embedding=np.zeros(256), target="image"), "zero norm"),
     "embedding without a target": (lambda d: search_request(embedding=np.ones(256)), "must name its target"),
+    "embedding of an unknown modality": (lambda d: pb.SearchRequest(query=pb.Query(embedding=pb.Embedding(
+        values=[1.0] * 256, modality=7)), target=pb.MODALITY_IMAGE, k=3), "unknown embedding modality 7"),
     "min_score out of range": (lambda d: search_request(text="a dog", min_score=1.5), "min_score"),
     "no query": (lambda d: pb.SearchRequest(k=5), "query is empty"),
 }

@@ -46,6 +46,12 @@ def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_m
     np.testing.assert_array_equal(encode_texts(model.eval(), tokenizer, captions, progress=False),
                                   encode_texts(loaded, tokenizer, captions, progress=False))
     assert loaded.fingerprint() == model.fingerprint()
+    # the inverted softmax's banks ship in the file: every training caption (240 < the bank size
+    # of 1,000) and image, and the beta chosen on dev
+    qb = best["metrics"]["querybank"]
+    assert (loaded.text_bank.shape, loaded.image_bank.shape) == ((240, model.embed_dim), (48, model.embed_dim))
+    assert torch.equal(loaded.text_bank, model.text_bank) and float(loaded.querybank_beta) == qb["beta"]
+    assert max(qb["dev_R@1_mean_by_beta"].values()) == qb["dev_R@1_mean_by_beta"][str(qb["beta"])]
     summary_file = json.loads((Path(cfg.out) / "summary.json").read_text())
     assert summary_file["best_dev_R@1_mean"] == summary["best_dev_R@1_mean"]
 

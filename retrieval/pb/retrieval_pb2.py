@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x0cretrieval.v1\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"^\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12,\n\tembedding\x18\x03 \x01(\x0b\x32\x17.retrieval.v1.EmbeddingH\x00\x42\x06\n\x04kind\"\x8c\x01\n\rSearchRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Query\x12&\n\x06target\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"\xa9\x01\n\x0cSearchResult\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tangle_deg\x18\x03 \x01(\x02\x12(\n\x08modality\x18\x04 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x06 \x01(\t\x12\x10\n\x08image_id\x18\x07 \x01(\x03\x12\x11\n\timage_uri\x18\x08 \x01(\t\"T\n\x0eSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.retrieval.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"C\n\x12\x42\x61tchSearchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.SearchRequest\"F\n\x13\x42\x61tchSearchResponse\x12/\n\tresponses\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.SearchResponse\"8\n\x0c\x45mbedRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05input\"e\n\rEmbedResponse\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x17.retrieval.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\x98\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x12\n\ntext_count\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_versions\x18\x07 \x03(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02\x32\xb9\x02\n\x10RetrievalService\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12R\n\x0b\x42\x61tchSearch\x12 .retrieval.v1.BatchSearchRequest\x1a!.retrieval.v1.BatchSearchResponse\x12@\n\x05\x45mbed\x12\x1a.retrieval.v1.EmbedRequest\x1a\x1b.retrieval.v1.EmbedResponse\x12J\n\x0cGetIndexInfo\x12!.retrieval.v1.GetIndexInfoRequest\x1a\x17.retrieval.v1.IndexInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x0cretrieval.v1\"E\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12(\n\x08modality\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\"^\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12,\n\tembedding\x18\x03 \x01(\x0b\x32\x17.retrieval.v1.EmbeddingH\x00\x42\x06\n\x04kind\"\x8c\x01\n\rSearchRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Query\x12&\n\x06target\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"\xa9\x01\n\x0cSearchResult\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tangle_deg\x18\x03 \x01(\x02\x12(\n\x08modality\x18\x04 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x06 \x01(\t\x12\x10\n\x08image_id\x18\x07 \x01(\x03\x12\x11\n\timage_uri\x18\x08 \x01(\t\"T\n\x0eSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.retrieval.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"C\n\x12\x42\x61tchSearchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.SearchRequest\"F\n\x13\x42\x61tchSearchResponse\x12/\n\tresponses\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.SearchResponse\"8\n\x0c\x45mbedRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05input\"e\n\rEmbedResponse\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x17.retrieval.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\x98\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x12\n\ntext_count\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_versions\x18\x07 \x03(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02\x32\xb9\x02\n\x10RetrievalService\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12R\n\x0b\x42\x61tchSearch\x12 .retrieval.v1.BatchSearchRequest\x1a!.retrieval.v1.BatchSearchResponse\x12@\n\x05\x45mbed\x12\x1a.retrieval.v1.EmbedRequest\x1a\x1b.retrieval.v1.EmbedResponse\x12J\n\x0cGetIndexInfo\x12!.retrieval.v1.GetIndexInfoRequest\x1a\x17.retrieval.v1.IndexInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'retrieval.v1.retrieval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=1052
-  _globals['_MODALITY']._serialized_end=1127
+  _globals['_MODALITY']._serialized_start=1094
+  _globals['_MODALITY']._serialized_end=1169
   _globals['_EMBEDDING']._serialized_start=46
-  _globals['_EMBEDDING']._serialized_end=73
-  _globals['_QUERY']._serialized_start=75
-  _globals['_QUERY']._serialized_end=169
-  _globals['_SEARCHREQUEST']._serialized_start=172
-  _globals['_SEARCHREQUEST']._serialized_end=312
-  _globals['_SEARCHRESULT']._serialized_start=315
-  _globals['_SEARCHRESULT']._serialized_end=484
-  _globals['_SEARCHRESPONSE']._serialized_start=486
-  _globals['_SEARCHRESPONSE']._serialized_end=570
-  _globals['_BATCHSEARCHREQUEST']._serialized_start=572
-  _globals['_BATCHSEARCHREQUEST']._serialized_end=639
-  _globals['_BATCHSEARCHRESPONSE']._serialized_start=641
-  _globals['_BATCHSEARCHRESPONSE']._serialized_end=711
-  _globals['_EMBEDREQUEST']._serialized_start=713
-  _globals['_EMBEDREQUEST']._serialized_end=769
-  _globals['_EMBEDRESPONSE']._serialized_start=771
-  _globals['_EMBEDRESPONSE']._serialized_end=872
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=874
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=895
-  _globals['_INDEXINFO']._serialized_start=898
-  _globals['_INDEXINFO']._serialized_end=1050
-  _globals['_RETRIEVALSERVICE']._serialized_start=1130
-  _globals['_RETRIEVALSERVICE']._serialized_end=1443
+  _globals['_EMBEDDING']._serialized_end=115
+  _globals['_QUERY']._serialized_start=117
+  _globals['_QUERY']._serialized_end=211
+  _globals['_SEARCHREQUEST']._serialized_start=214
+  _globals['_SEARCHREQUEST']._serialized_end=354
+  _globals['_SEARCHRESULT']._serialized_start=357
+  _globals['_SEARCHRESULT']._serialized_end=526
+  _globals['_SEARCHRESPONSE']._serialized_start=528
+  _globals['_SEARCHRESPONSE']._serialized_end=612
+  _globals['_BATCHSEARCHREQUEST']._serialized_start=614
+  _globals['_BATCHSEARCHREQUEST']._serialized_end=681
+  _globals['_BATCHSEARCHRESPONSE']._serialized_start=683
+  _globals['_BATCHSEARCHRESPONSE']._serialized_end=753
+  _globals['_EMBEDREQUEST']._serialized_start=755
+  _globals['_EMBEDREQUEST']._serialized_end=811
+  _globals['_EMBEDRESPONSE']._serialized_start=813
+  _globals['_EMBEDRESPONSE']._serialized_end=914
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=916
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=937
+  _globals['_INDEXINFO']._serialized_start=940
+  _globals['_INDEXINFO']._serialized_end=1092
+  _globals['_RETRIEVALSERVICE']._serialized_start=1172
+  _globals['_RETRIEVALSERVICE']._serialized_end=1485
 # @@protoc_insertion_point(module_scope)

@@ -17,10 +17,12 @@ MODALITY_IMAGE: Modality
 MODALITY_TEXT: Modality
 
 class Embedding(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "modality")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    modality: Modality
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., modality: _Optional[_Union[Modality, str]] = ...) -> None: ...
 
 class Query(_message.Message):
     __slots__ = ("text", "image", "embedding")
