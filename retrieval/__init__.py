@@ -5,10 +5,16 @@
     img = model.encode_image(preprocess(pil_image)[None])   # (1, D) unit vector
     txt = model.encode_text(tokenizer(["a dog on a beach"]))  # (1, D) unit vector
     cosine = (img @ txt.T).item()
+
+    # rank a gallery of image vectors (N, D) for text queries as the service does: cosine plus
+    # each image's inverted-softmax bias from the model's query bank
+    from retrieval import querybank_of
+    scores = txt.numpy() @ gallery.T + querybank_of(model).bias(gallery, "image")
 """
 from retrieval.errors import (DatasetError, FingerprintMismatchError, IndexCorruptError, IndexUnavailableError,
                               InvalidInputError, ModelError, RetrievalError, UnauthenticatedError)
 from retrieval.factory import DEFAULT_MODEL, create_model, get_model_config, list_models
+from retrieval.querybank import QueryBank, querybank_of
 
 
 def __getattr__(name: str):
@@ -21,7 +27,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT_MODEL", "create_model", "get_model_config", "list_models", "RetrievalClient",
+    "DEFAULT_MODEL", "create_model", "get_model_config", "list_models", "QueryBank", "querybank_of", "RetrievalClient",
     "RetrievalError", "InvalidInputError", "DatasetError", "ModelError", "IndexUnavailableError",
     "IndexCorruptError", "FingerprintMismatchError", "UnauthenticatedError",
 ]
