@@ -79,8 +79,7 @@ def throughput(args, loaded) -> dict:
 
     # the raw side's inputs: the builder's batches, decoded / tokenized once, held in memory
     size = model.image_tower.image_size
-    pixel_batches = [px.contiguous(memory_format=torch.channels_last)
-                     for _, px, _ in image_loader([p for _, p in img_todo], preprocess, size, args.batch_size, workers)]
+    pixel_batches = [px for _, px, _ in image_loader([p for _, p in img_todo], preprocess, size, args.batch_size, workers)]
     order = sorted(range(len(txt_todo)), key=lambda i: len(txt_todo[i][1]))
     token_batches = [ids for _, ids in text_batches([txt_todo[i][1] for i in order], tokenizer, args.text_batch_size, 0)]
 

@@ -149,7 +149,7 @@ def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence
             vecs = np.zeros((0, store.dim), np.float32)
             if ok:
                 batch = pixels if len(ok) == len(rows) else pixels[ok]
-                vecs = model.encode_image(batch.contiguous(memory_format=torch.channels_last)).float().numpy()
+                vecs = model.encode_image(batch).float().numpy()
             writer.add([todo[rows[j]][0] for j in ok], vecs, bad)
             stats.items += len(ok)
             stats.failed += len(bad)

@@ -55,7 +55,7 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     with torch.random.fork_rng(), torch.inference_mode(), \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
         for idx, pixels, errors in loader:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+            pixels = pixels.contiguous(memory_format=torch.channels_last)  # for the bare tower too
             vecs = model.encode_image(pixels) if project else model.image_tower(pixels)
             vecs = vecs.float().numpy()
             if out is None:

@@ -73,7 +73,9 @@ class SphereModel(nn.Module):
     # -- the public encoders ------------------------------------------------------------------
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B,D) float32
-        return self.project_image(self.image_tower(pixels)).float()
+        # channels-last is the layout the CPU convolution kernels run fastest on (measured here:
+        # EfficientNet-Lite0 1.2-1.5x faster than on NCHW tensors); a no-op for tensors already in it
+        return self.project_image(self.image_tower(pixels.contiguous(memory_format=torch.channels_last))).float()
 
     @torch.inference_mode()
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:  # (B,L) -> (B,D) float32
