@@ -4,7 +4,8 @@
     python bench/bench_builder.py --full                # plus one full Flickr8k build and the eval check
 
 `builder`: the builder's own encode stage (`index_builder.encode.encode_images/encode_texts`:
-DataLoader workers decode/tokenize, the main process runs the model, vectors go to shards on disk).
+DataLoader workers decode images, captions are tokenized batch by batch, the main process runs the
+model, vectors go to shards on disk).
 `raw`: the model's `encode_image`/`encode_text` alone on the very same batches, decoded and
 tokenized beforehand and held in memory. Each is timed `--repeats` times, alternating, and the
 median is reported; the goal is builder/raw >= 0.9.
@@ -54,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=IMAGE_BATCH, help="images per forward pass (default: the builder's, %(default)s)")
     p.add_argument("--text-batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the builder's default)")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding DataLoader workers (default: the builder's default)")
     p.add_argument("--full", action="store_true", help="also build all of Flickr8k once and check it against eval")
     p.add_argument("--skip-throughput", action="store_true", help="only the --full part")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -81,7 +82,7 @@ def throughput(args, loaded) -> dict:
     size = model.image_tower.image_size
     pixel_batches = [px for _, px, _ in image_loader([p for _, p in img_todo], preprocess, size, args.batch_size, workers)]
     order = sorted(range(len(txt_todo)), key=lambda i: len(txt_todo[i][1]))
-    token_batches = [ids for _, ids in text_batches([txt_todo[i][1] for i in order], tokenizer, args.text_batch_size, 0)]
+    token_batches = [ids for _, ids in text_batches([txt_todo[i][1] for i in order], tokenizer, args.text_batch_size)]
 
     def raw_images() -> float:
         start = time.perf_counter()
@@ -107,7 +108,7 @@ def throughput(args, loaded) -> dict:
     def builder_texts() -> float:
         with tempfile.TemporaryDirectory() as d:
             stats = encode_texts(model, tokenizer, ShardStore(Path(d), model.embed_dim), txt_todo,
-                                 batch_size=args.text_batch_size, workers=workers, shard_size=4096, progress=False)
+                                 batch_size=args.text_batch_size, shard_size=4096, progress=False)
         assert stats.items == len(txt_todo)
         return stats.items / stats.seconds
 

@@ -192,7 +192,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     counts["texts_resumed"] = sum(1 for t in fresh_txt if t.sha256 in done_t)
     todo_t = list({t.sha256: (t.sha256, t.caption) for t in fresh_txt if t.sha256 not in done_t}.values())
     log.info("captions: %d reused, %d already encoded, %d distinct to encode", len(reuse_txt), counts["texts_resumed"], len(todo_t))
-    txt_stats = encode_texts(model, tokenizer, txt_store, todo_t, batch_size=cfg.text_batch_size, workers=workers,
+    txt_stats = encode_texts(model, tokenizer, txt_store, todo_t, batch_size=cfg.text_batch_size,
                              shard_size=cfg.shard_size, progress=cfg.progress)
     counts.update(texts_reused=len(reuse_txt), texts_encoded=txt_stats.items, texts_indexed=len(texts))
     if not kept_img and not texts:

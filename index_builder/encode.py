@@ -7,8 +7,8 @@ renamed, so a build killed at any moment leaves only complete shards; the rerun 
 encodes only what they lack. Memory stays bounded: one shard's worth of vectors is in flight.
 
 Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
-worker processes decode and preprocess while the main process runs the model); captions through
-a DataLoader that tokenizes length-sorted batches in a worker.
+worker processes decode and preprocess while the main process runs the model); captions are
+tokenized in length-sorted batches in the main process (`text_batches` says why).
 """
 from __future__ import annotations
 
@@ -159,28 +159,17 @@ def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence
     return stats
 
 
-class _TokenizedBatches(torch.utils.data.Dataset):
-    """Batch b of the length-sorted texts, tokenized (in a DataLoader worker)."""
-
-    def __init__(self, texts: Sequence[str], tokenizer: Callable, batch_size: int):
-        self.texts, self.tokenizer, self.batch_size = texts, tokenizer, batch_size
-
-    def __len__(self) -> int:
-        return (len(self.texts) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, b: int):
-        start = b * self.batch_size
-        return start, self.tokenizer(list(self.texts[start:start + self.batch_size]))
-
-
-def text_batches(texts: Sequence[str], tokenizer: Callable, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(_TokenizedBatches(texts, tokenizer, batch_size), batch_size=None,
-                                       num_workers=workers, shuffle=False)
+def text_batches(texts: Sequence[str], tokenizer: Callable, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, token ids (B, L)) per batch, tokenized in this process: the fast tokenizer takes
+    a few percent of the time MiniLM takes to encode a batch, and on a small machine a worker
+    process costs more in contention for the encoder's cores than it saves (bench/results/builder.md:
+    builder/raw 0.88 with a tokenizing worker, 0.93 without, on 2 cores)."""
+    for start in range(0, len(texts), batch_size):
+        yield start, tokenizer(list(texts[start:start + batch_size]))
 
 
 def encode_texts(model, tokenizer: Callable, store: ShardStore, todo: Sequence[tuple[str, str]], *,
-                 batch_size: int = 256, workers: int = 1, shard_size: int = 2048,
-                 progress: bool = True) -> EncodeStats:
+                 batch_size: int = 256, shard_size: int = 2048, progress: bool = True) -> EncodeStats:
     """Encode (sha, caption) pairs into shards, batched by length (less padding)."""
     stats = EncodeStats()
     if not todo:
@@ -191,7 +180,7 @@ def encode_texts(model, tokenizer: Callable, store: ShardStore, todo: Sequence[t
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(todo), desc="encode captions", unit="txt", disable=not progress) as bar:
-        for first, token_ids in text_batches(texts, tokenizer, batch_size, workers):
+        for first, token_ids in text_batches(texts, tokenizer, batch_size):
             vecs = model.encode_text(token_ids).float().numpy()
             writer.add(shas[first:first + len(vecs)], vecs, {})
             stats.items += len(vecs)
