@@ -163,7 +163,7 @@ def text_batches(texts: Sequence[str], tokenizer: Callable, batch_size: int) -> 
     """(first row, token ids (B, L)) per batch, tokenized in this process: the fast tokenizer takes
     a few percent of the time MiniLM takes to encode a batch, and on a small machine a worker
     process costs more in contention for the encoder's cores than it saves (bench/results/builder.md:
-    builder/raw 0.88 with a tokenizing worker, 0.93 without, on 2 cores)."""
+    builder/raw 0.85-0.88 with a tokenizing worker, 0.93-0.96 without, on 2 cores)."""
     for start in range(0, len(texts), batch_size):
         yield start, tokenizer(list(texts[start:start + batch_size]))
 
