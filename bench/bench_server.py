@@ -249,14 +249,17 @@ def image_encoder_rates(index_root: str, images: list[bytes], device: str, sizes
 
     model, preprocess, _ = cached_model(IndexVersion.open(index_root).model, device)
     pixels = torch.stack([preprocess(load_image(b)) for b in images[:64]]).to(device)
+    sync = torch.cuda.synchronize if pixels.is_cuda else (lambda: None)  # CUDA kernels run asynchronously
     rates = {}
     for size in sizes:
         model.encode_image(pixels[:size])  # warm-up: the first pass at a new shape allocates
         runs = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             for s in range(0, len(pixels) - size + 1, size):
                 model.encode_image(pixels[s:s + size])
+            sync()
             runs.append((len(pixels) // size) * size / (time.perf_counter() - start))
         rates[str(size)] = round(statistics.median(runs), 1)
     return rates

@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.errors import DatasetError, FingerprintMismatchError
+from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
 from retrieval.factory import DEFAULT_MODEL
 from retrieval.features import IMAGE_BATCH, default_workers
 from retrieval.index import (FORMAT, INDEX_FILES, MANIFEST, META, IndexVersion, query_rows, read_current, reconstruct,
@@ -100,7 +100,11 @@ def _base_version(root: Path, cfg: BuildConfig, fingerprint: str) -> IndexVersio
     if read_current(root) is None:
         log.warning("--incremental: nothing is published under %s yet; building everything", root)
         return None
-    base = IndexVersion.open(root)
+    try:
+        base = IndexVersion.open(root)
+    except IndexFormatError as e:
+        log.warning("--incremental: %s; building everything", e)
+        return None
     if base.fingerprint != fingerprint:
         raise FingerprintMismatchError(
             f"--incremental: the current version {base.name} was built with model '{base.model}' "

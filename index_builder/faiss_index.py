@@ -51,7 +51,9 @@ def make_index(dim: int, factory: str) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, f"IDMap2,{inner}", faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise DatasetError(f"invalid --index-factory '{factory}': {faiss_error(e)}") from e
+        raise DatasetError(f"invalid --index-factory '{factory}' for {dim}-dimensional vectors (the embedding plus "
+                           f"its inverted-softmax bias): {faiss_error(e)}; for PQ, rotate to a dimension it divides "
+                           f"first, e.g. 'OPQ32_{dim - 1},IVF1024,PQ32'") from e
     sub = faiss.downcast_index(index.index)
     if isinstance(sub, faiss.IndexHNSW):
         sub.hnsw.efConstruction = HNSW_EF_CONSTRUCTION

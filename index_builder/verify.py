@@ -1,7 +1,8 @@
 """Is a published index consistent with its model? Encode a caption-dataset split with the model
 (the query vectors a server would make), search the version's indexes restricted to that split's
 ids as the server does (cross-modal, so with the inverted softmax's biases), and score recall@K
-with the same protocol `retrieval eval` uses on the model's own vectors. For an exact (Flat)
+with the protocol `retrieval eval` applies to the model's own vectors (`querybank.model_recall`:
+cosine plus the model's correction). For an exact (Flat)
 index both must agree, whether the index holds the split or the whole dataset.
 """
 from __future__ import annotations

@@ -30,6 +30,10 @@ class IndexCorruptError(RetrievalError):
     """A published index version is inconsistent (checksum, manifest, dimension)."""
 
 
+class IndexFormatError(IndexCorruptError):
+    """A published index version was written in another format (by another version of the builder)."""
+
+
 class FingerprintMismatchError(RetrievalError):
     """The model loaded does not match the one the index was built with."""
 

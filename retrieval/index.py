@@ -27,7 +27,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from retrieval.errors import IndexCorruptError, IndexUnavailableError, InvalidInputError
+from retrieval.errors import IndexCorruptError, IndexFormatError, IndexUnavailableError, InvalidInputError
 
 FORMAT = "sphere-index/2"   # /2: vectors carry the inverted-softmax bias as coordinate D+1
 CURRENT = "CURRENT"
@@ -80,6 +80,19 @@ def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
     return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
 
+def restricted_to(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParameters:
+    """Search parameters that keep only `allowed` ids, of the type the wrapped index expects
+    (IVF and HNSW reject the generic type), carrying its nprobe / efSearch."""
+    sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -109,7 +122,7 @@ class IndexVersion:
         except (OSError, ValueError) as e:
             raise IndexCorruptError(f"cannot read {path / MANIFEST}: {e}") from e
         if manifest.get("format") != FORMAT:
-            raise IndexCorruptError(f"{path} has index format {manifest.get('format')!r}, this reader needs {FORMAT!r}; "
+            raise IndexFormatError(f"{path} has index format {manifest.get('format')!r}, this reader needs {FORMAT!r}; "
                                     f"rebuild it with `index-builder build`")
         if verify:
             for name, digest in manifest.get("files", {}).items():
@@ -121,7 +134,7 @@ class IndexVersion:
                 index = faiss.read_index(str(path / filename))
             except RuntimeError as e:  # faiss reports a missing or unreadable file this way
                 raise IndexCorruptError(f"cannot read {path / filename}: {str(e).splitlines()[0]}") from e
-            if index.d != int(manifest["dim"]) + 1:
+            if index.d != int(manifest["dim"]) + 1 or index.d != int(manifest.get("index_dim", index.d)):
                 raise IndexCorruptError(f"{path / filename} has dimension {index.d}, the manifest's embedding "
                                         f"dimension {manifest['dim']} plus its bias coordinate is {int(manifest['dim']) + 1}")
             ivf = faiss.try_extract_index_ivf(index)
@@ -153,8 +166,7 @@ class IndexVersion:
         if k <= 0:
             raise InvalidInputError(f"k must be positive, got {k}")
         index = self.indexes[modality]
-        params = None if allowed is None else faiss.SearchParameters(
-            sel=faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64)))
+        params = None if allowed is None else restricted_to(index, allowed)
         scores, ids = index.search(query_rows(queries, cross_modal), min(k, max(1, self.count(modality))), params=params)
         if cross_modal:
             found = ids >= 0

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from retrieval.errors import ModelError
 
 
+QUERYBANK_KEYS = ("text_bank", "image_bank", "querybank_beta")
+
+
 class ProjectionHead(nn.Module):
     """LayerNorm -> dropout -> linear, plus an optional residual MLP branch: (B, F) -> (B, D)."""
 
@@ -96,7 +99,8 @@ class SphereModel(nn.Module):
     def set_querybank(self, text_bank: torch.Tensor, image_bank: torch.Tensor, beta: float) -> None:
         """Banks of unit query rows (B, D) per modality and the inverted softmax's beta (0: off)."""
         for name, bank in (("text_bank", text_bank), ("image_bank", image_bank)):
-            assert bank.ndim == 2 and bank.shape[1] == self.embed_dim, f"{name} must be (B, {self.embed_dim}), got {tuple(bank.shape)}"
+            if bank.ndim != 2 or bank.shape[1] != self.embed_dim:
+                raise ModelError(f"{name} must be (B, {self.embed_dim}) query rows, got {tuple(bank.shape)}")
             setattr(self, name, bank.detach().float().clone().to(self.text_center.device))
         self.querybank_beta.fill_(float(beta))
 
@@ -105,17 +109,26 @@ class SphereModel(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))}
 
     def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load trained heads. Heads saved before query banks existed load with no bank (plain
+        cosine ranking, the fingerprint they were saved with)."""
         if "text_bank" in state and "image_bank" in state:  # banks vary in size: take the checkpoint's
             self.set_querybank(state["text_bank"], state["image_bank"], float(state.get("querybank_beta", 0.0)))
+        else:
+            self.set_querybank(torch.zeros(0, self.embed_dim), torch.zeros(0, self.embed_dim), 0.0)
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower."))]
+        missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS]
         if missing or unexpected:
             raise ModelError(f"the trained heads do not fit model '{self.name}': missing {missing}, unexpected "
                              f"{unexpected} (written by another version of this project? retrain them)")
 
     def fingerprint(self) -> str:
-        """sha256 over the name and every tensor (towers included): equal iff embeddings equal."""
-        return state_fingerprint(self.name, self.state_dict())
+        """sha256 over the name and every tensor (towers included): equal iff embeddings and
+        rankings are equal. Without a query bank, its empty buffers are left out, so heads from
+        before banks existed keep the fingerprint their checkpoints and indexes recorded."""
+        state = self.state_dict()
+        if float(self.querybank_beta) == 0 and not len(self.text_bank) and not len(self.image_bank):
+            state = {k: v for k, v in state.items() if k not in QUERYBANK_KEYS}
+        return state_fingerprint(self.name, state)
 
 
 def state_fingerprint(name: str, state: dict[str, torch.Tensor]) -> str:

@@ -98,5 +98,5 @@ def fit_querybank(text_queries: np.ndarray, image_queries: np.ndarray, dev_image
     best = max(scores, key=lambda b: (scores[b], -b))
     log.info("query bank: %d captions, %d images; beta %g (dev R@1 mean %.2f, %.2f without)",
              len(text), len(image), best, scores[best], scores[0.0])
-    return QueryBank(text, image, best), {"beta": best, "bank_size": size,
+    return QueryBank(text, image, best), {"beta": best, "text_bank": len(text), "image_bank": len(image),
                                           "dev_R@1_mean_by_beta": {str(b): round(s, 2) for b, s in scores.items()}}

@@ -226,6 +226,33 @@ def test_incremental_encodes_only_changes(tmp_path, flickr_mini, bundle):
     v2.close()
 
 
+def test_ivf_index_searches_restricted_ids_and_pq_needs_a_rotation(tmp_path, flickr_mini, bundle):
+    root = tmp_path / "idx"
+    m = _build(bundle, root, dataset=str(flickr_mini), split="test", index_factory="IVF4,Flat")
+    assert m["index_factory"]["image"] == "IVF4,Flat" and 0 < m["recall_at_10"]["image"] <= 1  # nprobe 1 of 4 lists
+    version = IndexVersion.open(root)
+    ids = np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM images")], np.int64)
+    query = version.indexes["text"].reconstruct_batch(
+        np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM texts LIMIT 3")], np.int64))[:, :-1]
+    _, found = version.search("image", query, 5, cross_modal=True, allowed=ids[:4])
+    assert set(found[found >= 0].tolist()) <= set(ids[:4].tolist())
+    version.close()
+    with pytest.raises(Exception, match=r"257-dimensional.*OPQ32_256"):
+        _build(bundle, tmp_path / "pq", dataset=str(flickr_mini), split="test", index_factory="IVF4,PQ32")
+
+
+def test_incremental_over_an_older_format_builds_everything(tmp_path, flickr_mini, bundle):
+    root = tmp_path / "idx"
+    _build(bundle, root, dataset=str(flickr_mini), split="test")
+    manifest = root / "v0001" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": "sphere-index/1"}))
+    with pytest.raises(Exception, match="rebuild it"):
+        IndexVersion.open(root)
+    m = _build(bundle, root, dataset=str(flickr_mini), split="test", incremental=True)
+    assert m["incremental"] is None and m["version"] == "v0002"
+    assert m["report"]["counts"]["images_reused"] == 0 and m["num_images"] == 32
+
+
 def test_sigkill_leaves_current_and_rerun_resumes(tmp_path, flickr_mini, bundle):
     root = tmp_path / "idx"
     _build(bundle, root, dataset=str(flickr_mini), split="dev")

@@ -97,3 +97,18 @@ def test_an_unusable_device_is_one_clear_error():
     for device in ("cuda", "tpu-of-dreams"):
         with pytest.raises(ModelError, match=f"cannot run the model on device '{device}'.*available here: cpu"):
             create_model("lite0-minilm", device=device)
+
+
+def test_heads_saved_before_query_banks_existed_still_load(tmp_path):
+    """A checkpoint without bank tensors loads with no correction and keeps its fingerprint."""
+    from retrieval.checkpoint import save_checkpoint
+    from retrieval.querybank import querybank_of
+
+    model, _, _ = create_model("lite0-minilm", load_weights=False)
+    path = save_checkpoint(tmp_path / "old.pt", model)
+    payload = torch.load(path, weights_only=False)
+    payload["heads"] = {k: v for k, v in payload["heads"].items() if k not in ("text_bank", "image_bank", "querybank_beta")}
+    torch.save(payload, path)
+    loaded, _, _ = create_model(str(path))
+    assert loaded.fingerprint() == payload["fingerprint"] == model.fingerprint()
+    assert querybank_of(loaded).info() == {"method": "none", "beta": 0.0, "text_bank": 0, "image_bank": 0}
