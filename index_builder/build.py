@@ -240,7 +240,6 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "model": _model_spec(cfg.model),
         "fingerprint": fingerprint,
         "dim": dim,
-        "index_dim": dim + 1,
         "metric": "inner_product",
         "querybank": bank.info(),
         "num_images": len(kept_img),

@@ -55,8 +55,9 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     with torch.random.fork_rng(), torch.inference_mode(), \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
         for idx, pixels, errors in loader:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)  # for the bare tower too
-            vecs = model.encode_image(pixels) if project else model.image_tower(pixels)
+            # encode_image feeds its tower channels-last itself; the bare tower gets the same layout
+            vecs = (model.encode_image(pixels) if project
+                    else model.image_tower(pixels.contiguous(memory_format=torch.channels_last)))
             vecs = vecs.float().numpy()
             if out is None:
                 out = np.zeros((len(paths), vecs.shape[1]), np.float32)

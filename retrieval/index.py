@@ -70,8 +70,7 @@ def with_bias(vectors: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 def query_rows(queries: np.ndarray, cross_modal: bool) -> np.ndarray:
     """(B, D) unit queries -> (B, D+1): last coordinate 1 to add the gallery's bias, 0 not to."""
-    last = np.full((len(queries), 1), 1.0 if cross_modal else 0.0, np.float32)
-    return np.ascontiguousarray(np.hstack([queries, last]), dtype=np.float32)
+    return with_bias(queries, np.full(len(queries), 1.0 if cross_modal else 0.0, np.float32))
 
 
 def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
@@ -134,7 +133,7 @@ class IndexVersion:
                 index = faiss.read_index(str(path / filename))
             except RuntimeError as e:  # faiss reports a missing or unreadable file this way
                 raise IndexCorruptError(f"cannot read {path / filename}: {str(e).splitlines()[0]}") from e
-            if index.d != int(manifest["dim"]) + 1 or index.d != int(manifest.get("index_dim", index.d)):
+            if index.d != int(manifest["dim"]) + 1:
                 raise IndexCorruptError(f"{path / filename} has dimension {index.d}, the manifest's embedding "
                                         f"dimension {manifest['dim']} plus its bias coordinate is {int(manifest['dim']) + 1}")
             ivf = faiss.try_extract_index_ivf(index)

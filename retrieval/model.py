@@ -93,6 +93,10 @@ class SphereModel(nn.Module):
         self.logit_scale.fill_(math.log(1 / 0.07))
         self.image_center.zero_()
         self.text_center.zero_()
+        self.clear_querybank()
+
+    def clear_querybank(self) -> None:
+        """No correction: empty banks, beta 0 (plain cosine ranking)."""
         self.set_querybank(torch.zeros(0, self.embed_dim), torch.zeros(0, self.embed_dim), 0.0)
 
     @torch.no_grad()
@@ -114,7 +118,7 @@ class SphereModel(nn.Module):
         if "text_bank" in state and "image_bank" in state:  # banks vary in size: take the checkpoint's
             self.set_querybank(state["text_bank"], state["image_bank"], float(state.get("querybank_beta", 0.0)))
         else:
-            self.set_querybank(torch.zeros(0, self.embed_dim), torch.zeros(0, self.embed_dim), 0.0)
+            self.clear_querybank()
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS]
         if missing or unexpected:

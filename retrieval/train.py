@@ -7,7 +7,8 @@ image with one random view and one random caption of its own. Loss: symmetric In
 (open_clip's ClipLoss) with a learnable temperature clamped at 100, or SigLIP's.
 Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable.
 Last, the best heads get the inverted softmax's query banks (random training captions and
-images) with its beta chosen on dev (`retrieval.querybank`). Outputs in OUT: last.pt (resume state), best.pt (best dev epoch), model.pt (best heads in
+images) with its beta chosen on dev (`retrieval.querybank`).
+Outputs in OUT: last.pt (resume state), best.pt (best dev epoch), model.pt (best heads in
 float16: the file to ship as retrieval/weights/NAME.pt or to pass to create_model).
 """
 from __future__ import annotations
