@@ -31,7 +31,8 @@ BUILD_HELP = {
     "shard_size": "encoded vectors per resumable shard in the work directory",
     "batch_size": "images per forward pass",
     "text_batch_size": "captions per forward pass",
-    "workers": "DataLoader worker processes that decode and preprocess images; when absent: cores - 1, at most 4",
+    "workers": "DataLoader worker processes that decode and preprocess images; when absent: cores - 1, at most 4, "
+               "and none on 2 cores or fewer (decoding between forward passes is faster there)",
     "recall_queries": "held-out queries for measuring recall@10 against exact search",
     "progress": "show progress bars",
 }

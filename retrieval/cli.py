@@ -29,7 +29,7 @@ TRAIN_HELP = {
     "querybank_size": "training queries per modality kept in the model for the inverted softmax, a query-time "
                       "correction of hubness whose beta is chosen on dev (0: none)",
     "seed": "random seed (crops, batches, init)",
-    "workers": "image-decoding worker processes (default: cores - 1)",
+    "workers": "image-decoding worker processes (default: cores - 1, at most 4; none on 2 cores or fewer)",
     "resume": "continue from OUT/last.pt when present",
     "train_split": "split to train on",
     "dev_split": "split for model selection",

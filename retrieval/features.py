@@ -10,35 +10,48 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrieval.images import ImageFileDataset
+from retrieval.images import ImageFileDataset, split_transform
 from retrieval.model import state_fingerprint
 
 log = logging.getLogger(__name__)
 
 
 # Images per encoder forward pass in bulk encoding (training features, eval, the index builder).
-# On a CPU, EfficientNet-Lite's activations outgrow the per-core cache in large batches: on 2 cores
-# Lite0 encodes ~60-100 images/s at batch 4-8 but ~30-50 at batch 32-64 (bench/results/builder.md).
+# On a CPU, batch 8 is already at the encoder's peak: Lite0 on 2 cores does ~68 images/s at batch 1,
+# 95 at 4, 105 at 8, 108 at 16 and 105 at 32 (with `retrieval.allocator`'s tuning; without it,
+# large batches looked slower because their activations were page-faulted in anew every pass).
 # On a GPU, pass a larger batch.
 IMAGE_BATCH = 8
 
 
 def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    """Image-decoding worker processes for bulk encoding: one per core beyond the encoder's
+    first, at most 4; none on a machine of 2 cores or fewer. There the encoder's threads already
+    fill every core, and a worker decoding beside them stalls both (each forward pass waits at
+    its thread barriers for the preempted one), so decoding between passes in this process is
+    faster: Lite0 builder/raw 0.90 without a worker, 0.79 with one (bench/results/builder.md)."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores - 1)
 
 
 def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
-                 workers: int, seed: int | None = None) -> torch.utils.data.DataLoader:
-    """Decoding and preprocessing in worker processes overlap the encoder's forward pass.
+                 workers: int, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """(indices (B,), pixels (B, 3, S, S) float, errors (B strings, "" when fine)) per batch.
+    With `workers` > 0, worker processes decode and preprocess while this process runs the
+    encoder; with 0, this process decodes each batch between forward passes. The transform's
+    per-batch tail (`split_transform`) runs here, on whole batches.
     `seed`: per-item seeding of random transforms (see ImageFileDataset)."""
-    dataset = ImageFileDataset(paths, transform, (3, image_size, image_size), seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    per_image, per_batch = split_transform(transform)
+    dataset = ImageFileDataset(paths, per_image, (3, image_size, image_size), seed,
+                               dtype=torch.float32 if per_image is transform else torch.uint8)
+    for idx, pixels, errors in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        yield idx, per_batch(pixels), errors
 
 
 def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, *, project: bool = True,

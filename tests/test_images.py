@@ -1,0 +1,67 @@
+"""Bulk image loading: the pixels the encoder gets do not depend on how they were decoded
+(in a worker process or not, batch size), and CPU forward passes reuse memory."""
+import platform
+import resource
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval.allocator import retain_freed_memory
+from retrieval.features import image_loader
+from retrieval.images import load_image, split_transform
+
+
+@pytest.fixture()
+def mixed_images(flickr_mini, tmp_path):
+    """Real photos, one enlarged PNG (exercises the resize), one grayscale JPEG, one bad file."""
+    photos = sorted((flickr_mini / "images").glob("*.jpg"))[:5]
+    Image.open(photos[0]).resize((640, 480)).save(tmp_path / "big.png")
+    Image.open(photos[1]).convert("L").save(tmp_path / "gray.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    return photos + [tmp_path / "big.png", tmp_path / "gray.jpg", tmp_path / "bad.jpg"]
+
+
+@pytest.mark.parametrize("batch_size,workers", [(3, 0), (4, 1), (8, 0)])
+def test_bulk_loading_gives_the_whole_transforms_pixels_bit_for_bit(default_model, mixed_images, batch_size, workers):
+    _, preprocess, _ = default_model
+    good = mixed_images[:-1]
+    expected = torch.stack([preprocess(load_image(p, min_side=224)) for p in good])
+    batches = list(image_loader(mixed_images, preprocess, 224, batch_size, workers))
+    indices = torch.cat([idx for idx, _, _ in batches]).tolist()
+    pixels = torch.cat([px for _, px, _ in batches])
+    errors = [e for _, _, errs in batches for e in errs]
+    assert indices == list(range(len(mixed_images))), "batches keep the input order"
+    assert pixels.dtype == torch.float32 and pixels.shape == (len(mixed_images), 3, 224, 224)
+    assert torch.equal(pixels[: len(good)], expected)
+    assert errors[:-1] == [""] * len(good) and "not a decodable image" in errors[-1]
+
+
+def test_a_transform_without_a_tensor_tail_stays_whole(mixed_images):
+    def mean_color(img: Image.Image) -> torch.Tensor:  # not a Compose: split_transform keeps it whole
+        return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).mean((0, 1))
+
+    per_image, per_batch = split_transform(mean_color)
+    assert per_image is mean_color and torch.equal(per_batch(torch.ones(2)), torch.ones(2))
+    good = mixed_images[:-1]
+    expected = torch.stack([mean_color(load_image(p, min_side=8)) for p in good])
+    for workers in (0, 1):
+        got = torch.cat([px for _, px, _ in image_loader(good, mean_color, 8, 4, workers)])
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc tuning")
+def test_cpu_forward_passes_reuse_memory_instead_of_faulting_in_new_pages(default_model):
+    model = default_model[0]
+    assert retain_freed_memory(), "create_model on the CPU tunes malloc (retrieval.allocator)"
+    x = torch.zeros(8, 3, 224, 224)
+    with torch.inference_mode():
+        for _ in range(2):  # the heap grows to its peak once
+            model.encode_image(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            model.encode_image(x)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    # untuned glibc maps and unmaps every large activation: ~50,000 faults per pass at batch 8 here
+    assert faults < 3000, f"{faults} minor page faults in 3 forward passes at batch 8"
