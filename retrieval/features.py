@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from retrieval.images import ImageFileDataset, split_transform
@@ -48,8 +49,9 @@ def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: i
     per-batch tail (`split_transform`) runs here, on whole batches.
     `seed`: per-item seeding of random transforms (see ImageFileDataset)."""
     per_image, per_batch = split_transform(transform)
-    dataset = ImageFileDataset(paths, per_image, (3, image_size, image_size), seed,
-                               dtype=torch.float32 if per_image is transform else torch.uint8)
+    with torch.random.fork_rng():  # a random transform draws here too
+        placeholder = torch.zeros_like(per_image(Image.new("RGB", (image_size, image_size))))
+    dataset = ImageFileDataset(paths, per_image, image_size, placeholder, seed)
     for idx, pixels, errors in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         yield idx, per_batch(pixels), errors
 

@@ -34,6 +34,7 @@ def test_bulk_loading_gives_the_whole_transforms_pixels_bit_for_bit(default_mode
     errors = [e for _, _, errs in batches for e in errs]
     assert indices == list(range(len(mixed_images))), "batches keep the input order"
     assert pixels.dtype == torch.float32 and pixels.shape == (len(mixed_images), 3, 224, 224)
+    assert all(px.is_contiguous(memory_format=torch.channels_last) for _, px, _ in batches), "the encoder's layout"
     assert torch.equal(pixels[: len(good)], expected)
     assert errors[:-1] == [""] * len(good) and "not a decodable image" in errors[-1]
 
