@@ -7,7 +7,8 @@ renamed, so a build killed at any moment leaves only complete shards; the rerun 
 encodes only what they lack. Memory stays bounded: one shard's worth of vectors is in flight.
 
 Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
-worker processes decode and preprocess while the main process runs the model); captions are
+worker processes decode and preprocess while the main process runs the model; on 2 cores or fewer
+the main process decodes between forward passes, `default_workers` says why); captions are
 tokenized in length-sorted batches in the main process (`text_batches` says why).
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ from retrieval.batcher import MicroBatcher
 from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, InvalidInputError, RetrievalError)
 from retrieval.features import input_size
 from retrieval.hits import Hit
-from retrieval.images import load_image
+from retrieval.images import load_image, split_transform
 from retrieval.index import IndexVersion, list_versions, read_current
 from retrieval.sphere import angle_deg
 
@@ -58,6 +58,9 @@ class Encoder:
                  on_batch: Callable[[str, int], None] | None = None):
         self.name = name
         self.model, self.preprocess, self.tokenizer = bundle
+        # as bulk encoding does: per-image steps in the request's thread, scaling and normalization
+        # per batch on the model's device (uint8 pixels are a quarter of the bytes to move there)
+        self.prepare_pixels, self.finish_batch = split_transform(self.preprocess)
         self.fingerprint = self.model.fingerprint()
         self.dim = int(self.model.embed_dim)
         self.device = next(self.model.parameters()).device  # inputs go there, vectors come back to the CPU
@@ -73,11 +76,11 @@ class Encoder:
         return list(self.model.encode_text(self.tokenizer(texts).to(self.device)).cpu().numpy())
 
     def _encode_images(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.model.encode_image(torch.stack(pixels).to(self.device)).cpu().numpy())
+        return list(self.model.encode_image(self.finish_batch(torch.stack(pixels).to(self.device))).cpu().numpy())
 
     def _prepare_image(self, data: bytes) -> torch.Tensor:
         # InvalidInputError when the bytes do not decode; decoded as the index builder does
-        return self.preprocess(load_image(data, min_side=self.image_size))
+        return self.prepare_pixels(load_image(data, min_side=self.image_size))
 
     async def embed_text(self, text: str) -> np.ndarray:
         return await self.text_batcher.submit(text)
