@@ -36,7 +36,7 @@ def default_workers() -> int:
     first, at most 4; none on a machine of 2 cores or fewer. There the encoder's threads already
     fill every core, and a worker decoding beside them stalls both (each forward pass waits at
     its thread barriers for the preempted one), so decoding between passes in this process is
-    faster: Lite0 builder/raw 0.90 without a worker, 0.79 with one (bench/results/builder.md)."""
+    faster: Lite0 builder/raw 0.88-0.91 without a worker, 0.78-0.80 with one (bench/results/builder.md)."""
     cores = os.cpu_count() or 1
     return 0 if cores <= 2 else min(4, cores - 1)
 

@@ -14,11 +14,12 @@ SERVE_HELP = {
     "metrics_port": "Prometheus /metrics HTTP port (0 picks a free one, negative disables)",
     "model": "model to load instead of the one the index manifest names (its fingerprint must match)",
     "max_batch": "most text queries per text-encoder forward pass (1 disables micro-batching)",
-    "max_image_batch": "most image queries per image-encoder forward pass (on CPU, EfficientNet-Lite0 "
-                       "encodes no faster per image in batches over ~4, and slower at 16-32)",
+    "max_image_batch": "most image queries per image-encoder forward pass (Lite0 alone encodes faster per "
+                       "image in bigger batches, but on 2 CPU cores shared with gRPC, caps of 16 or 32 served "
+                       "no more image queries per second than 4 and had a longer p99: bench/results/server*.json)",
     "text_concurrency": "text-encoder batches that may run at once",
-    "image_concurrency": "image-encoder batches that may run at once (on 2 CPU cores, two small forward passes "
-                         "side by side encode ~1.5-2x more images per second than one)",
+    "image_concurrency": "image-encoder batches that may run at once (on 2 CPU cores, two batch-1 forward passes "
+                         "side by side serve ~1.4x the images per second of one: bench/results/server.md)",
     "max_wait_ms": "longest a queued query waits for others to fill its batch",
     "max_message_mb": "largest request or response in MiB (image queries travel whole)",
     "max_k": "largest k a query may ask for",
