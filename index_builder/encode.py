@@ -131,10 +131,11 @@ class _ShardWriter:
 
 
 def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence[tuple[str, Path]], *,
-                  batch_size: int = IMAGE_BATCH, workers: int = 1, shard_size: int = 2048,
+                  batch_size: int = IMAGE_BATCH, workers: int | None = None, shard_size: int = 2048,
                   progress: bool = True) -> EncodeStats:
     """Encode (sha, path) pairs into shards; a file that does not decode is recorded with its
-    reason (never a crash) and its placeholder is not run through the model."""
+    reason (never a crash) and its placeholder is not run through the model.
+    `workers`: image-decoding processes (None: `default_workers()`)."""
     stats = EncodeStats()
     if not todo:
         return stats

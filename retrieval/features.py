@@ -32,26 +32,28 @@ IMAGE_BATCH = 8
 
 
 def default_workers() -> int:
-    """Image-decoding worker processes for bulk encoding: one per core beyond the encoder's
-    first, at most 4; none on a machine of 2 cores or fewer. There the encoder's threads already
+    """Image-decoding worker processes for bulk encoding: one per core this process may run on
+    beyond the encoder's first, at most 4; none on a machine of 2 cores or fewer. There the encoder's threads already
     fill every core, and a worker decoding beside them stalls both (each forward pass waits at
     its thread barriers for the preempted one), so decoding between passes in this process is
     faster: Lite0 builder/raw 0.88-0.91 without a worker, 0.78-0.80 with one (bench/results/builder.md)."""
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cores <= 2 else min(4, cores - 1)
 
 
 def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
-                 workers: int, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+                 workers: int | None, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """(indices (B,), pixels (B, 3, S, S) float, errors (B strings, "" when fine)) per batch.
     With `workers` > 0, worker processes decode and preprocess while this process runs the
-    encoder; with 0, this process decodes each batch between forward passes. The transform's
-    per-batch tail (`split_transform`) runs here, on whole batches.
+    encoder; with 0, this process decodes each batch between forward passes; None picks
+    `default_workers()`. The transform's per-batch tail (`split_transform`) runs here, on whole
+    batches.
     `seed`: per-item seeding of random transforms (see ImageFileDataset)."""
     per_image, per_batch = split_transform(transform)
-    with torch.random.fork_rng():  # a random transform draws here too
+    with torch.random.fork_rng(devices=[]):  # a random transform draws here too (CPU RNG only)
         placeholder = torch.zeros_like(per_image(Image.new("RGB", (image_size, image_size))))
     dataset = ImageFileDataset(paths, per_image, image_size, placeholder, seed)
+    workers = default_workers() if workers is None else workers
     for idx, pixels, errors in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         yield idx, per_batch(pixels), errors
 
@@ -62,7 +64,7 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     """Returns (vectors (N, D or F) float32, {index: reason} of files that did not decode;
     their rows are zeros)."""
     size = input_size(model, transform)
-    loader = image_loader(paths, transform, size, batch_size, default_workers() if workers is None else workers, seed)
+    loader = image_loader(paths, transform, size, batch_size, workers, seed)
     out: np.ndarray | None = None
     bad: dict[int, str] = {}
     # Random crops reseed torch's RNG per item: in-process (workers=0) that is the global one, so

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.allocator import retain_freed_memory
+from retrieval import allocator
 from retrieval.features import image_loader
 from retrieval.images import load_image, split_transform
 
@@ -39,10 +39,12 @@ def test_bulk_loading_gives_the_whole_transforms_pixels_bit_for_bit(default_mode
     assert errors[:-1] == [""] * len(good) and "not a decodable image" in errors[-1]
 
 
-def test_a_transform_without_a_tensor_tail_stays_whole(mixed_images):
-    def mean_color(img: Image.Image) -> torch.Tensor:  # not a Compose: split_transform keeps it whole
-        return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).mean((0, 1))
+def mean_color(img: Image.Image) -> torch.Tensor:
+    """A transform that is not a Compose (module level: a spawned worker unpickles it)."""
+    return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).mean((0, 1))
 
+
+def test_a_transform_without_a_tensor_tail_stays_whole(mixed_images):
     per_image, per_batch = split_transform(mean_color)
     assert per_image is mean_color and torch.equal(per_batch(torch.ones(2)), torch.ones(2))
     good = mixed_images[:-1]
@@ -55,7 +57,8 @@ def test_a_transform_without_a_tensor_tail_stays_whole(mixed_images):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc tuning")
 def test_cpu_forward_passes_reuse_memory_instead_of_faulting_in_new_pages(default_model):
     model = default_model[0]
-    assert retain_freed_memory(), "create_model on the CPU tunes malloc (retrieval.allocator)"
+    assert allocator._done, "create_model on the CPU tunes malloc (retrieval.allocator)"
+    assert allocator.retain_freed_memory()
     x = torch.zeros(8, 3, 224, 224)
     with torch.inference_mode():
         for _ in range(2):  # the heap grows to its peak once
