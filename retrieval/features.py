@@ -33,10 +33,11 @@ IMAGE_BATCH = 8
 
 def default_workers() -> int:
     """Image-decoding worker processes for bulk encoding: one per core this process may run on
-    beyond the encoder's first, at most 4; none on a machine of 2 cores or fewer. There the encoder's threads already
-    fill every core, and a worker decoding beside them stalls both (each forward pass waits at
-    its thread barriers for the preempted one), so decoding between passes in this process is
-    faster: Lite0 builder/raw 0.88-0.91 without a worker, 0.78-0.80 with one (bench/results/builder.md)."""
+    beyond the encoder's first, at most 4; none with 2 cores or fewer. There the encoder's threads
+    already fill every core, and a worker decoding beside them stalls both (each forward pass
+    waits at its thread barriers for the preempted one), so decoding between passes in this
+    process is faster: Lite0 builder/raw 0.88-0.91 without a worker, 0.78-0.80 with one
+    (bench/results/builder.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cores <= 2 else min(4, cores - 1)
 
