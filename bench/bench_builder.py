@@ -4,8 +4,9 @@
     python bench/bench_builder.py --full                # plus one full Flickr8k build and the eval check
 
 `builder`: the builder's own encode stage (`index_builder.encode.encode_images/encode_texts`:
-DataLoader workers decode images, captions are tokenized batch by batch, the main process runs the
-model, vectors go to shards on disk).
+a DataLoader decodes images, in worker processes or, on 2 cores or fewer, in the main process
+between forward passes; captions are tokenized batch by batch; the main process runs the model;
+vectors go to shards on disk).
 `raw`: the model's `encode_image`/`encode_text` alone on the very same batches, decoded and
 tokenized beforehand and held in memory. Each is timed `--repeats` times, alternating, and the
 median is reported; the goal is builder/raw >= 0.9.
