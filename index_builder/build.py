@@ -267,10 +267,17 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
 
 
 def _with_bias(blocks, bank: QueryBank, modality: str):
-    """A fresh pass of (ids, rows [g, b_g]): each embedding with its inverted-softmax bias."""
+    """A fresh pass of (ids, rows [g, b_g]): each embedding with its inverted-softmax bias.
+    Biases are computed on the first pass over a block and kept (4 bytes an item): the index's
+    training sample, its adds and the recall check each pass over the blocks, in the same order."""
+    biases: list[np.ndarray] = []  # one (n,) array per block, in block order
+
     def stored():
-        for ids, vecs in blocks():
-            yield ids, with_bias(vecs, bank.bias(vecs, modality))
+        for i, (ids, vecs) in enumerate(blocks()):
+            if i == len(biases):
+                biases.append(bank.bias(vecs, modality))
+            assert len(biases[i]) == len(ids), "blocks must come in the same order on every pass"
+            yield ids, with_bias(vecs, biases[i])
     return stored
 
 
