@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from open_clip.transform import image_transform
 from PIL import Image
 
 from retrieval.features import image_loader
@@ -38,6 +39,16 @@ def test_bulk_loading_gives_the_whole_transforms_pixels_bit_for_bit(default_mode
     assert all(px.is_contiguous(memory_format=torch.channels_last) for _, px, _ in batches), "the encoder's layout"
     assert torch.equal(pixels[: len(good)], expected)
     assert errors[:-1] == [""] * len(good) and "not a decodable image" in errors[-1]
+
+
+def test_per_channel_normalization_is_bit_for_bit_too(mixed_images):
+    """open_clip's default transform normalizes each channel differently (OpenAI's mean and std),
+    unlike Lite0's one value for all three."""
+    preprocess = image_transform(224, is_train=False)
+    assert len(set(preprocess.transforms[-1].mean)) == 3
+    good = mixed_images[:-1]
+    expected = torch.stack([preprocess(load_image(p, min_side=224)) for p in good])
+    assert torch.equal(torch.cat([px for _, px, _ in image_loader(good, preprocess, 224, 4, 0)]), expected)
 
 
 def mean_color(img: Image.Image) -> torch.Tensor:
