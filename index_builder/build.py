@@ -255,7 +255,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "report": {"counts": counts, "skipped": _skipped_rows(skipped),
                    "encode": {"images_per_second": round(img_stats.per_second, 2),
                               "captions_per_second": round(txt_stats.per_second, 2),
-                              "workers": workers, "shards_written": len(img_stats.shards) + len(txt_stats.shards)},
+                              "workers": workers, "streams": img_stats.streams, "shards_written": len(img_stats.shards) + len(txt_stats.shards)},
                    "config": asdict(cfg)},
         "files": {f: sha256_file(tmp / f) for f in sorted([*INDEX_FILES.values(), META])},
     }

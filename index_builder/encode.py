@@ -7,8 +7,9 @@ renamed, so a build killed at any moment leaves only complete shards; the rerun 
 encodes only what they lack. Memory stays bounded: one shard's worth of vectors is in flight.
 
 Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
-worker processes decode and preprocess while the main process runs the model; on 2 cores or fewer
-the main process decodes between forward passes, `default_workers` says why); captions are
+worker processes decode and preprocess while the main process runs the model). On 2 cores or
+fewer there are no workers (`default_workers` says why): two threads each decode a batch and run
+the model on it, one decoding while the other computes (`retrieval.streams`). Captions are
 tokenized in length-sorted batches in the main process (`text_batches` says why).
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 from tqdm import tqdm
 
 from retrieval.errors import RetrievalError
-from retrieval.features import IMAGE_BATCH, image_loader, input_size
+from retrieval.features import IMAGE_BATCH, default_streams, default_workers, image_loader, input_size
 from retrieval.sphere import is_unit_norm
+from retrieval.streams import threaded_map
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class EncodeStats:
     items: int = 0
     failed: int = 0
     seconds: float = 0.0
+    streams: int = 1
     shards: list[str] = field(default_factory=list)
 
     @property
@@ -131,30 +134,38 @@ class _ShardWriter:
 
 
 def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence[tuple[str, Path]], *,
-                  batch_size: int = IMAGE_BATCH, workers: int | None = None, shard_size: int = 2048,
-                  progress: bool = True) -> EncodeStats:
+                  batch_size: int = IMAGE_BATCH, workers: int | None = None, streams: int | None = None,
+                  shard_size: int = 2048, progress: bool = True) -> EncodeStats:
     """Encode (sha, path) pairs into shards; a file that does not decode is recorded with its
     reason (never a crash) and its placeholder is not run through the model.
-    `workers`: image-decoding processes (None: `default_workers()`)."""
+    `workers`: image-decoding processes (None: `default_workers()`); `streams`: threads that each
+    decode (when `workers` is 0) and encode their own batches (None: `default_streams(workers)`)."""
     stats = EncodeStats()
     if not todo:
         return stats
+    workers = default_workers() if workers is None else workers
+    stats.streams = default_streams(workers) if streams is None else streams
+    log.info("encoding %d images in batches of %d: %d decoding worker process(es), %d encoder stream(s)",
+             len(todo), batch_size, workers, stats.streams)
     size = input_size(model, preprocess)
     loader = image_loader([p for _, p in todo], preprocess, size, batch_size, workers)
+
+    def encode(batch: tuple[torch.Tensor, torch.Tensor, list[str]]) -> np.ndarray:  # (ok rows, D)
+        _, pixels, errors = batch
+        ok = [j for j, e in enumerate(errors) if not e]
+        if not ok:
+            return np.zeros((0, store.dim), np.float32)
+        return model.encode_image(pixels if len(ok) == len(errors) else pixels[ok]).float().numpy()
+
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(todo), desc="encode images", unit="img", disable=not progress) as bar:
-        for idx, pixels, errors in loader:
+        for (idx, _, errors), vecs in threaded_map(loader, encode, stats.streams):
             rows = idx.tolist()
-            ok = [j for j, e in enumerate(errors) if not e]
-            bad = {todo[rows[j]][0]: errors[j] for j in range(len(rows)) if errors[j]}
-            vecs = np.zeros((0, store.dim), np.float32)
-            if ok:
-                batch = pixels if len(ok) == len(rows) else pixels[ok]
-                vecs = model.encode_image(batch).float().numpy()
-            writer.add([todo[rows[j]][0] for j in ok], vecs, bad)
-            stats.items += len(ok)
-            stats.failed += len(bad)
+            writer.add([todo[r][0] for r, e in zip(rows, errors) if not e], vecs,
+                       {todo[r][0]: e for r, e in zip(rows, errors) if e})
+            stats.items += len(vecs)
+            stats.failed += len(rows) - len(vecs)
             bar.update(len(rows))
     writer.flush()
     stats.seconds = time.perf_counter() - start

@@ -35,19 +35,28 @@ def default_workers() -> int:
     """Image-decoding worker processes for bulk encoding: one per core this process may run on
     beyond the encoder's first, at most 4; none with 2 cores or fewer. There the encoder's threads
     already fill every core, and a worker decoding beside them stalls both (each forward pass
-    waits at its thread barriers for the preempted one), so decoding between passes in this
-    process is faster: Lite0 builder/raw 0.88-0.91 without a worker, 0.78-0.80 with one
-    (bench/results/builder.md)."""
+    waits at its thread barriers for the preempted one), so decoding in this process is faster:
+    Lite0 builder/raw 0.88-0.91 decoding between forward passes, 0.78-0.80 with a worker
+    (before `default_streams`; bench/results/builder.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cores <= 2 else min(4, cores - 1)
+
+
+def default_streams(workers: int) -> int:
+    """Encoder threads for bulk encoding on a CPU (`retrieval.streams.threaded_map`): 2 when this
+    process decodes the images (`workers` 0) and torch may use 2 threads or more, else 1. Each of
+    two streams decodes its next batch while the other runs its forward pass, on one thread each:
+    Lite0 builder/raw 0.92 -> 1.01 on 2 cores (bench/results/builder.md). With decoding workers,
+    the encoder already never waits for pixels."""
+    return 2 if workers == 0 and torch.get_num_threads() >= 2 else 1
 
 
 def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
                  workers: int | None, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """(indices (B,), pixels (B, 3, S, S) float, errors (B strings, "" when fine)) per batch.
     With `workers` > 0, worker processes decode and preprocess while this process runs the
-    encoder; with 0, this process decodes each batch between forward passes; None picks
-    `default_workers()`. The transform's per-batch tail (`split_transform`) runs here, on whole
+    encoder; with 0, this process decodes each batch as it is drawn (in the thread that draws it);
+    None picks `default_workers()`. The transform's per-batch tail (`split_transform`) runs here, on whole
     batches.
     `seed`: per-item seeding of random transforms (see ImageFileDataset)."""
     per_image, per_batch = split_transform(transform)

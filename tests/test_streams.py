@@ -1,0 +1,93 @@
+"""threaded_map: every item once, in real parallel threads sharing torch's intra-op threads, errors
+and early exits handled; and the builder's image encoding gives the same vectors with 1 or 2 streams."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from index_builder.encode import ShardStore, encode_images
+from retrieval.streams import threaded_map
+
+
+def stream_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("stream-")]
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_every_item_once_with_its_result(streams):
+    got = list(threaded_map(range(50), lambda x: x * x, streams))
+    assert sorted(got) == [(x, x * x) for x in range(50)]
+    assert not stream_threads()
+
+
+def test_streams_run_at_once_on_their_share_of_torch_threads():
+    caller = torch.get_num_threads()
+    barrier = threading.Barrier(2, timeout=10)  # breaks (fails the test) unless two streams wait together
+    seen = []
+
+    def fn(x):
+        if x < 2:
+            barrier.wait()
+        seen.append((x, threading.current_thread().name, torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        return x
+
+    with torch.inference_mode():
+        assert sorted(x for x, _ in threaded_map(range(10), fn, 2)) == list(range(10))
+    assert {name for _, name, _, _ in seen} == {"stream-0", "stream-1"}
+    assert len({name for x, name, _, _ in seen if x < 2}) == 2, "items 0 and 1 ran in different streams"
+    assert {threads for _, _, threads, _ in seen} == {max(1, caller // 2)}
+    assert all(inference for *_, inference in seen), "the caller's inference mode carries into the streams"
+    assert torch.get_num_threads() == caller, "the caller's thread count is restored"
+
+
+def failing_items():
+    yield from range(5)
+    raise OSError("disk went away")
+
+
+def test_errors_in_the_items_or_the_function_reach_the_caller():
+    with pytest.raises(OSError, match="disk went away"):
+        list(threaded_map(failing_items(), lambda x: x, 2))
+
+    def fn(x):
+        if x == 7:
+            raise ValueError("bad item 7")
+        return x
+
+    with pytest.raises(ValueError, match="bad item 7"):
+        list(threaded_map(range(100), fn, 2))
+    assert not stream_threads()
+
+
+def test_a_caller_that_stops_early_stops_the_streams():
+    caller = torch.get_num_threads()
+    pulled = []
+
+    def items():
+        for i in range(10_000):
+            pulled.append(i)
+            yield i
+
+    for _ in threaded_map(items(), lambda x: x, 2):
+        break
+    assert not stream_threads() and len(pulled) < 100, "the streams stopped after their current item"
+    assert torch.get_num_threads() == caller
+
+
+def test_builder_vectors_do_not_depend_on_the_stream_count(default_model, flickr_mini, tmp_path):
+    model, preprocess, _ = default_model
+    photos = sorted((flickr_mini / "images").glob("*.jpg"))[:11]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    todo = [(f"{i:064x}", p) for i, p in enumerate(photos + [tmp_path / "bad.jpg"])]
+    vectors, failures = [], []
+    for streams in (1, 2):
+        store = ShardStore(tmp_path / f"streams{streams}", model.embed_dim)
+        stats = encode_images(model, preprocess, store, todo, batch_size=4, workers=0, streams=streams, progress=False)
+        assert (stats.items, stats.failed, stats.streams) == (11, 1, streams)
+        shas, vecs = zip(*store.iter_vectors())
+        order = np.argsort(np.concatenate(shas))
+        vectors.append(np.concatenate(vecs)[order])
+        failures.append(store.scan()[1])
+    assert np.allclose(vectors[0], vectors[1], atol=1e-5)
+    assert failures[0] == failures[1] and "not a decodable image" in failures[0][todo[-1][0]]
