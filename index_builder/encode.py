@@ -9,7 +9,7 @@ encodes only what they lack. Memory stays bounded: one shard's worth of vectors 
 Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
 worker processes decode and preprocess while the main process runs the model). On 2 cores or
 fewer there are no workers (`default_workers` says why): two threads each decode a batch and run
-the model on it, one decoding while the other computes (`retrieval.streams`). Captions are
+the model on it, one decoding while the other computes (`default_streams`, `retrieval.streams`). Captions are
 tokenized in length-sorted batches in the main process (`text_batches` says why).
 """
 from __future__ import annotations
@@ -140,11 +140,12 @@ def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence
     reason (never a crash) and its placeholder is not run through the model.
     `workers`: image-decoding processes (None: `default_workers()`); `streams`: threads that each
     decode (when `workers` is 0) and encode their own batches (None: `default_streams(workers)`)."""
-    stats = EncodeStats()
+    workers = default_workers() if workers is None else workers
+    stats = EncodeStats(streams=default_streams(workers) if streams is None else streams)
+    # a stream draws batches in its own thread: DataLoader processes are not to be forked from there
+    assert stats.streams == 1 or workers == 0, "several encoder streams decode themselves: pass workers=0"
     if not todo:
         return stats
-    workers = default_workers() if workers is None else workers
-    stats.streams = default_streams(workers) if streams is None else streams
     log.info("encoding %d images in batches of %d: %d decoding worker process(es), %d encoder stream(s)",
              len(todo), batch_size, workers, stats.streams)
     size = input_size(model, preprocess)

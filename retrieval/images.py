@@ -3,6 +3,7 @@ that does not decode yields a placeholder and its reason, counted by the caller)
 a preprocessing pipeline into per-image and per-batch parts that bulk encoding uses."""
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -67,16 +68,21 @@ def split_transform(transform: Callable) -> tuple[Callable, Callable[[torch.Tens
     Any other transform stays whole; its batch part is the identity."""
     steps = list(getattr(transform, "transforms", []))
     if len(steps) >= 2 and isinstance(steps[-2], ToTensor) and isinstance(steps[-1], Normalize):
-        mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32)  # (C,)
-        std = torch.as_tensor(steps[-1].std, dtype=torch.float32)
+        normalize = steps[-1]
+
+        @functools.lru_cache(maxsize=8)
+        def along_a_row(device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:  # 2x (W*C,)
+            return tuple(torch.as_tensor(v, dtype=torch.float32, device=device).repeat(width)
+                         for v in (normalize.mean, normalize.std))
 
         def per_batch(hwc: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) uint8 -> (B, C, H, W) float
+            assert hwc.dtype == torch.uint8, f"per-batch preprocessing takes uint8 pixels, got {hwc.dtype}"
             x = hwc.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
             # Normalize rows of pixels (B*H, W*C) against the mean and std repeated along a row: the
             # same float operations as Normalize's, but over long contiguous rows where a (C,)
             # operand would make torch loop over C=3 values at a time (5x slower).
-            rows = x.view(-1, x.shape[2] * x.shape[3])
-            rows.sub_(mean.to(x.device).repeat(x.shape[2])).div_(std.to(x.device).repeat(x.shape[2]))
+            mean, std = along_a_row(x.device, x.shape[2])
+            x.view(-1, x.shape[2] * x.shape[3]).sub_(mean).div_(std)
             return x.permute(0, 3, 1, 2)
 
         return Compose(steps[:-2] + [pil_to_hwc_uint8]), per_batch

@@ -23,6 +23,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _DONE = object()
+_RUNNING = threading.Lock()  # held by the one multi-stream map running in this process
 
 
 def threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Iterator[tuple[T, R]]:
@@ -30,13 +31,26 @@ def threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Iter
     With `streams` > 1, that many threads each take the next item (drawing from `items`, one
     thread at a time: a generator's own work, such as decoding, runs in the thread that draws)
     and run `fn` with torch's intra-op threads divided among them, under the caller's grad and
-    inference modes. An exception in `items` or `fn` reaches the caller; when the caller stops
-    early, the threads stop after their current item. With 1 stream, it is a plain loop here."""
+    inference modes. An exception in `items` or `fn` reaches the caller. A caller that stops
+    early stops the threads after their current item when it closes this generator (a `for` loop
+    left early does, in CPython; else use `contextlib.closing`). With 1 stream, it is a plain loop
+    here. Several streams change torch's process-wide thread count while they run, so only one
+    such map may run at a time in a process."""
     assert streams >= 1, f"streams must be at least 1, got {streams}"
     if streams == 1:
         for item in items:
             yield item, fn(item)
         return
+    if not _RUNNING.acquire(blocking=False):
+        raise RuntimeError("another threaded_map with several streams is running in this process; "
+                           "torch's thread count is process-wide, so they cannot share it")
+    try:
+        yield from _threaded_map(items, fn, streams)
+    finally:
+        _RUNNING.release()
+
+
+def _threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Iterator[tuple[T, R]]:
     iterator, lock, stop = iter(items), threading.Lock(), threading.Event()
     results: queue.Queue = queue.Queue(maxsize=streams)  # bounded: memory stays at a few batches
     caller_threads = torch.get_num_threads()

@@ -45,10 +45,12 @@ def test_per_channel_normalization_is_bit_for_bit_too(mixed_images):
     """open_clip's default transform normalizes each channel differently (OpenAI's mean and std),
     unlike Lite0's one value for all three."""
     preprocess = image_transform(224, is_train=False)
-    assert len(set(preprocess.transforms[-1].mean)) == 3
+    assert len(set(preprocess.transforms[-1].mean)) == 3 and split_transform(preprocess)[0] is not preprocess
     good = mixed_images[:-1]
     expected = torch.stack([preprocess(load_image(p, min_side=224)) for p in good])
-    assert torch.equal(torch.cat([px for _, px, _ in image_loader(good, preprocess, 224, 4, 0)]), expected)
+    batches = [px for _, px, _ in image_loader(good, preprocess, 224, 4, 0)]
+    assert all(px.is_contiguous(memory_format=torch.channels_last) for px in batches)
+    assert torch.equal(torch.cat(batches), expected)
 
 
 def mean_color(img: Image.Image) -> torch.Tensor:

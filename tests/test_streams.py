@@ -75,6 +75,18 @@ def test_a_caller_that_stops_early_stops_the_streams():
     assert torch.get_num_threads() == caller
 
 
+def test_one_multi_stream_map_at_a_time():
+    """torch's thread count is process-wide: a second map would restore the first one's reduced count."""
+    first = threaded_map(range(100), lambda x: x, 2)
+    next(first)
+    with pytest.raises(RuntimeError, match="another threaded_map"):
+        next(threaded_map(range(3), lambda x: x, 2))
+    assert sorted(x for x, _ in threaded_map(range(3), lambda x: x, 1)) == [0, 1, 2], "one stream needs no threads"
+    first.close()
+    assert not stream_threads()
+    assert len(list(threaded_map(range(3), lambda x: x, 2))) == 3, "free again once the first is closed"
+
+
 def test_builder_vectors_do_not_depend_on_the_stream_count(default_model, flickr_mini, tmp_path):
     model, preprocess, _ = default_model
     photos = sorted((flickr_mini / "images").glob("*.jpg"))[:11]
