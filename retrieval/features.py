@@ -46,7 +46,7 @@ def default_streams(workers: int) -> int:
     """Encoder threads for bulk encoding on a CPU (`retrieval.streams.threaded_map`): 2 when this
     process decodes the images (`workers` 0) and torch may use 2 threads or more, else 1. Each of
     two streams decodes its next batch while the other runs its forward pass, on one thread each:
-    Lite0 builder/raw 0.92 -> 1.01 on 2 cores (bench/results/builder.md). With decoding workers,
+    Lite0 builder/raw 0.92 -> 0.99 on 2 cores (bench/results/builder.md). With decoding workers,
     the encoder already never waits for pixels."""
     return 2 if workers == 0 and torch.get_num_threads() >= 2 else 1
 

@@ -5,9 +5,9 @@ forward pass.
 On a small CPU a decoding process beside the encoder stalls it (`features.default_workers`), and
 decoding between forward passes leaves the encoder idle for that time. Two streams of one thread
 each instead keep both cores on the model: while one stream decodes its batch, the other runs
-its forward pass. Lite0 on 2 cores, builder: 104.8 -> 115.5 images/s, against 114.5 for the raw
-forward pass on the same batches decoded beforehand, and 123.4 for two raw passes at once
-(bench/results/builder.md).
+its forward pass. Lite0 on 2 cores, builder: 108.9 -> 117.0 images/s, against 118.3 for the raw
+forward pass on the same batches decoded beforehand, and 125.6 for two raw passes at once
+(bench/results/builder.md; an earlier run: 104.8 -> 115.5 against 114.5 and 123.4).
 Threads rather than processes: torch and PIL release the GIL in their kernels, and the model is
 shared, not copied.
 """
