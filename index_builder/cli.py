@@ -31,10 +31,10 @@ BUILD_HELP = {
     "shard_size": "encoded vectors per resumable shard in the work directory",
     "batch_size": "images per forward pass",
     "text_batch_size": "captions per forward pass",
-    "workers": "DataLoader worker processes that decode and preprocess images beside the encoder; with 0, two "
-               "encoder threads (when torch has 2 or more) take turns, one decoding its next batch while the other runs the model. When "
-               "absent: cores - 1, at most 4, and 0 on 2 cores or fewer (faster there than a worker contending "
-               "with the encoder's threads)",
+    "workers": "DataLoader worker processes that decode and preprocess images beside the encoder; with 0, "
+               "two encoder threads (when torch has 2 or more) take turns, one decoding its next batch while "
+               "the other runs the model. When absent: cores - 1, at most 4, and 0 on 2 cores or fewer "
+               "(faster there than a worker contending with the encoder's threads)",
     "recall_queries": "held-out queries for measuring recall@10 against exact search",
     "progress": "show progress bars",
 }

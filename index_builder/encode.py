@@ -9,8 +9,8 @@ encodes only what they lack. Memory stays bounded: one shard's worth of vectors 
 Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
 worker processes decode and preprocess while the main process runs the model). On 2 cores or
 fewer there are no workers (`default_workers` says why): two threads each decode a batch and run
-the model on it, one decoding while the other computes (`default_streams`, `retrieval.streams`). Captions are
-tokenized in length-sorted batches in the main process (`text_batches` says why).
+the model on it, one decoding while the other computes (`default_streams`, `retrieval.streams`).
+Captions are tokenized in length-sorted batches in the main process (`text_batches` says why).
 """
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: i
     """(indices (B,), pixels (B, 3, S, S) float, errors (B strings, "" when fine)) per batch.
     With `workers` > 0, worker processes decode and preprocess while this process runs the
     encoder; with 0, this process decodes each batch as it is drawn (in the thread that draws it);
-    None picks `default_workers()`. The transform's per-batch tail (`split_transform`) runs here, on whole
-    batches.
+    None picks `default_workers()`. The transform's per-batch tail (`split_transform`) runs here,
+    on whole batches.
     `seed`: per-item seeding of random transforms (see ImageFileDataset)."""
     per_image, per_batch = split_transform(transform)
     with torch.random.fork_rng(devices=[]):  # a random transform draws here too (CPU RNG only)
