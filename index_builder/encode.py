@@ -151,23 +151,24 @@ def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence
     size = input_size(model, preprocess)
     loader = image_loader([p for _, p in todo], preprocess, size, batch_size, workers)
 
-    def encode(batch: tuple[torch.Tensor, torch.Tensor, list[str]]) -> np.ndarray:  # (ok rows, D)
-        _, pixels, errors = batch
+    def encode(batch: tuple[torch.Tensor, torch.Tensor, list[str]]) -> tuple[list[str], np.ndarray, dict[str, str]]:
+        """(shas of the good rows, their vectors (n, D), {sha: reason} of the bad ones)."""
+        idx, pixels, errors = batch
         ok = [j for j, e in enumerate(errors) if not e]
-        if not ok:
-            return np.zeros((0, store.dim), np.float32)
-        return model.encode_image(pixels if len(ok) == len(errors) else pixels[ok]).float().numpy()
+        shas = [todo[r][0] for r in idx.tolist()]
+        vecs = np.zeros((0, store.dim), np.float32)
+        if ok:
+            vecs = model.encode_image(pixels if len(ok) == len(errors) else pixels[ok]).float().numpy()
+        return [shas[j] for j in ok], vecs, {sha: e for sha, e in zip(shas, errors) if e}
 
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(todo), desc="encode images", unit="img", disable=not progress) as bar:
-        for (idx, _, errors), vecs in threaded_map(loader, encode, stats.streams):
-            rows = idx.tolist()
-            writer.add([todo[r][0] for r, e in zip(rows, errors) if not e], vecs,
-                       {todo[r][0]: e for r, e in zip(rows, errors) if e})
-            stats.items += len(vecs)
-            stats.failed += len(rows) - len(vecs)
-            bar.update(len(rows))
+        for _, (shas, vecs, bad) in threaded_map(loader, encode, stats.streams):
+            writer.add(shas, vecs, bad)
+            stats.items += len(shas)
+            stats.failed += len(bad)
+            bar.update(len(shas) + len(bad))
     writer.flush()
     stats.seconds = time.perf_counter() - start
     return stats
