@@ -1,6 +1,7 @@
-"""Image decoding with typed errors; a DataLoader dataset that never crashes on a bad file (a file
-that does not decode yields a placeholder and its reason, counted by the caller); and the split of
-a preprocessing pipeline into per-image and per-batch parts that bulk encoding uses."""
+"""Image decoding with typed errors and a bounded cost per image; a DataLoader dataset that never
+crashes on a bad file (a file that does not decode yields a placeholder and its reason, counted by
+the caller); and the split of a preprocessing pipeline into per-image and per-batch parts that bulk
+encoding uses."""
 from __future__ import annotations
 
 import functools
@@ -18,12 +19,22 @@ from retrieval.errors import InvalidInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error instead of a warning
+# Longest side over shortest side an image keeps: beyond it, the long side is center-cropped.
+# Encoders resize the short side to their input size and center-crop a square, so the crop only
+# drops pixels they discard anyway, while bounding the resize's output at 4 squares: a 20000x1
+# image would otherwise resize to 4,480,000x224 (4 GB and half a minute for one query). 4 leaves
+# every usual photo format untouched, bit for bit (4:3, 3:2, 16:9, phone screens at 19.5:9, 21:9
+# and 32:9 ultrawide); only wider panoramas resample from a cropped image (their central square
+# then differs from the uncropped resize by resampling rounding, not in content).
+MAX_ASPECT = 4
 
 
 def load_image(source: str | Path | bytes, min_side: int | None = None) -> Image.Image:
-    """Decode a file path or raw bytes into an RGB image (first frame of a GIF). With `min_side`,
-    a JPEG is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales whose sides stay at
-    least `min_side` (PIL's draft mode): a 12-megapixel photo meant for a 224-px encoder
+    """Decode a file path or raw bytes into an RGB image (first frame of a GIF), at bounded cost:
+    a header declaring more than MAX_PIXELS pixels, or none, is refused before decoding, and an
+    image longer than MAX_ASPECT times its short side is center-cropped to that ratio. With
+    `min_side`, a JPEG is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales whose sides
+    stay at least `min_side` (PIL's draft mode): a 12-megapixel photo meant for a 224-px encoder
     decodes several times faster, and the encoder's resize starts from ample pixels."""
     what = "image bytes" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
     try:
@@ -41,19 +52,36 @@ def load_image(source: str | Path | bytes, min_side: int | None = None) -> Image
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise InvalidInputError(f"{what} has {img.width}x{img.height} pixels, over the {MAX_PIXELS} limit")
                 img.seek(0)
                 if min_side and img.format == "JPEG":
-                    img.draft("RGB", (min_side, min_side))
+                    img.draft("RGB", (min_side, min_side))  # sets the size that will be decoded
+                if img.width < 1 or img.height < 1:
+                    raise InvalidInputError(f"{what}: the header declares {img.width}x{img.height} pixels, none")
+                if img.width * img.height > MAX_PIXELS:
+                    raise InvalidInputError(f"{what}: the header declares {img.width}x{img.height} pixels, over the "
+                                            f"limit of {MAX_PIXELS:,}")
                 img.load()  # force the full decode here: truncated files fail now, not later
-                return img.convert("RGB")
+                return bounded_aspect(img).convert("RGB")
     except InvalidInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:  # PIL's own bound, at open
+        raise InvalidInputError(f"{what}: the header declares too many pixels ({e})") from e
+    except UnidentifiedImageError as e:
         raise InvalidInputError(f"{what} is not a decodable image ({type(e).__name__})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's truncated/corrupt-data errors
         raise InvalidInputError(f"{what} could not be decoded: {e}") from e
+
+
+def bounded_aspect(img: Image.Image) -> Image.Image:
+    """`img`, or its center cropped along the long side to MAX_ASPECT times the short side."""
+    w, h = img.size
+    if w > MAX_ASPECT * h:
+        left = (w - MAX_ASPECT * h) // 2
+        return img.crop((left, 0, left + MAX_ASPECT * h, h))
+    if h > MAX_ASPECT * w:
+        top = (h - MAX_ASPECT * w) // 2
+        return img.crop((0, top, w, top + MAX_ASPECT * w))
+    return img
 
 
 def split_transform(transform: Callable) -> tuple[Callable, Callable[[torch.Tensor], torch.Tensor]]:
