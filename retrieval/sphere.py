@@ -9,18 +9,23 @@ import numpy as np
 
 from retrieval.errors import InvalidInputError
 
-EPS = 1e-12
 
-
-def l2_normalize(x: np.ndarray, eps: float = EPS) -> np.ndarray:
-    """Rows of `x` (N, D) scaled to unit norm. A (near-)zero row is an error, never NaN."""
-    x = np.asarray(x, dtype=np.float32)
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of `x` (N, D) scaled to unit norm, safely for any finite values: each row is divided
+    by its largest magnitude first and normalized in float64, so huge rows (1e30 everywhere, whose
+    float32 norm overflows to inf) and tiny ones (whose squares underflow) keep their direction.
+    A zero or non-finite row is an error, never NaN or a zero vector."""
+    x = np.asarray(x, dtype=np.float64)
     assert x.ndim == 2, f"expected (N, D) vectors, got shape {x.shape}"
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    bad = np.flatnonzero(norms[:, 0] <= eps)
+    bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
+    if bad.size:
+        raise InvalidInputError(f"cannot normalize vector(s) with non-finite values at row(s) {bad[:5].tolist()}")
+    scale = np.max(np.abs(x), axis=1, keepdims=True)
+    bad = np.flatnonzero(scale[:, 0] == 0)
     if bad.size:
         raise InvalidInputError(f"cannot normalize zero-norm vector(s) at row(s) {bad[:5].tolist()}")
-    return (x / norms).astype(np.float32)
+    x = x / scale
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def is_unit_norm(x: np.ndarray, atol: float = 1e-4) -> bool:
