@@ -10,6 +10,10 @@ small forward passes leave cores idle, such as EfficientNet-Lite on a CPU).
 A lone client should not pay `max_wait_s` on every call: after `patience` waits in a row that
 brought no second item, the batcher stops waiting (it still takes whatever is queued) until it
 sees concurrent items again, and probes with a wait every `patience * 2` batches.
+
+A caller that gave up is skipped when its batch is formed: its future is done (cancelled), or the
+`alive` callable it submitted with says it no longer waits (its deadline passed); the latter gets
+DeadlineExceededError. Its item is never passed to the batch function.
 """
 from __future__ import annotations
 
@@ -17,6 +21,16 @@ import asyncio
 import collections
 from concurrent.futures import Executor
 from typing import Any, Callable, Sequence
+
+from retrieval.errors import DeadlineExceededError
+
+Alive = Callable[[], bool]  # "does the caller still wait for this?", called on the event loop
+
+
+def ensure_alive(alive: Alive | None) -> None:
+    """Raises DeadlineExceededError when `alive` says the caller no longer waits for its answer."""
+    if alive is not None and not alive():
+        raise DeadlineExceededError("the request's deadline passed or it was cancelled; its work was dropped")
 
 
 class MicroBatcher:
@@ -33,18 +47,19 @@ class MicroBatcher:
         self.executor, self.on_batch, self.patience = executor, on_batch, patience
         self._fruitless = 0  # consecutive waits that brought no second item
         self._batches = 0
-        self._queue: collections.deque[tuple[Any, asyncio.Future, float]] = collections.deque()
+        self._queue: collections.deque[tuple[Any, asyncio.Future, float, Alive | None]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self.concurrency = concurrency
         self._slots: asyncio.Semaphore | None = None  # made on the loop, at first use
         self._running: set[asyncio.Task] = set()
 
-    async def submit(self, item: Any) -> Any:
-        """The batch function's output for `item` (its exception, if the batch failed)."""
+    async def submit(self, item: Any, alive: Alive | None = None) -> Any:
+        """The batch function's output for `item` (its exception, if the batch failed);
+        DeadlineExceededError if `alive()` is false when its batch is formed."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.append((item, future, loop.time()))
+        self._queue.append((item, future, loop.time(), alive))
         self._wakeup.set()
         if self._worker is None or self._worker.done():
             # The worker lives only while there is work: nothing to start or stop.
@@ -66,7 +81,7 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
             taken = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
-            taken = [t for t in taken if not t[1].done()]  # callers that gave up (cancelled)
+            taken = [t for t in taken if self._waited_for(t)]
             if not taken:
                 self._slots.release()
                 continue
@@ -81,6 +96,19 @@ class MicroBatcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    @staticmethod
+    def _waited_for(queued: tuple) -> bool:
+        """False for a caller that gave up: cancelled, or no longer alive (then told so)."""
+        _, future, _, alive = queued
+        if future.done():
+            return False
+        try:
+            ensure_alive(alive)
+        except DeadlineExceededError as e:
+            future.set_exception(e)
+            return False
+        return True
+
     async def _run(self, taken: list) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -88,11 +116,11 @@ class MicroBatcher:
             if len(outputs) != len(taken):
                 raise RuntimeError(f"batch function returned {len(outputs)} outputs for {len(taken)} items")
         except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
-            for _, future, _ in taken:
+            for _, future, _, _ in taken:
                 if not future.done():
                     future.set_exception(e)
         else:
-            for (_, future, _), out in zip(taken, outputs):
+            for (_, future, _, _), out in zip(taken, outputs):
                 if not future.done():
                     future.set_result(out)
         finally:

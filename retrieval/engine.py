@@ -4,12 +4,18 @@ encoded through micro-batchers and hot swaps to newly published versions. No gRP
 A request takes one snapshot (`Live`: an index version and the encoder that matches it) and
 uses it from encoding to metadata, so a swap in the middle never mixes versions; the old
 version stays alive until its last request lets go of it.
+
+Every request's cost is bounded before its work starts: its size against `Limits`, the largest
+reply it could produce against the reply size the server may send, and each image's pixels (see
+`retrieval.images.load_image`). A request may carry an `alive` callable (its caller still waits):
+once it says no, the request's work stops before the next decode, encode or search.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +24,19 @@ from typing import Callable, Literal, Union
 import numpy as np
 import torch
 
-from retrieval.batcher import MicroBatcher
-from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, InvalidInputError, RetrievalError)
+from retrieval.batcher import Alive, MicroBatcher, ensure_alive
+from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
+                              RetrievalError)
 from retrieval.features import input_size
-from retrieval.hits import Hit
+from retrieval.hits import Hit, reply_bytes, result_bytes
 from retrieval.images import load_image, split_transform
 from retrieval.index import IndexVersion, list_versions, read_current
-from retrieval.sphere import angle_deg
+from retrieval.sphere import angle_deg, l2_normalize
 
 log = logging.getLogger("retrieval.engine")
 Modality = Literal["image", "text"]
 QueryInput = Union[str, bytes, np.ndarray]  # text, image file bytes, or a raw embedding
+Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None]]  # search's arguments
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Limits:
     text_concurrency: int = 1    # text-encoder batches that may run at once
     image_concurrency: int = 2   # image-encoder batches that may run at once
     max_wait_s: float = 0.002    # how long the oldest queued item may wait for others
+    max_reply_bytes: int | None = None  # largest reply the server may send (None: unbounded)
 
 
 @functools.lru_cache(maxsize=2)
@@ -82,12 +91,13 @@ class Encoder:
         # InvalidInputError when the bytes do not decode; decoded as the index builder does
         return self.prepare_pixels(load_image(data, min_side=self.image_size))
 
-    async def embed_text(self, text: str) -> np.ndarray:
-        return await self.text_batcher.submit(text)
+    async def embed_text(self, text: str, alive: Alive | None = None) -> np.ndarray:
+        return await self.text_batcher.submit(text, alive)
 
-    async def embed_image(self, data: bytes) -> np.ndarray:
+    async def embed_image(self, data: bytes, alive: Alive | None = None) -> np.ndarray:
+        ensure_alive(alive)  # before decoding; the batcher asks again before encoding
         pixels = await asyncio.get_running_loop().run_in_executor(self.executor, self._prepare_image, data)
-        return await self.image_batcher.submit(pixels)
+        return await self.image_batcher.submit(pixels, alive)
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ class Engine:
         self.root, self.limits, self.executor = Path(root), limits, executor
         self.model_override, self.model_loader, self.verify = model, model_loader, verify
         self.on_batch, self.on_swap = on_batch, on_swap
+        self._result_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # version -> bound per modality
         self._live: Live | None = None
         self._encoders: dict[str, Encoder] = {}
         self._rejected: set[str] = set()  # versions that failed to load: not retried every poll
@@ -174,9 +185,9 @@ class Engine:
 
     def live(self) -> Live:
         live = self._live
-        if live is None:
-            raise IndexUnavailableError(f"no index version is published under '{self.root}' yet; "
-                                        f"build one with `index-builder build --out {self.root} ...`")
+        if live is None:  # clients learn nothing of the host: the index root is in the server's log
+            raise IndexUnavailableError("no index version is published yet; the server serves the first one an "
+                                        "`index-builder build` publishes under its index root")
         return live
 
     # -- validation ---------------------------------------------------------------------------------
@@ -194,15 +205,15 @@ class Engine:
 
     @staticmethod
     def check_embedding(values: np.ndarray, dim: int) -> np.ndarray:
-        v = np.asarray(values, dtype=np.float32).reshape(-1)
+        """The unit vector along `values` (any finite magnitude: 1e30 everywhere has a direction)."""
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
         if v.shape[0] != dim:
             raise InvalidInputError(f"embedding has dimension {v.shape[0]}, the index expects {dim}")
         if not np.all(np.isfinite(v)):
             raise InvalidInputError("embedding has non-finite values")
-        norm = float(np.linalg.norm(v))
-        if norm < 1e-12:
+        if not np.any(v):
             raise InvalidInputError("embedding has zero norm; it has no direction on the sphere")
-        return v / norm
+        return l2_normalize(v[None])[0]
 
     @staticmethod
     def check_min_score(min_score: float | None) -> float | None:
@@ -232,25 +243,78 @@ class Engine:
             return target
         raise InvalidInputError("query is empty: give a text, image bytes or an embedding")
 
+    async def reply_bytes(self, index: IndexVersion, asks: list[tuple[Modality, int]]) -> int:
+        """Most bytes the reply to searches (target, k) of `index` can take: each answered with at
+        most min(k, gallery size) results, none larger than the version's longest stored strings
+        make one (measured once per version, off the event loop)."""
+        per_result = self._result_bytes.get(index)
+        if per_result is None:
+            per_result = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: {t: result_bytes(index.longest_strings(t)) for t in ("image", "text")})
+            self._result_bytes[index] = per_result
+        return reply_bytes([(min(k, index.count(t)), per_result[t]) for t, k in asks], index.name)
+
+    async def check_reply(self, index: IndexVersion, asks: list[tuple[Modality, int]]) -> None:
+        """Refuses searches whose reply could exceed the largest message the server may send,
+        before any work (rather than failing the reply after all of it)."""
+        limit = self.limits.max_reply_bytes
+        if limit is not None and (size := await self.reply_bytes(index, asks)) > limit:
+            raise InvalidInputError(f"the reply could take up to {size:,} bytes, over the server's limit of {limit:,} "
+                                    f"bytes per message: ask for fewer results (k) or send fewer queries per call")
+
     # -- the operations -----------------------------------------------------------------------------
-    async def embed(self, query: str | bytes, live: Live | None = None) -> np.ndarray:
+    async def embed(self, query: str | bytes, live: Live | None = None, alive: Alive | None = None) -> np.ndarray:
         live = live or self.live()
         if isinstance(query, str):
-            return await live.encoder.embed_text(self.check_text(query))
+            return await live.encoder.embed_text(self.check_text(query), alive)
         if not query:
             raise InvalidInputError("image bytes are empty")
-        return await live.encoder.embed_image(bytes(query))
+        return await live.encoder.embed_image(bytes(query), alive)
 
     async def search(self, query: QueryInput, target: Modality | None = None, k: int = 10,
-                     min_score: float | None = None, source: Modality | None = None) -> tuple[list[Hit], str]:
+                     min_score: float | None = None, source: Modality | None = None,
+                     alive: Alive | None = None) -> tuple[list[Hit], str]:
         """Top-k hits of `target` for one query and the index version that answered. `source` is
-        what a raw embedding encodes, if known (texts and image bytes are known)."""
+        what a raw embedding encodes, if known (texts and image bytes are known). `alive`: see the
+        module's docstring."""
         target = self.validate(query, target, k, min_score, source)
         live = self.live()
+        await self.check_reply(live.index, [(target, k)])
+        return await self._search(live, query, target, k, min_score, source, alive)
+
+    async def search_many(self, queries: list[Query], alive: Alive | None = None) -> list[tuple[list[Hit], str]]:
+        """Several searches against one index version. All are validated, and the reply's size
+        bounded, before any runs; a failing search fails the call with BatchItemError naming its
+        position, and stops the others."""
+        targets = []
+        for i, query in enumerate(queries):
+            try:
+                targets.append(self.validate(*query))
+            except InvalidInputError as e:
+                raise BatchItemError(i, e) from e
+        live = self.live()
+        await self.check_reply(live.index, [(t, q[2]) for t, q in zip(targets, queries)])
+
+        async def one(i: int, target: Modality, query: Query):
+            try:
+                return await self._search(live, query[0], target, *query[2:], alive)
+            except Exception as e:  # noqa: BLE001 - named by its position, mapped to a status by the caller
+                raise BatchItemError(i, e) from e
+
+        tasks = [asyncio.ensure_future(one(i, t, q)) for i, (t, q) in enumerate(zip(targets, queries))]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # after a failure or a cancellation, the others' answers are not wanted
+                task.cancel()
+
+    async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
+                      source: Modality | None, alive: Alive | None) -> tuple[list[Hit], str]:
         if isinstance(query, np.ndarray):
             vector = self.check_embedding(query, live.index.dim)
         else:
-            vector = await self.embed(query, live)
+            vector = await self.embed(query, live, alive)
+        ensure_alive(alive)
         # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
         # and embeddings of unknown modality by the plain cosine
         source = "text" if isinstance(query, str) else "image" if isinstance(query, (bytes, bytearray)) else source
@@ -258,15 +322,6 @@ class Engine:
         hits = await asyncio.get_running_loop().run_in_executor(
             self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal)
         return hits, live.index.name
-
-    async def search_many(self, queries: list[tuple[QueryInput, Modality | None, int, float | None, Modality | None]]):
-        """Several searches; all are validated before any runs (the first bad one is named)."""
-        for i, query in enumerate(queries):
-            try:
-                self.validate(*query)
-            except InvalidInputError as e:
-                raise InvalidInputError(f"requests[{i}]: {e}") from None
-        return await asyncio.gather(*(self.search(*q) for q in queries))
 
     @staticmethod
     def _lookup(index: IndexVersion, target: Modality, vector: np.ndarray, k: int, min_score: float | None,

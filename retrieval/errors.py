@@ -40,3 +40,15 @@ class FingerprintMismatchError(RetrievalError):
 
 class UnauthenticatedError(RetrievalError):
     """A request lacks the bearer token the server requires."""
+
+
+class DeadlineExceededError(RetrievalError):
+    """The caller's deadline passed, or it cancelled, before its work was done: the work was dropped."""
+
+
+class BatchItemError(RetrievalError):
+    """One query of a batch failed: `position` names it, `cause` (also `__cause__`) says why."""
+
+    def __init__(self, position: int, cause: BaseException):
+        super().__init__(f"requests[{position}]: {cause}")
+        self.position, self.cause = position, cause

@@ -1,4 +1,5 @@
-"""One search result, as the engine produces it and the client receives it (no torch, no grpc)."""
+"""One search result, as the engine produces it and the client receives it (no torch, no grpc),
+and the most bytes results can take on the wire (what bounds a reply before any search)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -20,3 +21,22 @@ class Hit:
         d = asdict(self)
         keep = ("uri",) if self.modality == "image" else ("caption", "image_id", "image_uri")
         return {k: v for k, v in d.items() if k in ("id", "score", "angle_deg", "modality") or k in keep}
+
+
+def _field(size: int) -> int:
+    """Bytes of a length-delimited protobuf field of `size` bytes with a one-byte tag (fields 1-15)."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
+def result_bytes(longest: dict[str, int]) -> int:
+    """Most bytes one SearchResult takes inside its response, given the byte lengths of the longest
+    strings it can carry (uri, or caption and image_uri): its numbers at their widest (id and
+    image_id 10-byte varints, two floats, the modality) with their tags, plus its strings."""
+    numbers = 2 * (1 + 10) + 2 * (1 + 4) + (1 + 1)
+    return _field(numbers + sum(_field(n) for n in longest.values()))
+
+
+def reply_bytes(responses: list[tuple[int, int]], version: str) -> int:
+    """Most bytes a BatchSearchResponse (or, within a few bytes over, a SearchResponse) takes, given
+    (results, most bytes per result) for each of its responses and the index version they name."""
+    return sum(_field(n * per_result + _field(len(version.encode()))) for n, per_result in responses)

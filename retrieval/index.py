@@ -185,5 +185,12 @@ class IndexVersion:
             rows.update({r[0]: dict(zip(names, r)) for r in cur.fetchall()})
         return [rows.get(i) for i in ids]
 
+    def longest_strings(self, modality: Modality) -> dict[str, int]:
+        """Bytes of the longest stored string per metadata column a result of `modality` carries
+        (uri; caption and image_uri): what bounds a reply's size before any search."""
+        table, cols = ("images", ("uri",)) if modality == "image" else ("texts", ("caption", "image_uri"))
+        lengths = ", ".join(f"coalesce(max(length(CAST({c} AS BLOB))), 0)" for c in cols)
+        return dict(zip(cols, self._db.execute(f"SELECT {lengths} FROM {table}").fetchone()))
+
     def close(self) -> None:
         self._db.close()

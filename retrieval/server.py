@@ -27,9 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from retrieval.engine import Engine, Limits, cached_model
 from retrieval.errors import UnauthenticatedError
 from retrieval.metrics import ServerMetrics
-from retrieval.pb import retrieval_pb2_grpc as pb_grpc
 from retrieval.server_errors import status_for
-from retrieval.servicer import SERVICE_NAME, RetrievalServicer
+from retrieval.servicer import SERVICE_NAME, RetrievalServicer, add_to_server
 
 log = logging.getLogger("retrieval.server")
 MiB = 1 << 20
@@ -96,7 +95,7 @@ class RetrievalServer:
         limits = Limits(max_k=config.max_k, max_text_chars=config.max_text_chars, max_batch=config.max_batch,
                         max_image_batch=config.max_image_batch, text_concurrency=config.text_concurrency,
                         image_concurrency=config.image_concurrency,
-                        max_wait_s=config.max_wait_ms / 1000.0)
+                        max_wait_s=config.max_wait_ms / 1000.0, max_reply_bytes=int(config.max_message_mb * MiB))
         self.engine = Engine(config.index, limits, self.executor, model=config.model, model_loader=model_loader,
                              verify=config.verify, on_batch=self.metrics.observe_batch,
                              on_swap=self.metrics.observe_index)
@@ -118,8 +117,7 @@ class RetrievalServer:
         self._server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(cfg.token)] if cfg.token else None,
             options=[("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)])
-        pb_grpc.add_RetrievalServiceServicer_to_server(
-            RetrievalServicer(self.engine, self.metrics, cfg.max_batch_queries), self._server)
+        add_to_server(RetrievalServicer(self.engine, self.metrics, cfg.max_batch_queries), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         await self._set_serving(False)

@@ -1,6 +1,8 @@
 """The gRPC servicer: translates protobuf messages to engine calls and back, and errors to
 status codes (through `retrieval.server_errors`, the one mapping). It receives its engine and
-its metrics; it loads nothing itself."""
+its metrics; it loads nothing itself. `add_to_server` registers it so that each method parses its
+own request bytes: a malformed request is a client error like any other. Each call hands the
+engine a callable that says whether its client still waits (its deadline, its cancellation)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,28 +12,32 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
+from retrieval.batcher import Alive
 from retrieval.engine import Engine, Hit
-from retrieval.errors import InvalidInputError
+from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
-from retrieval.pb import retrieval_pb2_grpc as pb_grpc
 from retrieval.server_errors import status_for
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["RetrievalService"]
+SERVICE_NAME = _SERVICE.full_name
 _MODALITY_OUT = {"image": pb.MODALITY_IMAGE, "text": pb.MODALITY_TEXT}
 _MODALITY_IN = {pb.MODALITY_UNSPECIFIED: None, pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text"}
 
 
 def _rpc(method: Callable[..., Awaitable[Any]]):
-    """Times and counts the call; maps any exception to a status code without a traceback."""
+    """Parses the request's bytes, times and counts the call; maps any exception to a status code
+    without a traceback."""
     name = method.__name__
+    request_type = getattr(pb, _SERVICE.methods_by_name[name].input_type.name)
 
     @functools.wraps(method)
-    async def wrapper(self: "RetrievalServicer", request, context: grpc.aio.ServicerContext):
+    async def wrapper(self: "RetrievalServicer", request: bytes, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            return await method(self, request, context)
+            return await method(self, _parse(request_type, request), context)
         except asyncio.CancelledError:  # the client went away or its deadline passed
             code = grpc.StatusCode.CANCELLED
             raise
@@ -43,6 +49,20 @@ def _rpc(method: Callable[..., Awaitable[Any]]):
         await context.abort(code, message)
 
     return wrapper
+
+
+def _parse(request_type: type[Message], data: bytes) -> Message:
+    try:
+        return request_type.FromString(data)
+    except DecodeError as e:  # a corrupt wire format, or a string field that is not UTF-8
+        raise InvalidInputError(f"malformed request: {e}") from None
+
+
+def _alive(context: grpc.aio.ServicerContext) -> Alive:
+    """Whether the call's client still waits: not cancelled, and its deadline (if any) not passed."""
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    return lambda: not context.cancelled() and (deadline is None or time.monotonic() < deadline)
 
 
 def _query_args(req: pb.SearchRequest) -> tuple:
@@ -71,13 +91,13 @@ def _response(hits: list[Hit], version: str) -> pb.SearchResponse:
         for h in hits])
 
 
-class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
+class RetrievalServicer:
     def __init__(self, engine: Engine, metrics=None, max_batch_queries: int = 256):
         self.engine, self.metrics, self.max_batch_queries = engine, metrics, max_batch_queries
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
-        hits, version = await self.engine.search(*_query_args(request))
+        hits, version = await self.engine.search(*_query_args(request), alive=_alive(context))
         return _response(hits, version)
 
     @_rpc
@@ -92,8 +112,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             try:
                 queries.append(_query_args(r))
             except InvalidInputError as e:
-                raise InvalidInputError(f"requests[{i}]: {e}") from None
-        answers = await self.engine.search_many(queries)
+                raise BatchItemError(i, e) from e
+        answers = await self.engine.search_many(queries, alive=_alive(context))
         return pb.BatchSearchResponse(responses=[_response(h, v) for h, v in answers])
 
     @_rpc
@@ -102,7 +122,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         if kind is None:
             raise InvalidInputError("input is empty: set text or image")
         live = self.engine.live()
-        vector = await self.engine.embed(getattr(request, kind), live)
+        vector = await self.engine.embed(getattr(request, kind), live, _alive(context))
         return pb.EmbedResponse(embedding=pb.Embedding(values=vector.tolist(), modality=_MODALITY_OUT[kind]),
                                 model=live.encoder.name,
                                 model_fingerprint=live.encoder.fingerprint)
@@ -110,3 +130,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     @_rpc
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context) -> pb.IndexInfo:
         return pb.IndexInfo(**self.engine.info())
+
+
+def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
+    """Registers the service with requests arriving as raw bytes, each parsed inside its method's
+    error handling: bytes that do not parse get INVALID_ARGUMENT with a message (grpc's own
+    deserializer would answer UNKNOWN and log a traceback per request). Reflection is unaffected."""
+    handlers = {m.name: grpc.unary_unary_rpc_method_handler(
+        getattr(servicer, m.name), response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+        for m in _SERVICE.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
