@@ -83,13 +83,14 @@ def test_open_clip_architecture_loads_a_local_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_that_is_not_ours_is_a_clear_error(tmp_path):
-    bogus = tmp_path / "bogus.pt"
-    torch.save({"hello": 1}, bogus)
-    with pytest.raises(ModelError, match="not a retrieval-sphere-checkpoint"):
-        create_model(str(bogus))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"), metadata={"hello": "1"})
+    torch.save({"hello": 1}, tmp_path / "bogus.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a zip")
-    with pytest.raises(ModelError, match="cannot be read"):
-        create_model(str(tmp_path / "garbage.pt"))
+    for name in ("foreign.safetensors", "bogus.pt", "garbage.pt"):
+        with pytest.raises(ModelError, match="is not a retrieval-sphere-checkpoint/2 checkpoint"):
+            create_model(str(tmp_path / name))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: 'cuda' would load")
@@ -101,14 +102,18 @@ def test_an_unusable_device_is_one_clear_error():
 
 def test_heads_saved_before_query_banks_existed_still_load(tmp_path):
     """A checkpoint without bank tensors loads with no correction and keeps its fingerprint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from retrieval.checkpoint import save_checkpoint
     from retrieval.querybank import querybank_of
 
     model, _, _ = create_model("lite0-minilm", load_weights=False)
-    path = save_checkpoint(tmp_path / "old.pt", model)
-    payload = torch.load(path, weights_only=False)
-    payload["heads"] = {k: v for k, v in payload["heads"].items() if k not in ("text_bank", "image_bank", "querybank_beta")}
-    torch.save(payload, path)
+    path = save_checkpoint(tmp_path / "old.safetensors", model)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        heads = {k: f.get_tensor(k) for k in f.keys() if k not in ("text_bank", "image_bank", "querybank_beta")}
+    save_file(heads, str(path), metadata=metadata)
     loaded, _, _ = create_model(str(path))
-    assert loaded.fingerprint() == payload["fingerprint"] == model.fingerprint()
+    assert loaded.fingerprint() == model.fingerprint()
     assert querybank_of(loaded).info() == {"method": "none", "beta": 0.0, "text_bank": 0, "image_bank": 0}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import retrieval.train as train_mod
+from retrieval.checkpoint import load_checkpoint
 from retrieval.factory import create_model
 from retrieval.features import encode_texts
 from retrieval.train import TrainConfig, train
@@ -36,7 +37,8 @@ def test_contrastive_loss_falls_on_real_pairs(trained):
 
 def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_mini):
     cfg, model, summary = trained
-    best = torch.load(summary["checkpoint"], weights_only=False)
+    assert summary["checkpoint"].endswith("model.safetensors")
+    best = load_checkpoint(summary["checkpoint"])
     assert best["config"]["embed_dim"] == model.embed_dim and best["fingerprint"]
     assert best["data"]["train_images"] == 48 and best["data"]["views"] == 2
     assert "dev" in best["metrics"] and best["train_config"]["seed"] == 3
@@ -64,7 +66,7 @@ def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini,
     def save_then_die_after_epoch_3(path, model, **extra):
         real_save(path, model, **extra)
         saves.append(path.name)
-        if saves.count("last.pt") == 3:
+        if saves.count("last.safetensors") == 3:
             raise KeyboardInterrupt  # as if the job were killed right after epoch 3's checkpoint
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die_after_epoch_3)
