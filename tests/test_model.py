@@ -117,3 +117,31 @@ def test_heads_saved_before_query_banks_existed_still_load(tmp_path):
     loaded, _, _ = create_model(str(path))
     assert loaded.fingerprint() == model.fingerprint()
     assert querybank_of(loaded).info() == {"method": "none", "beta": 0.0, "text_bank": 0, "image_bank": 0}
+
+
+def test_shipped_heads_survived_the_move_to_safetensors_bit_for_bit(default_model):
+    """The shipped heads were converted once from the pickled lite0-minilm.pt. Expected values were
+    computed from that file before it was deleted: the sha256 of its head tensors (name, dtype,
+    shape, bytes), the model's fingerprint and encodings of fixed inputs."""
+    import hashlib
+
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.factory import get_model_config, shipped_weights_path
+
+    model, _, tokenizer = default_model
+    assert model.fingerprint() == "b0131c82b27480cc"
+    heads = load_checkpoint(shipped_weights_path(get_model_config("lite0-minilm")))["heads"]
+    h = hashlib.sha256()
+    for key in sorted(heads):
+        t = heads[key].contiguous()
+        h.update(key.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+    assert h.hexdigest() == "6c7846ceb86f335637593722d7cd52364e5ecaef677ccbdeff0ae692a756a9de"
+    text = model.encode_text(tokenizer(["a dog runs on the beach", "two children play in the snow"]))
+    pixels = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    image = model.encode_image(pixels)
+    np.testing.assert_allclose(text[:, :6].numpy(), [[0.043874, -0.016474, -0.058636, -0.027768, -0.067172, -0.099581],
+                                                     [0.012593, -0.024993, -0.047263, 0.099818, 0.04678, -0.065769]],
+                               atol=1e-4)  # other CPUs round differently; the digests above are exact
+    np.testing.assert_allclose(image[:, :6].numpy(), [[-0.046674, 0.057541, -0.060666, 0.056536, -0.12538, -0.079815],
+                                                      [-0.048193, 0.044493, -0.059719, 0.064506, -0.110715, -0.075762]],
+                               atol=1e-4)  # other CPUs round differently; the digests above are exact
