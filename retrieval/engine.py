@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from retrieval.batcher import MicroBatcher
+from retrieval.checkpoint import load_checkpoint
 from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, InvalidInputError, RetrievalError)
 from retrieval.features import input_size
 from retrieval.hits import Hit
 from retrieval.images import load_image, split_transform
-from retrieval.index import IndexVersion, list_versions, read_current
+from retrieval.index import CHECKPOINT_SUFFIX, IndexVersion, list_versions, read_current
 from retrieval.sphere import angle_deg
 
 log = logging.getLogger("retrieval.engine")
@@ -117,16 +118,35 @@ class Engine:
         return self._encoders[name]
 
     def _open(self, version: str | None = None) -> Live:
+        """The version and its encoder. The model is the server's --model, else the one the
+        manifest names (a registered model or a checkpoint inside the version: `model_source`),
+        unless the live encoder already has the fingerprint the version was built with."""
         index = IndexVersion.open(self.root, version, verify=self.verify)
-        encoder = self._encoder(self.model_override or index.model)
-        if encoder.fingerprint != index.fingerprint:
-            raise FingerprintMismatchError(
-                f"index {index.path} was built with model '{index.model}' (fingerprint {index.fingerprint}), but the "
-                f"model loaded here, '{encoder.name}', has fingerprint {encoder.fingerprint}: its weights differ, so "
-                f"its queries would not match the stored vectors. Rebuild the index with this model, or serve the "
-                f"model the index names")
-        if encoder.dim != index.dim:
-            raise FingerprintMismatchError(f"index {index.path} has dimension {index.dim}, model '{encoder.name}' {encoder.dim}")
+        try:
+            live = self._live
+            if self.model_override:
+                encoder = self._encoder(self.model_override)
+            elif live is not None and live.encoder.fingerprint == index.fingerprint:
+                # the live weights are the ones this version was built with: nothing to build, but
+                # a checkpoint file the version names must still be one (read as data, never run)
+                source = index.model_source()
+                if source.endswith(CHECKPOINT_SUFFIX):
+                    load_checkpoint(source)
+                encoder = live.encoder
+            else:
+                encoder = self._encoder(index.model_source())
+            if encoder.fingerprint != index.fingerprint:
+                raise FingerprintMismatchError(
+                    f"index {index.name} was built with model '{index.model}' (fingerprint {index.fingerprint}), but "
+                    f"the model loaded here, '{encoder.name}', has fingerprint {encoder.fingerprint}: its weights "
+                    f"differ, so its queries would not match the stored vectors. Rebuild the index with this model, "
+                    f"or serve the model the index names")
+            if encoder.dim != index.dim:
+                raise FingerprintMismatchError(f"index {index.name} has dimension {index.dim}, model '{encoder.name}' "
+                                               f"{encoder.dim}")
+        except BaseException:
+            index.close()
+            raise
         return Live(index, encoder)
 
     def _swap(self, live: Live) -> None:
