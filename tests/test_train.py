@@ -58,6 +58,14 @@ def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_m
     assert summary_file["best_dev_R@1_mean"] == summary["best_dev_R@1_mean"]
 
 
+def test_a_rerun_writes_the_same_checkpoint_bytes(trained):
+    """What the README's reproduction relies on: training is seeded and the file holds no timestamps."""
+    cfg, _, summary = trained
+    first = Path(summary["checkpoint"]).read_bytes()
+    again = train(cfg, create_model(cfg.model, load_weights=False)[0])
+    assert again["checkpoint"] == summary["checkpoint"] and Path(again["checkpoint"]).read_bytes() == first
+
+
 def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini, tmp_path, monkeypatch):
     _, reference, _ = trained
     cfg = _cfg(flickr_mini, tmp_path)
