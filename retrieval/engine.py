@@ -24,7 +24,7 @@ from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, I
 from retrieval.features import input_size
 from retrieval.hits import Hit
 from retrieval.images import load_image, split_transform
-from retrieval.index import CHECKPOINT_SUFFIX, IndexVersion, list_versions, read_current
+from retrieval.index import CHECKPOINT_SUFFIX, IndexVersion, list_versions, read_current, version_signature
 from retrieval.sphere import angle_deg
 
 log = logging.getLogger("retrieval.engine")
@@ -102,13 +102,16 @@ class Engine:
 
     def __init__(self, root: str | Path, limits: Limits = Limits(), executor: Executor | None = None,
                  model: str | None = None, model_loader: Callable[[str], tuple] = cached_model, verify: bool = True,
-                 on_batch: Callable[[str, int], None] | None = None, on_swap: Callable[[IndexVersion], None] | None = None):
+                 on_batch: Callable[[str, int], None] | None = None, on_swap: Callable[[IndexVersion], None] | None = None,
+                 on_reject: Callable[[str, str], None] | None = None):
         self.root, self.limits, self.executor = Path(root), limits, executor
         self.model_override, self.model_loader, self.verify = model, model_loader, verify
-        self.on_batch, self.on_swap = on_batch, on_swap
+        self.on_batch, self.on_swap, self.on_reject = on_batch, on_swap, on_reject
         self._live: Live | None = None
         self._encoders: dict[str, Encoder] = {}
-        self._rejected: set[str] = set()  # versions that failed to load: not retried every poll
+        # the last version that failed to load, the signature of its files then, and why: retried
+        # (and logged) only once its files change
+        self._rejected: tuple[str, tuple, str] | None = None
 
     # -- loading and swapping -------------------------------------------------------------------
     def _encoder(self, name: str) -> Encoder:
@@ -176,17 +179,33 @@ class Engine:
         except RetrievalError as e:
             log.error("cannot read %s/CURRENT: %s", self.root, e)
             return False
-        if name is None or name in self._rejected or (self._live is not None and self._live.index.name == name):
+        if name is None or (self._live is not None and self._live.index.name == name):
             return False
+        signature = await loop.run_in_executor(self.executor, version_signature, self.root, name)
+        if self._rejected is not None and self._rejected[:2] == (name, signature):
+            return False  # rejected as it is now: retried once its files change
         try:
             live = await loop.run_in_executor(self.executor, self._open, name)
         except Exception as e:  # noqa: BLE001 - keep serving the previous version
-            self._rejected.add(name)
-            log.error("not swapping to index version %s: %s", name, e,
+            reason = self._reason(e)
+            self._rejected = (name, signature, reason)
+            log.error("not swapping to index version %s: %s (retried when its files change)", name, e,
                       exc_info=not isinstance(e, RetrievalError))
+            if self.on_reject:
+                self.on_reject(name, reason)
             return False
+        self._rejected = None
         self._swap(live)
         return True
+
+    def _reason(self, error: Exception) -> str:
+        """Why a version was rejected, as clients may read it: paths relative to the index root."""
+        if not isinstance(error, RetrievalError):
+            return f"unexpected {type(error).__name__} while loading it (see the server log)"
+        message = str(error)
+        for root in {str(self.root.resolve()), str(self.root)}:
+            message = message.replace(root.rstrip("/") + "/", "")
+        return message
 
     @property
     def ready(self) -> bool:
@@ -308,5 +327,7 @@ class Engine:
         idx = live.index
         return {"version": idx.name, "model": idx.model, "model_fingerprint": idx.fingerprint, "dim": idx.dim,
                 "image_count": idx.count("image"), "text_count": idx.count("text"),
-                "available_versions": list_versions(self.root)}
+                "available_versions": list_versions(self.root),
+                "rejected_version": self._rejected[0] if self._rejected else "",
+                "rejected_reason": self._rejected[2] if self._rejected else ""}
 

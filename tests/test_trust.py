@@ -1,9 +1,11 @@
-"""No code runs from an index folder or a checkpoint file (issue 11, item 1). Each attack is a real file on disk: a
+"""No code runs from an index folder or a checkpoint file, and a refused version is visible and
+retried once its files change (issue 11, items 1 and 7). Each attack is a real file on disk: a
 pickle whose unpickling would create a marker file, manifests that point outside their version,
 symlinks out of the index root. The index is built from the scikit-image gallery the demo uses
 (no dataset needed)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -11,13 +13,14 @@ import pickle
 import shutil
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from retrieval.client import RetrievalClient
-from retrieval.engine import cached_model
+from retrieval.engine import Engine, cached_model
 from retrieval.errors import IndexCorruptError, ModelError, RetrievalError
 from retrieval.index import IndexVersion, sha256_file
 from retrieval.server import ServeConfig, ServerThread
@@ -118,9 +121,9 @@ def test_pickled_model_named_by_a_manifest_is_refused_at_start_up_and_nothing_ru
     assert not marker.exists()
 
 
-def test_pickled_model_published_later_is_refused_at_hot_swap_and_the_old_version_keeps_serving(root, tmp_path, caplog):
+def test_pickled_model_published_later_is_refused_at_hot_swap_and_the_old_version_keeps_serving(root, tmp_path):
     marker = tmp_path / "pwned"
-    cfg = ServeConfig(index=str(root), port=0, metrics_port=-1, watch_interval_s=0.05)
+    cfg = ServeConfig(index=str(root), port=0, metrics_port=0, watch_interval_s=0.05)
     with ServerThread(cfg) as srv, RetrievalClient(srv.address, timeout=60) as client:
         assert client.index_info().version == "v0001"
         files = json.loads((root / "v0001" / "manifest.json").read_text())["files"]
@@ -128,13 +131,21 @@ def test_pickled_model_published_later_is_refused_at_hot_swap_and_the_old_versio
         digest = plant_pickle(tmp_path / "staging" / "model.safetensors", marker)
         edit_manifest(tmp_path / "staging", model="model.safetensors", files={**files, "model.safetensors": digest})
         shutil.move(tmp_path / "staging", root / "v0002")
-        with caplog.at_level(logging.ERROR, logger="retrieval.engine"):
-            (root / ".CURRENT.tmp").write_text("v0002\n")
-            os.replace(root / ".CURRENT.tmp", root / "CURRENT")
-            wait_for(lambda: any("not swapping to index version v0002" in r.getMessage() for r in caplog.records),
-                     "the server never refused v0002")
-        assert "is not a retrieval-sphere-checkpoint/2 checkpoint" in caplog.records[-1].getMessage()
-        assert client.index_info().version == "v0001" and len(client.search_text("a cat", k=3)) == 3
+        (root / ".CURRENT.tmp").write_text("v0002\n")
+        os.replace(root / ".CURRENT.tmp", root / "CURRENT")
+
+        wait_for(lambda: client.index_info().rejected_version, "the server never refused v0002")
+        info = client.index_info()
+        assert (info.version, info.rejected_version) == ("v0001", "v0002")
+        assert "is not a retrieval-sphere-checkpoint/2 checkpoint" in info.rejected_reason
+        assert str(tmp_path) not in info.rejected_reason and "v0002/model.safetensors" in info.rejected_reason
+        assert len(client.search_text("a cat", k=3)) == 3
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=10).read()
+        assert b"retrieval_index_rejections_total 1.0" in metrics and b"retrieval_index_rejected_version 2.0" in metrics
+
+        edit_manifest(root / "v0002", model=MODEL)  # fixed: the server swaps to it
+        wait_for(lambda: client.index_info().version == "v0002", "the server did not swap to the fixed v0002")
+        assert client.index_info().rejected_version == ""
     assert not marker.exists()
 
 
@@ -267,3 +278,35 @@ def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_ther
         info = client.index_info()
         assert (info.version, info.model, info.model_fingerprint) == ("v0001", "model.safetensors", "b0131c82b27480cc")
         assert len(client.search_text("a cat", k=2)) == 2
+
+
+# -- a refused version is retried once its files change, and logged once per change --------------------------
+
+def test_a_rejected_version_is_retried_only_when_its_files_change(root, caplog):
+    rejected: list[tuple[str, str]] = []
+    engine = Engine(root, on_reject=lambda version, reason: rejected.append((version, reason)))
+    assert engine.load()
+    bad = publish(root, "v0001", "v0002")
+    good = (bad / "texts.faiss").read_bytes()
+    (bad / "texts.faiss").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))   # one flipped bit
+
+    async def polls(n: int) -> list[bool]:
+        return [await engine.poll_once() for _ in range(n)]
+
+    with caplog.at_level(logging.ERROR, logger="retrieval.engine"):
+        assert asyncio.run(polls(5)) == [False] * 5
+    assert rejected == [("v0002", "v0002/texts.faiss does not match its checksum in the manifest")]
+    assert [r.getMessage() for r in caplog.records].count(
+        "not swapping to index version v0002: v0002/texts.faiss does not match its checksum in the manifest "
+        "(retried when its files change)") == 1
+    info = engine.info()
+    assert (info["version"], info["rejected_version"]) == ("v0001", "v0002")
+    assert info["rejected_reason"] == rejected[0][1]
+
+    (bad / ".fixed").write_bytes(good)
+    os.replace(bad / ".fixed", bad / "texts.faiss")  # the files change: tried again, and it loads
+    assert asyncio.run(polls(1)) == [True]
+    info = engine.info()
+    assert (info["version"], info["rejected_version"], info["rejected_reason"]) == ("v0002", "", "")
+    assert len(rejected) == 1
+    engine.live().index.close()
