@@ -14,7 +14,8 @@ from retrieval.config import add_dataclass_arguments, dataclass_from_args, run_c
 TRAIN_HELP = {
     "data": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
     "model": "registered model name to train (its towers and head shape) or a checkpoint to continue from",
-    "out": "output folder for model.safetensors (the trained model), best.safetensors, last.safetensors and summary.json",
+    "out": "output folder for model.safetensors (the trained model), best.safetensors, last.safetensors and "
+           "summary.json",
     "cache_dir": "where frozen-tower features are cached (reused across runs)",
     "views": "image views cached per training image: 1 center crop + (views-1) random crops",
     "crop_scale_min": "smallest area fraction of a random crop",

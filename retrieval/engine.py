@@ -102,7 +102,8 @@ class Engine:
 
     def __init__(self, root: str | Path, limits: Limits = Limits(), executor: Executor | None = None,
                  model: str | None = None, model_loader: Callable[[str], tuple] = cached_model, verify: bool = True,
-                 on_batch: Callable[[str, int], None] | None = None, on_swap: Callable[[IndexVersion], None] | None = None,
+                 on_batch: Callable[[str, int], None] | None = None,
+                 on_swap: Callable[[IndexVersion], None] | None = None,
                  on_reject: Callable[[str, str], None] | None = None):
         self.root, self.limits, self.executor = Path(root), limits, executor
         self.model_override, self.model_loader, self.verify = model, model_loader, verify

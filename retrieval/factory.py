@@ -123,10 +123,11 @@ def load_trained_heads(model: SphereModel, ckpt: dict[str, Any], path: str | Pat
     try:
         model.load_head_state_dict(ckpt["heads"])
     except RuntimeError as e:  # a tensor of another shape
-        raise ModelError(f"the trained heads in '{path}' do not fit model '{model.name}': {str(e).splitlines()[0]}") from None
+        raise ModelError(f"the trained heads in '{path}' do not fit model '{model.name}': "
+                         f"{str(e).splitlines()[0]}") from None
     if model.fingerprint() != ckpt["fingerprint"]:
-        raise ModelError(f"checkpoint '{path}' was made with different tower weights "
-                         f"(fingerprint {ckpt['fingerprint']} != {model.fingerprint()}); reinstall the packages it names")
+        raise ModelError(f"checkpoint '{path}' was made with different tower weights (fingerprint "
+                         f"{ckpt['fingerprint']} != {model.fingerprint()}); reinstall the packages it names")
 
 
 def to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:

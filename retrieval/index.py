@@ -248,10 +248,12 @@ class IndexVersion:
         with open_plain(_plain_file(path, MANIFEST)) as f:
             manifest = Manifest.from_json(f.read().decode("utf-8", "replace"), f"{version}/{MANIFEST}")
         if verify:
-            read_here = [*INDEX_FILES.values(), META] + ([manifest.model] if _is_checkpoint_name(manifest.model) else [])
+            model_file = [manifest.model] if _is_checkpoint_name(manifest.model) else []
+            read_here = [*INDEX_FILES.values(), META, *model_file]
             unlisted = [name for name in read_here if name not in manifest.files]
             if unlisted:
-                raise IndexCorruptError(f"{version}/{MANIFEST}: field 'files' has no checksum for {', '.join(unlisted)}")
+                raise IndexCorruptError(f"{version}/{MANIFEST}: field 'files' has no checksum for "
+                                        f"{', '.join(unlisted)}")
             for name, digest in manifest.files.items():
                 if sha256_file(_plain_file(path, name)) != digest:
                     raise IndexCorruptError(f"{version}/{name} does not match its checksum in the manifest")
@@ -292,8 +294,8 @@ class IndexVersion:
             return str(_plain_file(self.path, model))
         shown = repr(model) if is_plain_name(model) else "a path"  # a path on the builder's host is not shown
         raise IndexCorruptError(f"{self.name}/{MANIFEST}: field 'model' is {shown}, which is neither a registered "
-                                f"model ({', '.join(list_models())}) nor a {CHECKPOINT_SUFFIX} checkpoint in the version "
-                                f"directory; serve it with --model if you trust it")
+                                f"model ({', '.join(list_models())}) nor a {CHECKPOINT_SUFFIX} checkpoint in the "
+                                f"version directory; serve it with --model if you trust it")
 
     def count(self, modality: Modality) -> int:
         return int(self.indexes[modality].ntotal)
