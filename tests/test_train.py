@@ -42,7 +42,7 @@ def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_m
     assert best["config"]["embed_dim"] == model.embed_dim and best["fingerprint"]
     assert best["data"]["train_images"] == 48 and best["data"]["views"] == 2
     assert "dev" in best["metrics"] and best["train_config"]["seed"] == 3
-    # train() leaves the model equal to the exported model.pt (best epoch, float16-rounded heads)
+    # train() leaves the model equal to the exported model.safetensors (best epoch, float16-rounded heads)
     loaded, _, tokenizer = create_model(summary["checkpoint"])
     captions = ["A man rides a bike .", "A black dog swims in a lake ."]
     np.testing.assert_array_equal(encode_texts(model.eval(), tokenizer, captions, progress=False),
