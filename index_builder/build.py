@@ -22,8 +22,8 @@ import numpy as np
 from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
 from retrieval.factory import DEFAULT_MODEL
 from retrieval.features import IMAGE_BATCH, default_workers
-from retrieval.index import (FORMAT, INDEX_FILES, MANIFEST, META, IndexVersion, query_rows, read_current, reconstruct,
-                             sha256_file, with_bias)
+from retrieval.index import (FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, IndexVersion, query_rows, read_current,
+                             reconstruct, sha256_file, with_bias)
 from retrieval.querybank import QueryBank, querybank_of
 from retrieval.sphere import is_unit_norm
 
@@ -233,11 +233,12 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
             yield t, (image.id if image else None), (image.uri if image else t.image_ref)
 
     write_metadata(tmp / META, kept_img, text_rows())
+    model_files = _copy_model_file(cfg.model, tmp)
     counts["skipped"] = len(skipped)
     manifest = {
         "format": FORMAT,
         "version": name,
-        "model": _model_spec(cfg.model),
+        "model": model_files[0] if model_files else cfg.model,
         "fingerprint": fingerprint,
         "dim": dim,
         "metric": "inner_product",
@@ -257,7 +258,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
                               "captions_per_second": round(txt_stats.per_second, 2),
                               "workers": workers, "streams": img_stats.streams, "shards_written": len(img_stats.shards) + len(txt_stats.shards)},
                    "config": asdict(cfg)},
-        "files": {f: sha256_file(tmp / f) for f in sorted([*INDEX_FILES.values(), META])},
+        "files": {f: sha256_file(tmp / f) for f in sorted([*INDEX_FILES.values(), META, *model_files])},
     }
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -281,10 +282,13 @@ def _with_bias(blocks, bank: QueryBank, modality: str):
     return stored
 
 
-def _model_spec(name: str) -> str:
-    """What create_model needs to give the same model back: a checkpoint as an absolute path."""
-    path = Path(name)
-    return str(path.resolve()) if not name.startswith("open_clip:") and path.is_file() else name
+def _copy_model_file(name: str, version_dir: Path) -> list[str]:
+    """A checkpoint-file model is copied into the version, which the manifest then names it by (a
+    server reads no model file from outside the version); a registered name needs no file."""
+    if name.startswith("open_clip:") or not Path(name).is_file():
+        return []
+    shutil.copyfile(name, version_dir / MODEL_FILE)
+    return [MODEL_FILE]
 
 
 def _need(items) -> dict[str, list[int]]:

@@ -59,7 +59,7 @@ def index_recall(root: str | Path, data: str | Path, split: str, loaded, *, work
             got[f"i2t_R@{kk}"] = float(100 * np.mean(i2t_rank < kk))
         got["mean_R"] = float(np.mean([got[f"t2i_R@{kk}"] for kk in KS] + [got[f"i2t_R@{kk}"] for kk in KS]))
         return {"version": version.name, "split": split, "images": len(images), "captions": len(texts),
-                "index_factory": version.manifest.get("index_factory"), "index": got, "model": expected,
+                "index_factory": version.manifest.raw.get("index_factory"), "index": got, "model": expected,
                 "max_abs_diff": max(abs(got[key] - expected[key]) for key in expected)}
     finally:
         version.close()

@@ -14,7 +14,8 @@ from retrieval.config import add_dataclass_arguments, dataclass_from_args, run_c
 TRAIN_HELP = {
     "data": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
     "model": "registered model name to train (its towers and head shape) or a checkpoint to continue from",
-    "out": "output folder for best.pt, last.pt and summary.json",
+    "out": "output folder for model.safetensors (the trained model), best.safetensors, last.safetensors and "
+           "summary.json",
     "cache_dir": "where frozen-tower features are cached (reused across runs)",
     "views": "image views cached per training image: 1 center crop + (views-1) random crops",
     "crop_scale_min": "smallest area fraction of a random crop",
@@ -30,7 +31,7 @@ TRAIN_HELP = {
                       "correction of hubness whose beta is chosen on dev (0: none)",
     "seed": "random seed (crops, batches, init)",
     "workers": "image-decoding worker processes (default: cores - 1, at most 4; none on 2 cores or fewer)",
-    "resume": "continue from OUT/last.pt when present",
+    "resume": "continue from OUT/last.safetensors when present",
     "train_split": "split to train on",
     "dev_split": "split for model selection",
 }

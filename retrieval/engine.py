@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from retrieval.batcher import Alive, MicroBatcher, ensure_alive
+from retrieval.checkpoint import load_checkpoint
 from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
                               RetrievalError)
 from retrieval.features import input_size
 from retrieval.hits import Hit, reply_bytes, result_bytes
 from retrieval.images import load_image, split_transform
-from retrieval.index import IndexVersion, list_versions, read_current
+from retrieval.index import CHECKPOINT_SUFFIX, IndexVersion, list_versions, read_current, version_signature
 from retrieval.sphere import angle_deg, l2_normalize
 
 log = logging.getLogger("retrieval.engine")
@@ -111,14 +112,18 @@ class Engine:
 
     def __init__(self, root: str | Path, limits: Limits = Limits(), executor: Executor | None = None,
                  model: str | None = None, model_loader: Callable[[str], tuple] = cached_model, verify: bool = True,
-                 on_batch: Callable[[str, int], None] | None = None, on_swap: Callable[[IndexVersion], None] | None = None):
+                 on_batch: Callable[[str, int], None] | None = None,
+                 on_swap: Callable[[IndexVersion], None] | None = None,
+                 on_reject: Callable[[str, str], None] | None = None):
         self.root, self.limits, self.executor = Path(root), limits, executor
         self.model_override, self.model_loader, self.verify = model, model_loader, verify
-        self.on_batch, self.on_swap = on_batch, on_swap
+        self.on_batch, self.on_swap, self.on_reject = on_batch, on_swap, on_reject
         self._result_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # version -> bound per modality
         self._live: Live | None = None
         self._encoders: dict[str, Encoder] = {}
-        self._rejected: set[str] = set()  # versions that failed to load: not retried every poll
+        # the last version that failed to load, the signature of its files then, and why: retried
+        # (and logged) only once its files change
+        self._rejected: tuple[str, tuple, str] | None = None
 
     # -- loading and swapping -------------------------------------------------------------------
     def _encoder(self, name: str) -> Encoder:
@@ -128,16 +133,35 @@ class Engine:
         return self._encoders[name]
 
     def _open(self, version: str | None = None) -> Live:
+        """The version and its encoder. The model is the server's --model, else the one the
+        manifest names (a registered model or a checkpoint inside the version: `model_source`),
+        unless the live encoder already has the fingerprint the version was built with."""
         index = IndexVersion.open(self.root, version, verify=self.verify)
-        encoder = self._encoder(self.model_override or index.model)
-        if encoder.fingerprint != index.fingerprint:
-            raise FingerprintMismatchError(
-                f"index {index.path} was built with model '{index.model}' (fingerprint {index.fingerprint}), but the "
-                f"model loaded here, '{encoder.name}', has fingerprint {encoder.fingerprint}: its weights differ, so "
-                f"its queries would not match the stored vectors. Rebuild the index with this model, or serve the "
-                f"model the index names")
-        if encoder.dim != index.dim:
-            raise FingerprintMismatchError(f"index {index.path} has dimension {index.dim}, model '{encoder.name}' {encoder.dim}")
+        try:
+            live = self._live
+            if self.model_override:
+                encoder = self._encoder(self.model_override)
+            elif live is not None and live.encoder.fingerprint == index.fingerprint:
+                # the live weights are the ones this version was built with: nothing to build, but
+                # a checkpoint file the version names must still be one (read as data, never run)
+                source = index.model_source()
+                if source.endswith(CHECKPOINT_SUFFIX):
+                    load_checkpoint(source)
+                encoder = live.encoder
+            else:
+                encoder = self._encoder(index.model_source())
+            if encoder.fingerprint != index.fingerprint:
+                raise FingerprintMismatchError(
+                    f"index {index.name} was built with model '{index.model}' (fingerprint {index.fingerprint}), but "
+                    f"the model loaded here, '{encoder.name}', has fingerprint {encoder.fingerprint}: its weights "
+                    f"differ, so its queries would not match the stored vectors. Rebuild the index with this model, "
+                    f"or serve the model the index names")
+            if encoder.dim != index.dim:
+                raise FingerprintMismatchError(f"index {index.name} has dimension {index.dim}, model '{encoder.name}' "
+                                               f"{encoder.dim}")
+        except BaseException:
+            index.close()
+            raise
         return Live(index, encoder)
 
     def _swap(self, live: Live) -> None:
@@ -167,17 +191,33 @@ class Engine:
         except RetrievalError as e:
             log.error("cannot read %s/CURRENT: %s", self.root, e)
             return False
-        if name is None or name in self._rejected or (self._live is not None and self._live.index.name == name):
+        if name is None or (self._live is not None and self._live.index.name == name):
             return False
+        signature = await loop.run_in_executor(self.executor, version_signature, self.root, name)
+        if self._rejected is not None and self._rejected[:2] == (name, signature):
+            return False  # rejected as it is now: retried once its files change
         try:
             live = await loop.run_in_executor(self.executor, self._open, name)
         except Exception as e:  # noqa: BLE001 - keep serving the previous version
-            self._rejected.add(name)
-            log.error("not swapping to index version %s: %s", name, e,
+            reason = self._reason(e)
+            self._rejected = (name, signature, reason)
+            log.error("not swapping to index version %s: %s (retried when its files change)", name, e,
                       exc_info=not isinstance(e, RetrievalError))
+            if self.on_reject:
+                self.on_reject(name, reason)
             return False
+        self._rejected = None
         self._swap(live)
         return True
+
+    def _reason(self, error: Exception) -> str:
+        """Why a version was rejected, as clients may read it: paths relative to the index root."""
+        if not isinstance(error, RetrievalError):
+            return f"unexpected {type(error).__name__} while loading it (see the server log)"
+        message = str(error)
+        for root in {str(self.root.resolve()), str(self.root)}:
+            message = message.replace(root.rstrip("/") + "/", "")
+        return message
 
     @property
     def ready(self) -> bool:
@@ -343,5 +383,7 @@ class Engine:
         idx = live.index
         return {"version": idx.name, "model": idx.model, "model_fingerprint": idx.fingerprint, "dim": idx.dim,
                 "image_count": idx.count("image"), "text_count": idx.count("text"),
-                "available_versions": list_versions(self.root)}
+                "available_versions": list_versions(self.root),
+                "rejected_version": self._rejected[0] if self._rejected else "",
+                "rejected_reason": self._rejected[2] if self._rejected else ""}
 

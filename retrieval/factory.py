@@ -1,7 +1,7 @@
 """The model registry (named JSON configs in `model_configs/`) and the one factory:
 
     model, preprocess, tokenizer = create_model("lite0-minilm")
-    model, preprocess, tokenizer = create_model("runs/best.pt")                 # our checkpoint
+    model, preprocess, tokenizer = create_model("runs/x/model.safetensors")     # our checkpoint
     model, preprocess, tokenizer = create_model("open_clip:ViT-B-32@/ckpt.pt")  # any open_clip arch
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import AugmentationCfg, image_transform
 
 from retrieval.allocator import retain_freed_memory
-from retrieval.checkpoint import load_checkpoint
+from retrieval.checkpoint import SUFFIX, load_checkpoint
 from retrieval.errors import ModelError
 from retrieval.model import SphereModel
 from retrieval.towers import EfficientNetLiteTower, HFTextTower
@@ -83,13 +83,8 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
         model = to_device(OpenClipEncoder(arch, pretrained or tag or None), device)
         return model, model.preprocess, model.tokenizer
 
-    if name_or_checkpoint.endswith((".pt", ".pth")) or Path(name_or_checkpoint).is_file():
-        ckpt = load_checkpoint(name_or_checkpoint)
-        model = build_sphere_model(ckpt["name"], ckpt["config"])
-        model.load_head_state_dict(ckpt["heads"])
-        if model.fingerprint() != ckpt["fingerprint"]:
-            raise ModelError(f"checkpoint '{name_or_checkpoint}' was made with different tower weights "
-                             f"(fingerprint {ckpt['fingerprint']} != {model.fingerprint()}); reinstall the packages it names")
+    if name_or_checkpoint.endswith((".pt", ".pth", SUFFIX)) or Path(name_or_checkpoint).is_file():
+        model = checkpoint_model(name_or_checkpoint)
     else:
         config = get_model_config(name_or_checkpoint)
         model = build_sphere_model(name_or_checkpoint, config)
@@ -98,9 +93,41 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
             if path is None:
                 raise ModelError(f"model '{name_or_checkpoint}' ships no trained heads; train them with "
                                  f"`retrieval train --model {name_or_checkpoint} --data DIR` and pass the checkpoint")
-            model.load_head_state_dict(load_checkpoint(path)["heads"])
+            load_trained_heads(model, load_checkpoint(path), path)
     model = to_device(model, device).eval()
     return model, image_preprocess(model), text_tokenizer(model)
+
+
+def checkpoint_model(path: str | Path) -> SphereModel:
+    """The model a checkpoint file describes, with its trained heads. Its text model must be one a
+    registered config uses: a checkpoint is data, and a free-form spec would import a module or
+    read a folder that the file chose (the image tower's variant is checked against the packaged
+    ones when it is built)."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    text_model = config["text_tower"].get("model") if isinstance(config.get("text_tower"), dict) else None
+    registered = {get_model_config(name)["text_tower"]["model"] for name in list_models()}
+    if text_model not in registered:
+        raise ModelError(f"checkpoint '{path}' names the text model {text_model!r}, which no registered model "
+                         f"uses (registered: {sorted(registered)})")
+    try:
+        model = build_sphere_model(ckpt["name"], config)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a config that does not fit
+        raise ModelError(f"checkpoint '{path}' has a model config this version cannot build: {e!r}") from None
+    load_trained_heads(model, ckpt, path)
+    return model
+
+
+def load_trained_heads(model: SphereModel, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's heads into `model`; the result must have the fingerprint it was saved with."""
+    try:
+        model.load_head_state_dict(ckpt["heads"])
+    except RuntimeError as e:  # a tensor of another shape
+        raise ModelError(f"the trained heads in '{path}' do not fit model '{model.name}': "
+                         f"{str(e).splitlines()[0]}") from None
+    if model.fingerprint() != ckpt["fingerprint"]:
+        raise ModelError(f"checkpoint '{path}' was made with different tower weights (fingerprint "
+                         f"{ckpt['fingerprint']} != {model.fingerprint()}); reinstall the packages it names")
 
 
 def to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:

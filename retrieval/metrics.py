@@ -25,6 +25,11 @@ class ServerMetrics:
                                  ["modality"], registry=self.registry)
         self.swaps = Counter("retrieval_index_swaps", "index versions loaded (startup and hot swaps)",
                              registry=self.registry)
+        self.rejections = Counter("retrieval_index_rejections", "published index versions refused (corrupt, "
+                                  "untrusted or for another model); each is retried once its files change",
+                                  registry=self.registry)
+        self.rejected_version = Gauge("retrieval_index_rejected_version", "number of the last refused index version "
+                                      "(0: none since the last swap; GetIndexInfo says why)", registry=self.registry)
         self._http = None
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
@@ -35,11 +40,15 @@ class ServerMetrics:
         self.batch_size.labels(modality).observe(size)
 
     def observe_index(self, index) -> None:
-        m = re.match(r"v(\d+)$", index.name)
-        self.index_version.set(int(m.group(1)) if m else 0)
+        self.index_version.set(_version_number(index.name))
         for modality in ("image", "text"):
             self.index_items.labels(modality).set(index.count(modality))
         self.swaps.inc()
+        self.rejected_version.set(0)
+
+    def observe_rejection(self, version: str, reason: str) -> None:
+        self.rejections.inc()
+        self.rejected_version.set(_version_number(version))
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns its port (useful with port 0)."""
@@ -51,3 +60,8 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def _version_number(name: str) -> int:
+    m = re.match(r"v(\d+)$", name)
+    return int(m.group(1)) if m else 0

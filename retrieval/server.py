@@ -98,7 +98,7 @@ class RetrievalServer:
                         max_wait_s=config.max_wait_ms / 1000.0, max_reply_bytes=int(config.max_message_mb * MiB))
         self.engine = Engine(config.index, limits, self.executor, model=config.model, model_loader=model_loader,
                              verify=config.verify, on_batch=self.metrics.observe_batch,
-                             on_swap=self.metrics.observe_index)
+                             on_swap=self.metrics.observe_index, on_reject=self.metrics.observe_rejection)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -8,8 +8,9 @@ image with one random view and one random caption of its own. Loss: symmetric In
 Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable.
 Last, the best heads get the inverted softmax's query banks (random training captions and
 images) with its beta chosen on dev (`retrieval.querybank`).
-Outputs in OUT: last.pt (resume state), best.pt (best dev epoch), model.pt (best heads in
-float16: the file to ship as retrieval/weights/NAME.pt or to pass to create_model).
+Outputs in OUT, safetensors checkpoints (`retrieval.checkpoint`): last.safetensors (resume
+state), best.safetensors (best dev epoch), model.safetensors (best heads in float16: the file to
+ship as retrieval/weights/NAME.safetensors or to pass to create_model).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrieval.checkpoint import load_checkpoint, round_heads_to_half, save_checkpoint
+from retrieval.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
 from retrieval.data import CaptionDataset, load_caption_dataset
 from retrieval.evaluate import recall_at_k
 from retrieval.factory import image_preprocess, text_tokenizer
@@ -197,8 +198,9 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     steps_per_epoch = math.ceil(n_img / cfg.batch_size)
     sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     start_epoch, best, history = 0, -1.0, []
-    if cfg.resume and (out / "last.pt").is_file():
-        state = load_checkpoint(out / "last.pt")
+    last, best_file, final = (out / f"{stem}{SUFFIX}" for stem in ("last", "best", "model"))
+    if cfg.resume and last.is_file():
+        state = load_checkpoint(last)
         model.load_head_state_dict(state["heads"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -207,7 +209,7 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        log.info("resumed from %s at epoch %d (best dev R@1 mean %.2f)", out / "last.pt", start_epoch, best)
+        log.info("resumed from %s at epoch %d (best dev R@1 mean %.2f)", last, start_epoch, best)
     caps = _captions_of(tr.dataset.caption_image, n_img)
     data_info = {"path": str(Path(cfg.data).resolve()), "train_split": cfg.train_split, "dev_split": cfg.dev_split,
                  "train_images": n_img, "train_captions": len(tr.text), "views": cfg.views,
@@ -234,25 +236,25 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
         if score > best:
             best = score
-            save_checkpoint(out / "best.pt", model, data=data_info, metrics={"dev": metrics, "epoch": epoch},
+            save_checkpoint(best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch},
                             train_config=asdict(cfg))
-        save_checkpoint(out / "last.pt", model, data=data_info, train_config=asdict(cfg), epoch=epoch, best=best,
+        save_checkpoint(last, model, data=data_info, train_config=asdict(cfg), epoch=epoch, best=best,
                         history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         logit_bias=float(logit_bias) if logit_bias is not None else None,
                         torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state())
     # The deliverable: the best heads, float16, with their query banks, no optimizer state: small
     # enough to ship in the package.
-    best_state = load_checkpoint(out / "best.pt")
+    best_state = load_checkpoint(best_file)
     model.load_head_state_dict(best_state["heads"])
     round_heads_to_half(model)
     metrics = dict(best_state["metrics"])
     if cfg.querybank_size > 0:
         metrics["querybank"] = fit_querybank_on(model, tr, dev, cfg)
         round_heads_to_half(model)  # the banks too, as the float16 file stores them
-    save_checkpoint(out / "model.pt", model, half=True, data=data_info, metrics=metrics, train_config=asdict(cfg))
+    save_checkpoint(final, model, half=True, data=data_info, metrics=metrics, train_config=asdict(cfg))
     model.eval()
     summary = {"best_dev_R@1_mean": best, "querybank": metrics.get("querybank"), "epochs": cfg.epochs,
-               "seconds": round(time.time() - t0, 1), "checkpoint": str(out / "model.pt"), "history": history,
+               "seconds": round(time.time() - t0, 1), "checkpoint": str(final), "history": history,
                "config": asdict(cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -336,7 +336,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, flickr_mini, bundle, cap
     for name in ("images.faiss", "texts.faiss"):
         faiss.write_index(faiss.index_factory(257, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), str(tmp / name))
     write_metadata(tmp / "meta.sqlite", [], [])
-    (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT, "model": "other", "fingerprint": "0123", "dim": 256}))
+    files = {name: sha256_file(tmp / name) for name in ("images.faiss", "texts.faiss", "meta.sqlite")}
+    (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT, "model": "other", "fingerprint": "0123",
+                                                   "dim": 256, "files": files}))
     publish(root, tmp, "v0001", keep=3)
     with pytest.raises(FingerprintMismatchError, match="run a full build"):
         _build(bundle, root, dataset=str(flickr_mini), split="test", incremental=True)

@@ -83,13 +83,14 @@ def test_open_clip_architecture_loads_a_local_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_that_is_not_ours_is_a_clear_error(tmp_path):
-    bogus = tmp_path / "bogus.pt"
-    torch.save({"hello": 1}, bogus)
-    with pytest.raises(ModelError, match="not a retrieval-sphere-checkpoint"):
-        create_model(str(bogus))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"), metadata={"hello": "1"})
+    torch.save({"hello": 1}, tmp_path / "bogus.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a zip")
-    with pytest.raises(ModelError, match="cannot be read"):
-        create_model(str(tmp_path / "garbage.pt"))
+    for name in ("foreign.safetensors", "bogus.pt", "garbage.pt"):
+        with pytest.raises(ModelError, match="is not a retrieval-sphere-checkpoint/2 checkpoint"):
+            create_model(str(tmp_path / name))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: 'cuda' would load")
@@ -101,14 +102,46 @@ def test_an_unusable_device_is_one_clear_error():
 
 def test_heads_saved_before_query_banks_existed_still_load(tmp_path):
     """A checkpoint without bank tensors loads with no correction and keeps its fingerprint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from retrieval.checkpoint import save_checkpoint
     from retrieval.querybank import querybank_of
 
     model, _, _ = create_model("lite0-minilm", load_weights=False)
-    path = save_checkpoint(tmp_path / "old.pt", model)
-    payload = torch.load(path, weights_only=False)
-    payload["heads"] = {k: v for k, v in payload["heads"].items() if k not in ("text_bank", "image_bank", "querybank_beta")}
-    torch.save(payload, path)
+    path = save_checkpoint(tmp_path / "old.safetensors", model)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        heads = {k: f.get_tensor(k) for k in f.keys() if k not in ("text_bank", "image_bank", "querybank_beta")}
+    save_file(heads, str(path), metadata=metadata)
     loaded, _, _ = create_model(str(path))
-    assert loaded.fingerprint() == payload["fingerprint"] == model.fingerprint()
+    assert loaded.fingerprint() == model.fingerprint()
     assert querybank_of(loaded).info() == {"method": "none", "beta": 0.0, "text_bank": 0, "image_bank": 0}
+
+
+def test_shipped_heads_survived_the_move_to_safetensors_bit_for_bit(default_model):
+    """The shipped heads were converted once from the pickled lite0-minilm.pt. Expected values were
+    computed from that file before it was deleted: the sha256 of its head tensors (name, dtype,
+    shape, bytes), the model's fingerprint and encodings of fixed inputs."""
+    import hashlib
+
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.factory import get_model_config, shipped_weights_path
+
+    model, _, tokenizer = default_model
+    assert model.fingerprint() == "b0131c82b27480cc"
+    heads = load_checkpoint(shipped_weights_path(get_model_config("lite0-minilm")))["heads"]
+    h = hashlib.sha256()
+    for key in sorted(heads):
+        t = heads[key].contiguous()
+        h.update(key.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+    assert h.hexdigest() == "6c7846ceb86f335637593722d7cd52364e5ecaef677ccbdeff0ae692a756a9de"
+    text = model.encode_text(tokenizer(["a dog runs on the beach", "two children play in the snow"]))
+    pixels = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    image = model.encode_image(pixels)
+    np.testing.assert_allclose(text[:, :6].numpy(), [[0.043874, -0.016474, -0.058636, -0.027768, -0.067172, -0.099581],
+                                                     [0.012593, -0.024993, -0.047263, 0.099818, 0.04678, -0.065769]],
+                               atol=1e-4)  # other CPUs round differently; the digests above are exact
+    np.testing.assert_allclose(image[:, :6].numpy(), [[-0.046674, 0.057541, -0.060666, 0.056536, -0.12538, -0.079815],
+                                                      [-0.048193, 0.044493, -0.059719, 0.064506, -0.110715, -0.075762]],
+                               atol=1e-4)  # other CPUs round differently; the digests above are exact

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import retrieval.train as train_mod
+from retrieval.checkpoint import load_checkpoint
 from retrieval.factory import create_model
 from retrieval.features import encode_texts
 from retrieval.train import TrainConfig, train
@@ -36,11 +37,12 @@ def test_contrastive_loss_falls_on_real_pairs(trained):
 
 def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_mini):
     cfg, model, summary = trained
-    best = torch.load(summary["checkpoint"], weights_only=False)
+    assert summary["checkpoint"].endswith("model.safetensors")
+    best = load_checkpoint(summary["checkpoint"])
     assert best["config"]["embed_dim"] == model.embed_dim and best["fingerprint"]
     assert best["data"]["train_images"] == 48 and best["data"]["views"] == 2
     assert "dev" in best["metrics"] and best["train_config"]["seed"] == 3
-    # train() leaves the model equal to the exported model.pt (best epoch, float16-rounded heads)
+    # train() leaves the model equal to the exported model.safetensors (best epoch, float16-rounded heads)
     loaded, _, tokenizer = create_model(summary["checkpoint"])
     captions = ["A man rides a bike .", "A black dog swims in a lake ."]
     np.testing.assert_array_equal(encode_texts(model.eval(), tokenizer, captions, progress=False),
@@ -56,6 +58,14 @@ def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_m
     assert summary_file["best_dev_R@1_mean"] == summary["best_dev_R@1_mean"]
 
 
+def test_a_rerun_writes_the_same_checkpoint_bytes(trained):
+    """What the README's reproduction relies on: training is seeded and the file holds no timestamps."""
+    cfg, _, summary = trained
+    first = Path(summary["checkpoint"]).read_bytes()
+    again = train(cfg, create_model(cfg.model, load_weights=False)[0])
+    assert again["checkpoint"] == summary["checkpoint"] and Path(again["checkpoint"]).read_bytes() == first
+
+
 def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini, tmp_path, monkeypatch):
     _, reference, _ = trained
     cfg = _cfg(flickr_mini, tmp_path)
@@ -64,7 +74,7 @@ def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini,
     def save_then_die_after_epoch_3(path, model, **extra):
         real_save(path, model, **extra)
         saves.append(path.name)
-        if saves.count("last.pt") == 3:
+        if saves.count("last.safetensors") == 3:
             raise KeyboardInterrupt  # as if the job were killed right after epoch 3's checkpoint
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die_after_epoch_3)

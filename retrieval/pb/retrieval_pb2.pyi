@@ -109,7 +109,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("version", "model", "model_fingerprint", "dim", "image_count", "text_count", "available_versions")
+    __slots__ = ("version", "model", "model_fingerprint", "dim", "image_count", "text_count", "available_versions", "rejected_version", "rejected_reason")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,8 @@ class IndexInfo(_message.Message):
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     TEXT_COUNT_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REASON_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     model_fingerprint: str
@@ -124,4 +126,6 @@ class IndexInfo(_message.Message):
     image_count: int
     text_count: int
     available_versions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dim: _Optional[int] = ..., image_count: _Optional[int] = ..., text_count: _Optional[int] = ..., available_versions: _Optional[_Iterable[str]] = ...) -> None: ...
+    rejected_version: str
+    rejected_reason: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dim: _Optional[int] = ..., image_count: _Optional[int] = ..., text_count: _Optional[int] = ..., available_versions: _Optional[_Iterable[str]] = ..., rejected_version: _Optional[str] = ..., rejected_reason: _Optional[str] = ...) -> None: ...
