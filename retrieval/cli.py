@@ -39,6 +39,8 @@ TRAIN_HELP = {
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Off a terminal, progress comes as log lines (retrieval.progress): shown without --verbose too.
+    logging.getLogger("retrieval.progress").setLevel(logging.INFO)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
