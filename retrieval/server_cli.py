@@ -46,8 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(ServeConfig, args).validate()  # a ConfigError is one line, exit 2
     # A server says what it serves and when it swaps, even without --verbose.
     for name in ("retrieval.server", "retrieval.engine"):
         logging.getLogger(name).setLevel(logging.INFO)
-    serve(dataclass_from_args(ServeConfig, args))
+    serve(config)
     return 0

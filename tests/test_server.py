@@ -229,13 +229,8 @@ def test_bearer_token_is_required_when_set(index_root, bundle):
         channel.close()
 
 
-def test_tls(index_root, bundle, tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed; it makes the test's self-signed certificate")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+def test_tls(index_root, bundle, tls_pair):
+    cert, key = tls_pair
     cfg = ServeConfig(index=str(index_root), host="localhost", port=0, metrics_port=-1, tls_cert=str(cert),
                       tls_key=str(key))
     with ServerThread(cfg) as srv:
