@@ -99,8 +99,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_reject: Callable[[str, str], None] | None = None):
         self._expected = f"Bearer {token}".encode()
+        self._on_reject = on_reject  # (method, status code name): rejected calls count in the metrics
 
         async def deny(request, context):
             code, message = status_for(UnauthenticatedError(
@@ -116,6 +117,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         sent = sent.encode() if isinstance(sent, str) else sent
         if hmac.compare_digest(sent, self._expected):
             return await continuation(details)
+        if self._on_reject is not None:
+            self._on_reject(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name)
         return self._deny
 
 
@@ -161,7 +164,7 @@ class RetrievalServer:
         cfg = self.config
         max_bytes = int(cfg.max_message_mb * MiB)
         self._server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(cfg.token)] if cfg.token else None,
+            interceptors=[BearerTokenInterceptor(cfg.token, self.metrics.observe_rejected)] if cfg.token else None,
             # no SO_REUSEPORT: a port another server holds is an error, not a silently shared port
             options=[("grpc.so_reuseport", 0),
                      ("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)])

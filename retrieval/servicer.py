@@ -15,7 +15,7 @@ from retrieval.engine import Engine, Hit
 from retrieval.errors import InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.pb import retrieval_pb2_grpc as pb_grpc
-from retrieval.server_errors import status_for
+from retrieval.server_errors import cancelled_status, status_for
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 _MODALITY_OUT = {"image": pb.MODALITY_IMAGE, "text": pb.MODALITY_TEXT}
@@ -33,7 +33,7 @@ def _rpc(method: Callable[..., Awaitable[Any]]):
         try:
             return await method(self, request, context)
         except asyncio.CancelledError:  # the client went away or its deadline passed
-            code = grpc.StatusCode.CANCELLED
+            code = cancelled_status(context)
             raise
         except Exception as e:  # noqa: BLE001 - the client gets a status, the log gets the rest
             code, message = status_for(e, name)

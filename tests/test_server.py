@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def test_oversize_message_is_resource_exhausted(client):
 # -- auth and TLS ---------------------------------------------------------------------------------------
 
 def test_bearer_token_is_required_when_set(index_root, bundle):
-    cfg = ServeConfig(index=str(index_root), port=0, metrics_port=-1, token="s3cret")
+    cfg = ServeConfig(index=str(index_root), port=0, metrics_port=0, token="s3cret")
     with ServerThread(cfg) as srv:
         for token in (None, "wrong"):
             with RetrievalClient(srv.address, timeout=30, token=token) as c, pytest.raises(grpc.RpcError) as err:
@@ -227,6 +228,10 @@ def test_bearer_token_is_required_when_set(index_root, bundle):
         channel, stub = health_stub(srv.address)  # health stays open for probes
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
         channel.close()
+        text = scrape(srv)  # rejected calls are counted (not timed: no handler ran)
+        assert 'retrieval_requests_total{code="UNAUTHENTICATED",method="Search"} 2.0' in text
+        assert 'retrieval_requests_total{code="OK",method="Search"} 1.0' in text
+        assert 'retrieval_request_latency_seconds_count{method="Search"} 1.0' in text
 
 
 def test_tls(index_root, bundle, tls_pair):
@@ -280,13 +285,71 @@ def test_reflection_lists_the_service(server):
     assert fd.package == "retrieval.v1" and "Search" in [m.name for m in fd.service[0].method]
 
 
+def scrape(srv: ServerThread, path: str = "/metrics") -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}{path}", timeout=10).read().decode()
+
+
+def wait_for_metric(srv: ServerThread, line: str) -> str:
+    """The scrape once it holds `line` (a call's metrics are recorded as its handler ends, which
+    can be just after the client has its answer)."""
+    deadline = time.monotonic() + 30
+    while line not in (text := scrape(srv)):
+        assert time.monotonic() < deadline, f"{line!r} never appeared in:\n{text}"
+        time.sleep(0.05)
+    return text
+
+
 def test_metrics_endpoint(server, client):
     client.search_text("a girl in a pink dress", k=3)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    with pytest.raises(grpc.RpcError):
+        client.search_text("")
+    text = wait_for_metric(server, 'retrieval_requests_total{code="INVALID_ARGUMENT",method="Search"}')
     assert 'retrieval_requests_total{code="OK",method="Search"}' in text
-    assert 'retrieval_requests_total{code="INVALID_ARGUMENT",method="Search"}' in text
     assert "retrieval_request_latency_seconds_bucket" in text and 'retrieval_encoder_batch_size_count{modality="text"}' in text
     assert "retrieval_index_version 1.0" in text
+    # the standard process, platform and GC metrics, from the server's own registry
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "python_info",
+                 "python_gc_collections_total"):
+        assert f"\n{name}" in text, name
+    for path in ("/", "/metric", "/metrics/x", "/favicon.ico", "/metrics%00"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            scrape(server, path)
+        assert err.value.code == 404
+
+
+class BlockingTextModel:
+    """The real model, whose text encoder waits for `release` (one call per release) after saying
+    it was `entered`: a call stays in flight, inside the encoder, for as long as a test wants."""
+
+    def __init__(self, model):
+        self._model = model
+        self.entered, self.release = threading.Semaphore(0), threading.Semaphore(0)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def encode_text(self, ids):
+        self.entered.release()
+        self.release.acquire(timeout=60)
+        return self._model.encode_text(ids)
+
+
+def test_deadline_exceeded_and_cancelled_calls_are_counted_as_such(index_root, bundle):
+    model = BlockingTextModel(bundle[0])
+    cfg = ServeConfig(index=str(index_root), port=0, metrics_port=0)
+    with ServerThread(cfg, model_loader=lambda name: (model, *bundle[1:])) as srv, \
+            RetrievalClient(srv.address, timeout=60) as client:
+        with pytest.raises(grpc.RpcError) as err:  # its deadline passes while it waits in the encoder
+            client.stub.Search(search_request(text="a dog"), timeout=1.0)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        model.release.release()
+        wait_for_metric(srv, 'retrieval_requests_total{code="DEADLINE_EXCEEDED",method="Search"} 1.0')
+        call = client.stub.Search.future(search_request(text="a cat"), timeout=60)
+        assert model.entered.acquire(timeout=30)
+        call.cancel()  # the client gives up long before its deadline
+        model.release.release()
+        text = wait_for_metric(srv, 'retrieval_requests_total{code="CANCELLED",method="Search"} 1.0')
+        assert 'code="DEADLINE_EXCEEDED",method="Search"} 1.0' in text and 'code="OK"' not in text
 
 
 def test_health_goes_not_serving_on_shutdown(index_root, bundle):
