@@ -15,6 +15,7 @@ forms count, time and estimate alike.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, Protocol
@@ -49,6 +50,17 @@ def meter(total: int | None, desc: str, unit: str = "it", enabled: bool = True, 
     if enabled and not _stderr_is_a_terminal():
         return LogProgress(total, desc, unit, initial=initial, interval_s=interval_s)
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled)
+
+
+def quiet_library_progress_bars() -> None:
+    """Turn off the bars the Hugging Face libraries draw while loading a model (transformers'
+    'Loading weights', huggingface_hub's downloads): a server's log has no use for them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub at import
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    transformers_logging.disable_progress_bar()  # transformers' bars and huggingface_hub's
 
 
 def _stderr_is_a_terminal() -> bool:

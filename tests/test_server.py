@@ -404,7 +404,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_cli_stops_gracefully_on_sigterm(index_root):
+def test_serve_cli_logs_lines_and_stops_gracefully_on_sigterm(index_root):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRIEVAL_METRICS_PORT": "-1", "RETRIEVAL_GRACE_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_root), "--port",
@@ -427,6 +427,10 @@ def test_serve_cli_stops_gracefully_on_sigterm(index_root):
         assert next(stream).status == NOT_SERVING
         assert proc.wait(timeout=60) == 0
         channel.close()
+        # a log, not a terminal: lines, and no progress bar (transformers draws one loading weights)
+        log = proc.stdout.read()
+        assert "serving index version v0001" in log and "shutting down" in log
+        assert "\r" not in log and "it/s]" not in log and "%|" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()
