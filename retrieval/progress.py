@@ -72,9 +72,9 @@ def _stderr_is_a_terminal() -> bool:
 
 class LogProgress:
     """Counts like a tqdm bar; logs one line when at least `interval_s` seconds have passed since
-    the last one, and on close a last one for what it has not told yet. (Hand-written around tqdm's formatter: a tqdm bar
-    writing to a logger would still emit '\\r' frames, start a monitor thread and join its
-    global list of bars.)"""
+    the last one, and on close a last one for what it has not told yet. (Hand-written around
+    tqdm's formatter: a tqdm bar writing to a logger would still emit '\\r' frames, start a
+    monitor thread and join its global list of bars.)"""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, initial: int = 0,
                  interval_s: float = 10.0, logger: logging.Logger = log):

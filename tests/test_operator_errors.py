@@ -27,8 +27,9 @@ def clean_environment(monkeypatch):
 
 
 def serve_fails(capfd, *flags: str) -> str:
-    """Runs `retrieval serve` in-process (the index root does not exist); asserts exit code 2 and exactly one line on stderr
-    (file-descriptor level: grpc's C core would write there too); returns the line."""
+    """Runs `retrieval serve` in-process (the index root does not exist); asserts exit code 2 and
+    exactly one line on stderr (file-descriptor level: grpc's C core would write there too);
+    returns the line."""
     try:
         code = main(["serve", "--index", NO_INDEX, *flags])
     except SystemExit as e:  # argparse's own errors (a malformed flag) exit from parse_args

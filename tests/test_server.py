@@ -246,14 +246,60 @@ def test_tls(index_root, bundle, tls_pair):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def health_cli(monkeypatch, capsys, host: str, port: int, tls_cert=None) -> tuple[int, str]:
+    """`retrieval health` configured as in a container, by RETRIEVAL_* variables: (exit code, its one line)."""
+    from retrieval.cli import main
+
+    monkeypatch.setenv("RETRIEVAL_HOST", host)
+    monkeypatch.setenv("RETRIEVAL_PORT", str(port))
+    if tls_cert:
+        monkeypatch.setenv("RETRIEVAL_TLS_CERT", str(tls_cert))
+    else:
+        monkeypatch.delenv("RETRIEVAL_TLS_CERT", raising=False)
+    capsys.readouterr()  # what came before (a model loading in this process, say) is not the probe's
+    code = main(["health"])
+    out, err = capsys.readouterr()
+    lines = (out + err).splitlines()
+    assert len(lines) == 1, out + err
+    return code, lines[0]
+
+
+def test_health_cli_over_tls_on_every_interface(index_root, bundle, tls_pair, monkeypatch, capsys):
+    """The container's settings: RETRIEVAL_HOST 0.0.0.0 and a certificate for another name than
+    the address probed; the probe trusts the server's own certificate."""
+    cert, key = tls_pair
+    cfg = ServeConfig(index=str(index_root), host="0.0.0.0", port=0, metrics_port=-1, tls_cert=str(cert),
+                      tls_key=str(key))
+    with ServerThread(cfg) as srv:
+        port = srv.server.port
+        for host, probed in (("0.0.0.0", "localhost"), ("127.0.0.1", "127.0.0.1")):
+            assert health_cli(monkeypatch, capsys, host, port, cert) == (0, f"retrieval health: {probed}:{port}: SERVING")
+        code, line = health_cli(monkeypatch, capsys, "0.0.0.0", port)  # a plaintext probe fails against TLS
+        assert code == 1 and "UNAVAILABLE" in line
+
+
+def test_health_cli_plaintext(server, monkeypatch, capsys):
+    port = server.server.port
+    assert health_cli(monkeypatch, capsys, "127.0.0.1", port) == (0, f"retrieval health: 127.0.0.1:{port}: SERVING")
+    monkeypatch.setenv("RETRIEVAL_VERIFY", "ture")  # not the probe's business: its own variables only
+    assert health_cli(monkeypatch, capsys, "0.0.0.0", port)[0] == 0
+    code, line = health_cli(monkeypatch, capsys, "127.0.0.1", _free_port())
+    assert code == 1 and "UNAVAILABLE" in line
+    code, line = health_cli(monkeypatch, capsys, "127.0.0.1", "abc")  # type: ignore[arg-type]
+    assert (code, line) == (1, "retrieval health: error: environment variable RETRIEVAL_PORT: 'abc' is not an integer")
+
+
 # -- no index yet, health, reflection, metrics ------------------------------------------------------------
 
-def test_no_index_is_unavailable_until_one_is_published(index_root, bundle, tmp_path):
+def test_no_index_is_unavailable_until_one_is_published(index_root, bundle, tmp_path, monkeypatch, capsys):
     root = tmp_path / "empty-root"
     cfg = ServeConfig(index=str(root), port=0, metrics_port=-1, model=MODEL, watch_interval_s=0.1)
     with ServerThread(cfg) as srv, RetrievalClient(srv.address, timeout=30) as c:
         channel, health = health_stub(srv.address)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == NOT_SERVING
+        port = srv.server.port
+        assert health_cli(monkeypatch, capsys, "127.0.0.1", port) == (1, f"retrieval health: 127.0.0.1:{port}: "
+                                                                         "NOT_SERVING")
         for call in (lambda: c.search_text("a dog"), lambda: c.index_info(), lambda: c.embed_text("a dog")):
             with pytest.raises(grpc.RpcError) as err:
                 call()
@@ -305,7 +351,8 @@ def test_metrics_endpoint(server, client):
         client.search_text("")
     text = wait_for_metric(server, 'retrieval_requests_total{code="INVALID_ARGUMENT",method="Search"}')
     assert 'retrieval_requests_total{code="OK",method="Search"}' in text
-    assert "retrieval_request_latency_seconds_bucket" in text and 'retrieval_encoder_batch_size_count{modality="text"}' in text
+    assert "retrieval_request_latency_seconds_bucket" in text
+    assert 'retrieval_encoder_batch_size_count{modality="text"}' in text
     assert "retrieval_index_version 1.0" in text
     # the standard process, platform and GC metrics, from the server's own registry
     for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "python_info",
