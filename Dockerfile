@@ -85,8 +85,10 @@ EXPOSE 50051 9090
 # handler for), so `docker stop` shuts the server down at once instead of after 10 s.
 STOPSIGNAL SIGINT
 
-# Asks the standard gRPC health service (overall status, service "") on this container's port.
+# `retrieval health` asks the standard gRPC health service (overall status) on the address the
+# server's RETRIEVAL_HOST/RETRIEVAL_PORT name, over TLS when RETRIEVAL_TLS_CERT is set (trusting
+# that certificate); it imports grpc only, not the model.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('RETRIEVAL_PORT', '50051')); r = hg.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=4); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+    CMD ["retrieval", "health"]
 
 CMD ["retrieval", "serve", "--index", "/index"]

@@ -13,16 +13,20 @@
 """
 from retrieval.errors import (DatasetError, FingerprintMismatchError, IndexCorruptError, IndexUnavailableError,
                               InvalidInputError, ModelError, RetrievalError, UnauthenticatedError)
-from retrieval.factory import DEFAULT_MODEL, create_model, get_model_config, list_models
-from retrieval.querybank import QueryBank, querybank_of
+
+# Imported when first asked for: the model pulls in torch, the client grpc, and a light command
+# such as `retrieval health` (a container's probe, every few seconds) needs neither.
+_LAZY = {"DEFAULT_MODEL": "retrieval.factory", "create_model": "retrieval.factory",
+         "get_model_config": "retrieval.factory", "list_models": "retrieval.factory",
+         "QueryBank": "retrieval.querybank", "querybank_of": "retrieval.querybank",
+         "RetrievalClient": "retrieval.client"}
 
 
 def __getattr__(name: str):
-    # The client pulls in grpc and the generated stubs: import it only when asked for.
-    if name == "RetrievalClient":
-        from retrieval.client import RetrievalClient
+    if name in _LAZY:
+        import importlib
 
-        return RetrievalClient
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
 
 

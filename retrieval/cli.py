@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Sequence
 
-from retrieval.config import add_dataclass_arguments, dataclass_from_args, run_command
+from retrieval.config import OneLineErrorParser, add_dataclass_arguments, dataclass_from_args, run_command
 
 TRAIN_HELP = {
     "data": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
@@ -40,6 +40,8 @@ TRAIN_HELP = {
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Off a terminal, progress comes as log lines (retrieval.progress): shown without --verbose too.
+    logging.getLogger("retrieval.progress").setLevel(logging.INFO)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -65,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retrieval", description=__doc__)
+    parser = OneLineErrorParser(prog="retrieval", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -83,15 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    from retrieval import client_cli, demo, server_cli
+    from retrieval import client_cli, demo, health_cli, server_cli
 
     server_cli.add_parser(sub)
     client_cli.add_parser(sub)
+    health_cli.add_parser(sub)
     demo.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["health"]:  # the container's probe: straight there, without importing the model's modules
+        from retrieval import health_cli
+
+        return health_cli.main(argv[1:])
     # Offline by default: hub look-ups retry for a long time without network. Set HF_HUB_OFFLINE=0 to allow them.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)

@@ -10,6 +10,10 @@ class RetrievalError(Exception):
     """Base class: an error whose message is meant for a person."""
 
 
+class ConfigError(RetrievalError):
+    """A setting (command-line flag or environment variable) is invalid; the message names it."""
+
+
 class InvalidInputError(RetrievalError):
     """A query or input item is malformed (empty text, undecodable image, bad k, bad vector)."""
 

@@ -15,10 +15,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from retrieval.images import ImageFileDataset, split_transform
 from retrieval.model import state_fingerprint
+from retrieval.progress import meter
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     # Random crops reseed torch's RNG per item: in-process (workers=0) that is the global one, so
     # fork it: the caller's random stream is left untouched.
     with torch.random.fork_rng(), torch.inference_mode(), \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+            meter(len(paths), desc, "img", enabled=progress) as bar:
         for idx, pixels, errors in loader:
             # encode_image feeds its tower channels-last itself; the bare tower gets the same layout
             vecs = (model.encode_image(pixels) if project
@@ -115,7 +115,7 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str], *, project: b
     """(N, D or F) float32. Texts are batched by length (less padding), results in input order."""
     order = np.argsort([len(t) for t in texts], kind="stable")
     out: np.ndarray | None = None
-    with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="txt", disable=not progress) as bar:
+    with torch.inference_mode(), meter(len(texts), desc, "txt", enabled=progress) as bar:
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
             ids = tokenizer([texts[i] for i in rows])

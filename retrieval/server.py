@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import math
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from retrieval.engine import Engine, Limits, cached_model
-from retrieval.errors import UnauthenticatedError
+from retrieval.errors import ConfigError, UnauthenticatedError
 from retrieval.metrics import ServerMetrics
+from retrieval.preflight import check_can_listen, check_tls_pair
 from retrieval.server_errors import status_for
 from retrieval.servicer import SERVICE_NAME, RetrievalServicer, add_to_server
 
@@ -59,6 +62,35 @@ class ServeConfig:
     verify: bool = True
     device: str = "cpu"
 
+    def validate(self) -> "ServeConfig":
+        """Raise a ConfigError naming the flag of the first setting the server cannot run with.
+        Reads the TLS files (they must be a matching PEM pair) and loads nothing else."""
+        def require(ok: bool, flag: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"--{flag.replace('_', '-')} {getattr(self, flag)!s}: {rule}")
+
+        require(bool(self.index), "index", "must name the index root")
+        require(bool(self.host), "host", "must name an address to listen on")
+        require(0 <= self.port <= 65535, "port", "must be a port number from 0 to 65535 (0 picks a free one)")
+        require(self.metrics_port <= 65535, "metrics_port", "must be a port number up to 65535 (negative disables)")
+        for name in ("max_batch", "max_image_batch", "text_concurrency", "image_concurrency", "max_k",
+                     "max_text_chars", "max_batch_queries", "workers"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("max_message_mb", "watch_interval_s"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
+        for name in ("max_wait_ms", "grace_s"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be 0 or more")
+        require(self.max_message_mb * MiB < 2**31, "max_message_mb", "must be under 2048 (gRPC's limit)")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            require(False, "device", "must be a torch device such as cpu, cuda or cuda:0")
+        if self.tls_cert or self.tls_key:
+            require(bool(self.tls_cert), "tls_key", "needs --tls-cert too (TLS takes both)")
+            require(bool(self.tls_key), "tls_cert", "needs --tls-key too (TLS takes both)")
+            check_tls_pair(self.tls_cert, self.tls_key)
+        return self
+
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer TOKEN` on the retrieval service; health checks and
@@ -66,8 +98,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_denied: Callable[[str, str], None] | None = None):
         self._expected = f"Bearer {token}".encode()
+        self._on_denied = on_denied  # (method, status code name): denied calls count in the metrics
 
         async def deny(request, context):
             code, message = status_for(UnauthenticatedError(
@@ -83,12 +116,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         sent = sent.encode() if isinstance(sent, str) else sent
         if hmac.compare_digest(sent, self._expected):
             return await continuation(details)
+        if self._on_denied is not None:
+            self._on_denied(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name)
         return self._deny
 
 
 class RetrievalServer:
     def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] | None = None):
-        self.config = config
+        self.config = config.validate()
         model_loader = model_loader or functools.partial(cached_model, device=config.device)
         self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="retrieval")
@@ -112,29 +147,10 @@ class RetrievalServer:
             await self.health.set(name, status)
 
     async def start(self) -> None:
-        cfg = self.config
-        max_bytes = int(cfg.max_message_mb * MiB)
-        self._server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(cfg.token)] if cfg.token else None,
-            options=[("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)])
-        add_to_server(RetrievalServicer(self.engine, self.metrics, cfg.max_batch_queries), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        await self._set_serving(False)
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert or cfg.tls_key:
-            if not (cfg.tls_cert and cfg.tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            self.port = self._server.add_secure_port(address, creds)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        await self._server.start()
-        log.info("listening on %s:%d (%s)", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext")
-        if cfg.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
+        """Listen (health NOT_SERVING), load the model and the CURRENT version, turn SERVING, watch
+        for new versions. A ConfigError when the server cannot listen as configured."""
         try:
+            await self._listen()
             loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.load)
         except BaseException:
             await self._close(grace=0)
@@ -142,6 +158,39 @@ class RetrievalServer:
         if loaded:
             await self._set_serving(True)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _listen(self) -> None:
+        cfg = self.config
+        max_bytes = int(cfg.max_message_mb * MiB)
+        self._server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(cfg.token, self.metrics.observe_refused_call)] if cfg.token else None,
+            # no SO_REUSEPORT: a port another server holds is an error, not a silently shared port
+            options=[("grpc.so_reuseport", 0),
+                     ("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)])
+        add_to_server(RetrievalServicer(self.engine, self.metrics, cfg.max_batch_queries), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        await self._set_serving(False)
+        check_can_listen(cfg.host, cfg.port)
+        if cfg.metrics_port >= 0:
+            check_can_listen(cfg.host, cfg.metrics_port, "metrics")
+        address = f"{cfg.host}:{cfg.port}"
+        try:  # grpc raises RuntimeError, or returns port 0, when it cannot bind after all
+            if cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(),
+                                                      Path(cfg.tls_cert).read_bytes())])
+                self.port = self._server.add_secure_port(address, creds)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise ConfigError(f"cannot listen for gRPC on {address}")
+        await self._server.start()
+        log.info("listening on %s:%d (%s)", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext")
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
 
     async def _watch(self) -> None:
         while not self._stop_watching.is_set():

@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from retrieval.config import add_dataclass_arguments, dataclass_from_args
+from retrieval.progress import quiet_library_progress_bars
 from retrieval.server import ServeConfig, serve
 
 SERVE_HELP = {
@@ -46,8 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # A server says what it serves and when it swaps, even without --verbose.
+    config = dataclass_from_args(ServeConfig, args).validate()  # a ConfigError is one line, exit 2
+    # A server says what it serves and when it swaps, even without --verbose; no progress bars.
     for name in ("retrieval.server", "retrieval.engine"):
         logging.getLogger(name).setLevel(logging.INFO)
-    serve(dataclass_from_args(ServeConfig, args))
+    quiet_library_progress_bars()
+    serve(config)
     return 0

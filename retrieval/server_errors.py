@@ -65,3 +65,17 @@ def client_message(message: str) -> str:
         return "/".join(parts[-2:] if len(parts) >= 2 and VERSION_RE.match(parts[-2]) else parts[-1:])
 
     return _HOST_PATH.sub(short, message)
+
+
+# A client's deadline timer fires about one network trip before the server's own (which starts
+# when the request arrives), so its cancellation can reach the server just before that deadline.
+DEADLINE_SLACK_S = 0.1
+
+
+def cancelled_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """What a call cancelled under its handler ended with, for the metrics: DEADLINE_EXCEEDED when
+    its deadline has (about) passed, else CANCELLED (the client gave up or went away)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED

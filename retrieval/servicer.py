@@ -18,7 +18,7 @@ from retrieval.batcher import Alive
 from retrieval.engine import Engine, Hit
 from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
-from retrieval.server_errors import status_for
+from retrieval.server_errors import cancelled_status, status_for
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["RetrievalService"]
 SERVICE_NAME = _SERVICE.full_name
@@ -39,7 +39,7 @@ def _rpc(method: Callable[..., Awaitable[Any]]):
         try:
             return await method(self, _parse(request_type, request), context)
         except asyncio.CancelledError:  # the client went away or its deadline passed
-            code = grpc.StatusCode.CANCELLED
+            code = cancelled_status(context)
             raise
         except Exception as e:  # noqa: BLE001 - the client gets a status, the log gets the rest
             code, message = status_for(e, name)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from retrieval.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
 from retrieval.data import CaptionDataset, load_caption_dataset
 from retrieval.evaluate import recall_at_k
 from retrieval.factory import image_preprocess, text_tokenizer
 from retrieval.features import FeatureCache, encode_image_files, encode_texts
+from retrieval.progress import meter
 from retrieval.querybank import fit_querybank
 
 log = logging.getLogger(__name__)
@@ -214,34 +214,35 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     data_info = {"path": str(Path(cfg.data).resolve()), "train_split": cfg.train_split, "dev_split": cfg.dev_split,
                  "train_images": n_img, "train_captions": len(tr.text), "views": cfg.views,
                  "skipped": len(tr.dataset.skipped) + len(dev.dataset.skipped)}
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="epoch", initial=start_epoch, total=cfg.epochs)
-    for epoch in bar:
-        model.train()
-        losses = []
-        for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, cfg.batch_size):
-            zi = model.project_image(tr.image[view, idx], center=False)        # (B, D)
-            zt = model.project_text(tr.text[cap], center=False)                # (B, D)
-            if logit_bias is None:
-                loss = loss_fn(zi, zt, model.logit_scale.exp())
-            else:
-                loss = loss_fn(zi, zt, model.logit_scale.exp(), logit_bias)
-            optimizer_step(model, loss, opt, sched, cfg.max_logit_scale)
-            losses.append(loss.item())
-        if cfg.center:
-            fit_centers(model, tr)
-        metrics = dev_metrics(model, dev)
-        score = metrics["R@1_mean"] if cfg.center else metrics["R@1_mean_uncentered"]
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev": metrics,
-                        "logit_scale": model.logit_scale.exp().item()})
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
-        if score > best:
-            best = score
-            save_checkpoint(best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch},
-                            train_config=asdict(cfg))
-        save_checkpoint(last, model, data=data_info, train_config=asdict(cfg), epoch=epoch, best=best,
-                        history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        logit_bias=float(logit_bias) if logit_bias is not None else None,
-                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state())
+    with meter(cfg.epochs, "epochs", "epoch", initial=start_epoch) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            losses = []
+            for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, cfg.batch_size):
+                zi = model.project_image(tr.image[view, idx], center=False)        # (B, D)
+                zt = model.project_text(tr.text[cap], center=False)                # (B, D)
+                if logit_bias is None:
+                    loss = loss_fn(zi, zt, model.logit_scale.exp())
+                else:
+                    loss = loss_fn(zi, zt, model.logit_scale.exp(), logit_bias)
+                optimizer_step(model, loss, opt, sched, cfg.max_logit_scale)
+                losses.append(loss.item())
+            if cfg.center:
+                fit_centers(model, tr)
+            metrics = dev_metrics(model, dev)
+            score = metrics["R@1_mean"] if cfg.center else metrics["R@1_mean_uncentered"]
+            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev": metrics,
+                            "logit_scale": model.logit_scale.exp().item()})
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
+            if score > best:
+                best = score
+                save_checkpoint(best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch},
+                                train_config=asdict(cfg))
+            save_checkpoint(last, model, data=data_info, train_config=asdict(cfg), epoch=epoch, best=best,
+                            history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                            logit_bias=float(logit_bias) if logit_bias is not None else None,
+                            torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state())
+            bar.update(1)
     # The deliverable: the best heads, float16, with their query banks, no optimizer state: small
     # enough to ship in the package.
     best_state = load_checkpoint(best_file)

@@ -1,10 +1,12 @@
 """Shared fixtures: the Flickr8k folder (tests that need it skip with a message when it is
-absent), a small real caption dataset cut from it, and the default model loaded once."""
+absent), a small real caption dataset cut from it, the default model loaded once, and a
+self-signed TLS certificate and key."""
 from __future__ import annotations
 
 import csv
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,16 @@ def default_model():
     from retrieval.factory import create_model
 
     return create_model("lite0-minilm")
+
+
+@pytest.fixture(scope="session")
+def tls_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(cert.pem, key.pem): a self-signed certificate for localhost and its unencrypted key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed; it makes the test's self-signed certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key

