@@ -2,15 +2,17 @@
 `CURRENT` atomically (temp file, fsync, os.replace, fsync of the root). A reader resolving CURRENT
 sees the previous complete version or the new complete one, never a partial one. Old versions
 are pruned to the newest N; the version CURRENT names is never removed. One builder at a time
-holds `ROOT/.lock` (an flock, released by the kernel even when the builder is SIGKILLed).
+holds `ROOT/.lock` (a POSIX record lock: it dies with the builder's process, even on SIGKILL).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,28 +34,56 @@ class BuildLockedError(RetrievalError):
 
 
 class RootLock:
-    """Exclusive flock on ROOT/.lock for the duration of a build or gc."""
+    """Exclusive lock on ROOT/.lock for the duration of a build or gc.
+
+    A POSIX record lock (`lockf`, F_SETLK), not `flock`: an flock (and a Linux open-file-description
+    lock) belongs to the open file description, which fork() shares with every child, so a DataLoader
+    worker forked by the builder kept the lock after the builder was SIGKILLed. A record lock belongs
+    to the process: children do not inherit it and the kernel drops it when the process dies. Its
+    two traps are within one process, where a second lock on the file succeeds and closing any
+    descriptor of the file drops the lock; `_HELD` keeps this process from opening a held lock file
+    again, so a second RootLock here fails as one in another process does."""
+
+    _HELD: set[tuple[int, int]] = set()   # (st_dev, st_ino) of the lock files this process holds
+    _GUARD = threading.Lock()
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.fd: int | None = None
+        self._key: tuple[int, int] | None = None
+
+    def _busy(self) -> BuildLockedError:
+        return BuildLockedError(f"another index-builder is working on '{self.root}' (its {LOCK} is held)")
 
     def __enter__(self) -> "RootLock":
         self.root.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise BuildLockedError(f"another index-builder is working on '{self.root}' (its {LOCK} is held)") from None
+        path = self.root / LOCK
+        with self._GUARD:
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) in self._HELD:
+                    raise self._busy()
+            except FileNotFoundError:
+                pass
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raise self._busy() from None
+                raise
+            st = os.fstat(fd)
+            self.fd, self._key = fd, (st.st_dev, st.st_ino)
+            self._HELD.add(self._key)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+            with self._GUARD:
+                os.close(self.fd)  # closing the descriptor releases the record lock
+                self._HELD.discard(self._key)
+                self.fd, self._key = None, None
 
 
 def all_version_dirs(root: Path) -> list[str]:

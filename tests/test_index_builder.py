@@ -21,7 +21,7 @@ from PIL import Image
 from index_builder.build import BuildConfig, build
 from index_builder.cli import main
 from index_builder.metadata import write_metadata
-from index_builder.publish import new_temp_dir, next_version, publish, write_current
+from index_builder.publish import BuildLockedError, RootLock, new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
 from retrieval.errors import FingerprintMismatchError
 from retrieval.index import FORMAT, IndexVersion, list_versions, read_current, sha256_file
@@ -284,6 +284,48 @@ def test_sigkill_leaves_current_and_rerun_resumes(tmp_path, flickr_mini, bundle)
     assert m["version"] == "v0002" and read_current(root) == "v0002" and m["num_images"] == 48
     assert c["images_resumed"] >= 4 and c["images_resumed"] + c["images_encoded"] == 48
     assert not list(root.glob(".work-*"))
+
+
+# a builder that holds the root's lock and forks a child (as a DataLoader worker is forked) sharing its descriptor
+_LOCK_AND_FORK = """
+import os, sys, time
+from index_builder.publish import RootLock
+RootLock(sys.argv[1]).__enter__()
+child = os.fork()
+if child == 0:
+    sys.stdin.read()          # the child holds the inherited descriptor until the test closes stdin
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+def test_root_lock_dies_with_the_builder_not_with_its_forked_children(tmp_path):
+    root = tmp_path / "idx"
+    builder = subprocess.Popen([sys.executable, "-c", _LOCK_AND_FORK, str(root)], cwd=REPO, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = None
+    try:
+        child = int(builder.stdout.readline())
+        with pytest.raises(BuildLockedError, match="another index-builder"):
+            RootLock(root).__enter__()                 # held while the builder lives
+        builder.kill()
+        assert builder.wait(timeout=60) == -signal.SIGKILL
+        os.kill(child, 0)                              # the forked child still lives, descriptor open
+        with RootLock(root) as lock:                   # yet the lock died with the builder
+            assert lock.fd is not None
+            with pytest.raises(BuildLockedError):
+                RootLock(root).__enter__()             # and a second lock in one process is refused too
+        with RootLock(root):                           # released on exit
+            pass
+    finally:
+        builder.kill()
+        builder.wait(timeout=60)
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_list_and_gc_keep_n_never_remove_current(tmp_path, capsys):
