@@ -36,7 +36,7 @@ BUILD_HELP = {
                "the other runs the model. When absent: cores - 1, at most 4, and 0 on 2 cores or fewer "
                "(faster there than a worker contending with the encoder's threads)",
     "recall_queries": "held-out queries for measuring recall@10 against exact search",
-    "progress": "show progress bars",
+    "progress": "show progress: a bar on a terminal, else a log line (count, rate, ETA) every 10 s",
 }
 
 

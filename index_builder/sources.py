@@ -21,10 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from retrieval.errors import DatasetError
 from retrieval.images import IMAGE_SUFFIXES
+from retrieval.progress import meter
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +190,10 @@ def _hash_images(paths: dict[str, Path], progress: bool) -> tuple[list[ImageItem
             return None, f"cannot be read: {e.strerror or e}"
 
     items, skipped = [], []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = tqdm(pool.map(one, keys), total=len(keys), desc="hash images", unit="file",
-                       disable=not progress or len(keys) < 1000)
-        for key, (digest, error) in zip(keys, results):
+    with ThreadPoolExecutor(max_workers=4) as pool, \
+            meter(len(keys), "hash images", "file", enabled=progress and len(keys) >= 1000) as bar:
+        for key, (digest, error) in zip(keys, pool.map(one, keys)):
+            bar.update()
             if error:
                 skipped.append((key, error))
             else:
