@@ -219,7 +219,10 @@ def test_incremental_encodes_only_changes(tmp_path, flickr_mini, bundle):
         assert now[path(n)] == old[path(n)]                     # ids of unchanged (and changed) items are stable
     assert path(names[2]) not in now and now[path(new)] == stable_id("image", new)
     same = np.array([old[path(names[0])]], np.int64)
-    assert np.array_equal(v1.indexes["image"].reconstruct_batch(same), v2.indexes["image"].reconstruct_batch(same))
+    before, after = v1.indexes["image"].reconstruct_batch(same), v2.indexes["image"].reconstruct_batch(same)
+    assert np.array_equal(before[:, :-1], after[:, :-1])   # the vector itself is reused, bit for bit
+    # its bias is recomputed over a block of another size: BLAS may round that matmul differently in the last bit
+    assert np.allclose(before[:, -1], after[:, -1], rtol=0, atol=1e-6)
     changed = np.array([old[path(names[1])]], np.int64)
     assert not np.allclose(v1.indexes["image"].reconstruct_batch(changed), v2.indexes["image"].reconstruct_batch(changed))
     v1.close()
