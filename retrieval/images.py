@@ -17,6 +17,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from retrieval.errors import InvalidInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+IMAGE_FORMATS = tuple(sorted({Image.registered_extensions()[s] for s in IMAGE_SUFFIXES}))  # the only ones decoded
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error instead of a warning
 
 
@@ -40,7 +41,7 @@ def load_image(source: str | Path | bytes, min_side: int | None = None) -> Image
             fp = path
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
+            with Image.open(fp, formats=IMAGE_FORMATS) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise InvalidInputError(f"{what} has {img.width}x{img.height} pixels, over the {MAX_PIXELS} limit")
                 img.seek(0)
