@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,7 @@ class BuildConfig:
     captions: str | None = None
     dataset: str | None = None
     split: str | None = None
+    uri_prefix: str = ""
     model: str = DEFAULT_MODEL
     index_factory: str | None = None
     incremental: bool = False
@@ -138,7 +140,7 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
     cfg.validate()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(cfg.out)
-    coll = collect(cfg.images, cfg.captions, cfg.dataset, cfg.split, cfg.progress)
+    coll = collect(cfg.images, cfg.captions, cfg.dataset, cfg.split, cfg.progress, cfg.uri_prefix)
     workers = default_workers() if cfg.workers is None else cfg.workers
     with RootLock(root):
         for stale in root.glob(f"{TMP_PREFIX}*"):  # a killed build's unfinished version: garbage
@@ -182,13 +184,15 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     kept_img = reuse_img + [it for it in fresh_img if it.sha256 in done]
     kept_img.sort(key=lambda it: it.key)
     by_key = {it.key: it for it in kept_img}
-    bad_keys = {it.key for it in bad_img}
     counts.update(images_reused=len(reuse_img), images_encoded=img_stats.items, images_skipped=len(bad_img),
                   images_indexed=len(kept_img))
 
-    # -- captions: drop those of images that did not decode ----------------------------------------
-    texts = [t for t in coll.texts if t.image_key not in bad_keys]
+    # -- captions: drop those of images that were skipped (not read or not decoded) -----------------
+    texts = [t for t in coll.texts if t.image_key is None or t.image_key in by_key]
     counts["texts_dropped_with_bad_image"] = len(coll.texts) - len(texts)
+    dropped = Counter(t.image_key for t in coll.texts if t.image_key is not None and t.image_key not in by_key)
+    skipped = [(item, f"{why}; its {dropped[item]} caption(s) are skipped too" if item in dropped else why)
+               for item, why in skipped]
     base_texts = _reusable(base, "text", "texts")
     reuse_txt = [t for t in texts if base_texts.get(t.id) == t.sha256]
     fresh_txt = [t for t in texts if base_texts.get(t.id) != t.sha256]
@@ -229,7 +233,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
 
     def text_rows():
         for t in texts:
-            image = by_key.get(t.image_key) if t.image_key else None
+            image = by_key[t.image_key] if t.image_key else None
             yield t, (image.id if image else None), (image.uri if image else t.image_ref)
 
     write_metadata(tmp / META, kept_img, text_rows())

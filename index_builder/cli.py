@@ -23,6 +23,8 @@ BUILD_HELP = {
     "captions": "captions file: CSV/TSV with a header or JSONL; columns text|caption, optional image, optional id",
     "dataset": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
     "split": "with --dataset: index only this split's images; all images when absent",
+    "uri_prefix": "what results call an image: this prefix + its path relative to the image folder (the "
+                  "dataset's images/, or the captions file's folder), e.g. https://cdn.example/photos/",
     "model": "registered model name or checkpoint path (what `retrieval` create_model accepts)",
     "index_factory": "FAISS factory string for both indexes, e.g. Flat, HNSW32,Flat, IVF1024,Flat "
                      "(when absent: Flat up to 100k vectors, then HNSW, then IVF)",

@@ -13,8 +13,11 @@ from pathlib import Path
 from PIL import Image
 
 from index_builder.build import BuildConfig, build
+from index_builder.cli import main
+from index_builder.sources import stable_id
 from retrieval.errors import InvalidInputError
 from retrieval.images import IMAGE_SUFFIXES, load_image
+from retrieval.index import list_versions
 
 MODEL = "lite0-minilm"
 
@@ -46,6 +49,49 @@ def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
         writer.writerows(rows)
 
 
+def test_every_caption_row_is_either_indexed_or_skipped_never_both(tmp_path, flickr_mini, default_model):
+    photos = tmp_path / "photos"
+    a, b = _photos(flickr_mini, photos, 2)
+    (photos / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(3000))
+    shutil.copyfile(photos / a, tmp_path / "outside.jpg")
+    rows = [(a, "a caption of the first photo"),                           # caps.csv:2
+            (b, "a caption of the second photo"),                          # caps.csv:3
+            ("missing.jpg", "a caption of an image that does not exist"),  # caps.csv:4
+            (a, ""),                                                       # caps.csv:5
+            ("", "a caption with no image"),                               # caps.csv:6
+            ("https://cdn.example/x.jpg", "a caption of an image named by URL"),
+            ("corrupt.jpg", "a caption of an image that does not decode"),
+            ("../outside.jpg", "a caption of an image outside the folder"),
+            ("missing.jpg", "another caption of the missing image")]       # caps.csv:10
+    _write_csv(tmp_path / "caps.csv", rows)
+    m = _build(default_model, tmp_path / "idx", images=str(photos), captions=str(tmp_path / "caps.csv"))
+
+    indexed = {c for (c,) in _rows(tmp_path / "idx" / "v0001", "SELECT caption FROM texts")}
+    reasons = {s["item"]: s["reason"] for s in m["report"]["skipped"]}
+    assert reasons == {
+        "caps.csv:4": "its image 'missing.jpg' is not in the collection",
+        "caps.csv:5": "no caption text",
+        "caps.csv:9": "its image '../outside.jpg' is outside the image folder",
+        "caps.csv:10": "its image 'missing.jpg' is not in the collection",
+        "corrupt.jpg": reasons["corrupt.jpg"],
+    }
+    assert "decod" in reasons["corrupt.jpg"]
+    assert reasons["corrupt.jpg"].endswith("; its 1 caption(s) are skipped too")
+    for line, (image, caption) in enumerate(rows, start=2):
+        listed = f"caps.csv:{line}" in reasons or image in reasons
+        assert listed != (caption in indexed), (line, image, caption)   # one or the other, never both
+    assert indexed == {"a caption of the first photo", "a caption of the second photo", "a caption with no image",
+                       "a caption of an image named by URL"}
+    c = m["report"]["counts"]
+    assert m["num_texts"] == c["texts_indexed"] == len(indexed) == 4
+    assert c["texts_found"] - c["texts_dropped_with_bad_image"] == c["texts_indexed"]
+    assert c["texts_dropped_with_bad_image"] == 1
+    assert m["num_images"] == 2 and c["skipped"] == len(m["report"]["skipped"]) == 5
+    by_caption = {c: u for c, u in _rows(tmp_path / "idx" / "v0001", "SELECT caption, image_uri FROM texts")}
+    assert by_caption["a caption of an image named by URL"] == "https://cdn.example/x.jpg"
+    assert by_caption["a caption with no image"] is None
+
+
 def test_builder_indexes_exactly_the_formats_the_server_decodes(tmp_path, flickr_mini, default_model):
     photos = tmp_path / "photos"
     src = flickr_mini / "images" / _photos(flickr_mini, tmp_path / "src", 1)[0]
@@ -69,10 +115,60 @@ def test_builder_indexes_exactly_the_formats_the_server_decodes(tmp_path, flickr
             return False
 
     m = _build(default_model, tmp_path / "idx", images=str(photos))
-    indexed = {Path(u).name for (u,) in _rows(tmp_path / "idx" / "v0001", "SELECT uri FROM images")}
+    indexed = {u for (u,) in _rows(tmp_path / "idx" / "v0001", "SELECT uri FROM images")}
     assert indexed == {name for name, data in written.items() if server_decodes(data)}
     assert indexed == {"a.jpg", "b.jpeg", "c.png", "d.webp", "e.gif", "f.bmp"}
     assert {Path(n).suffix for n in indexed} == set(IMAGE_SUFFIXES)
     reasons = {s["item"]: s["reason"] for s in m["report"]["skipped"]}
     assert set(reasons) == {"g.tif", "h.ppm", "i.ico", "tiff-inside.jpg"}
     assert "not an image file type" in reasons["g.tif"] and "not a decodable image" in reasons["tiff-inside.jpg"]
+
+
+def test_uris_are_collection_keys_under_an_optional_prefix(tmp_path, flickr_mini, default_model):
+    photos = tmp_path / "photos"
+    names = _photos(flickr_mini, photos / "sub", 3)
+    (photos / "sub" / names[2]).rename(photos / names[2])
+    keys = [f"sub/{names[0]}", f"sub/{names[1]}", names[2]]
+    _write_csv(tmp_path / "caps.csv", [(k, f"caption {i}") for i, k in enumerate(keys)])
+
+    def uris(root: Path, version: str) -> tuple[dict, dict]:
+        images = dict(_rows(root / version, "SELECT id, uri FROM images"))
+        return images, dict(_rows(root / version, "SELECT caption, image_uri FROM texts"))
+
+    plain = tmp_path / "plain"
+    _build(default_model, plain, images=str(photos), captions=str(tmp_path / "caps.csv"))
+    images, texts = uris(plain, "v0001")
+    assert images == {stable_id("image", k): k for k in keys}                 # relative to the image folder
+    assert texts == {f"caption {i}": k for i, k in enumerate(keys)}
+
+    prefix = "https://cdn.example/photos/"
+    cdn = tmp_path / "cdn"
+    assert main(["-q", "build", "--out", str(cdn), "--images", str(photos), "--captions", str(tmp_path / "caps.csv"),
+                 "--uri-prefix", prefix, "--no-progress", "--workers", "0"]) == 0
+    images, texts = uris(cdn, "v0001")
+    assert images == {stable_id("image", k): prefix + k for k in keys}       # same ids, prefixed uris
+    assert texts == {f"caption {i}": prefix + k for i, k in enumerate(keys)}
+
+    # captions only: the images are those the file names, relative to its folder
+    alone = tmp_path / "alone"
+    _write_csv(tmp_path / "caps2.csv", [(f"photos/{k}", f"caption {i}") for i, k in enumerate(keys)]
+               + [(str(flickr_mini / "images" / names[0]), "an absolute path outside the folder")])
+    m = _build(default_model, alone, captions=str(tmp_path / "caps2.csv"))
+    images, texts = uris(alone, "v0001")
+    assert sorted(images.values()) == sorted(f"photos/{k}" for k in keys)
+    reasons = {s["item"]: s["reason"] for s in m["report"]["skipped"]}
+    assert "outside the captions file's folder" in reasons["caps2.csv:5"]
+
+    # a caption dataset: names under its images/ folder
+    ds = tmp_path / "ds"
+    m = _build(default_model, ds, dataset=str(flickr_mini), split="dev", uri_prefix="s3://bucket/")
+    images, texts = uris(ds, "v0001")
+    assert len(images) == 16 and all(u.startswith("s3://bucket/") and "/" not in u[len("s3://bucket/"):]
+                                      for u in images.values())
+
+    # nowhere does a uri carry this machine's paths
+    for root in (plain, cdn, alone, ds):
+        for version in list_versions(root):
+            for (uri,) in _rows(root / version, "SELECT uri FROM images UNION ALL SELECT image_uri FROM texts"):
+                assert uri is None or (str(tmp_path) not in uri and str(flickr_mini) not in uri
+                                       and not uri.startswith("/")), uri
