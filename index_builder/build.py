@@ -30,7 +30,7 @@ from retrieval.sphere import is_unit_norm
 
 from index_builder import faiss_index
 from index_builder.encode import ShardStore, encode_images, encode_texts
-from index_builder.metadata import read_hashes, write_metadata
+from index_builder.metadata import read_hashes, same_metadata, write_metadata
 from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
 from index_builder.sources import Collection, collect, stable_id
 
@@ -207,6 +207,20 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         raise DatasetError(f"nothing could be indexed: all {len(coll.images)} image(s) failed to decode and there are "
                            f"no captions; first problem: {skipped[0][1] if skipped else '?'}")
 
+    def text_rows():
+        for t in texts:
+            image = by_key[t.image_key] if t.image_key else None
+            yield t, (image.id if image else None), (image.uri if image else t.image_ref)
+
+    factory_of = {m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n))
+                  for m, n in (("image", len(kept_img)), ("text", len(texts)))}
+    if base is not None and base.manifest.get("index_factory") == factory_of \
+            and same_metadata(base.path / META, kept_img, text_rows()):
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("the index is up to date: %s already holds these %d image(s) and %d caption(s); nothing published",
+                 base.name, len(kept_img), len(texts))
+        return {**base.manifest, "up_to_date": True}
+
     # -- indexes -----------------------------------------------------------------------------------
     mods = {
         "image": _Modality([it.id for it in reuse_img], _need(it for it in fresh_img if it.sha256 in done), img_store,
@@ -219,7 +233,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     bank = querybank_of(model)
     for modality, mod in mods.items():
         other = mods["text" if modality == "image" else "image"]
-        factory = "Flat" if mod.count == 0 else (cfg.index_factory or faiss_index.choose_factory(mod.count))
+        factory = factory_of[modality]
         log.info("building the %s index (%s) over %d vectors", modality, factory, mod.count)
         stored = _with_bias(mod.blocks, bank, modality)
         index = faiss_index.build_index(stored, mod.count, dim + 1, factory)
@@ -230,12 +244,6 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
         factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
         del index
-
-    def text_rows():
-        for t in texts:
-            image = by_key[t.image_key] if t.image_key else None
-            yield t, (image.id if image else None), (image.uri if image else t.image_ref)
-
     write_metadata(tmp / META, kept_img, text_rows())
     counts["skipped"] = len(skipped)
     manifest = {

@@ -28,7 +28,8 @@ BUILD_HELP = {
     "model": "registered model name or checkpoint path (what `retrieval` create_model accepts)",
     "index_factory": "FAISS factory string for both indexes, e.g. Flat, HNSW32,Flat, IVF1024,Flat "
                      "(when absent: Flat up to 100k vectors, then HNSW, then IVF)",
-    "incremental": "encode only new or changed items on top of the current version, drop deleted ones",
+    "incremental": "encode only new or changed items on top of the current version, drop deleted ones; "
+                   "when nothing changed, publish nothing",
     "keep": "versions to keep after publishing (the current one is never removed)",
     "shard_size": "encoded vectors per resumable shard in the work directory",
     "batch_size": "images per forward pass",
@@ -49,6 +50,9 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def format_summary(m: dict) -> str:
+    if m.get("up_to_date"):
+        return (f"the index is up to date: {m['version']} already holds these {m['num_images']} images and "
+                f"{m['num_texts']} captions; nothing published")
     r, c = m["report"], m["report"]["counts"]
     lines = [
         f"published {m['version']}: {m['num_images']} images, {m['num_texts']} captions, model {m['model']} "

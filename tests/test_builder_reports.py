@@ -17,7 +17,7 @@ from index_builder.cli import main
 from index_builder.sources import stable_id
 from retrieval.errors import InvalidInputError
 from retrieval.images import IMAGE_SUFFIXES, load_image
-from retrieval.index import list_versions
+from retrieval.index import list_versions, read_current
 
 MODEL = "lite0-minilm"
 
@@ -172,3 +172,32 @@ def test_uris_are_collection_keys_under_an_optional_prefix(tmp_path, flickr_mini
             for (uri,) in _rows(root / version, "SELECT uri FROM images UNION ALL SELECT image_uri FROM texts"):
                 assert uri is None or (str(tmp_path) not in uri and str(flickr_mini) not in uri
                                        and not uri.startswith("/")), uri
+
+
+def test_an_incremental_build_with_no_change_publishes_nothing(tmp_path, flickr_mini, default_model, capsys):
+    photos = tmp_path / "photos"
+    names = _photos(flickr_mini, photos, 3)
+    (photos / "notes.txt").write_text("not an image\n")
+    (photos / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(3000))
+    _write_csv(tmp_path / "caps.csv", [(n, f"caption {i}") for i, n in enumerate(names)])
+    root = tmp_path / "idx"
+    kw = dict(images=str(photos), captions=str(tmp_path / "caps.csv"), incremental=True)
+    first = _build(default_model, root, **kw)
+    assert first["version"] == "v0001" and "up_to_date" not in first
+    before = sorted(p.name for p in root.iterdir())
+
+    again = _build(default_model, root, **kw)
+    assert again["up_to_date"] is True and again["version"] == "v0001" and again["num_images"] == 3
+    assert sorted(p.name for p in root.iterdir()) == before and read_current(root) == "v0001"
+    assert main(["build", "--out", str(root), "--images", str(photos), "--captions", str(tmp_path / "caps.csv"),
+                 "--incremental", "--no-progress", "--workers", "0"]) == 0
+    assert capsys.readouterr().out.strip() == ("the index is up to date: v0001 already holds these 3 images and "
+                                               "3 captions; nothing published")
+    assert sorted(p.name for p in root.iterdir()) == before and list_versions(root) == ["v0001"]
+
+    # any change to what results would show publishes: a caption, the uri prefix
+    _write_csv(tmp_path / "caps.csv", [(n, f"caption {i}") for i, n in enumerate(names[:2])] + [(names[2], "new")])
+    assert _build(default_model, root, **kw)["version"] == "v0002"
+    assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/")["version"] == "v0003"
+    assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/").get("up_to_date")
+    assert _build(default_model, root, **{**kw, "incremental": False})["version"] == "v0004"   # a full one always does
