@@ -79,11 +79,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from index_builder.publish import list_index, work_dirs
+    from index_builder.publish import incomplete_dirs, list_index, work_dirs
 
     rows = [v.row() for v in list_index(args.root)]
     if args.json:
-        print(json.dumps({"versions": rows, "work_dirs": work_dirs(args.root)}, indent=2))
+        print(json.dumps({"versions": rows, "work_dirs": work_dirs(args.root),
+                          "incomplete_dirs": incomplete_dirs(args.root)}, indent=2))
         return 0
     if not rows:
         print(f"no versions under {args.root}")
@@ -94,6 +95,8 @@ def cmd_list(args: argparse.Namespace) -> int:
               + (f"  (incremental from {row['incremental_from']})" if row["incremental_from"] else ""))
     for name in work_dirs(args.root):
         print(f"  {name}: encoded shards of an unfinished build (a rerun resumes from them)")
+    for name in incomplete_dirs(args.root):
+        print(f"  {name}: not a version (no manifest.json; not made by index-builder)")
     return 0
 
 

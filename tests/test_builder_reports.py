@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -14,10 +15,11 @@ from PIL import Image
 
 from index_builder.build import BuildConfig, build
 from index_builder.cli import main
+from index_builder.publish import gc, incomplete_dirs, list_index, new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
 from retrieval.errors import InvalidInputError
 from retrieval.images import IMAGE_SUFFIXES, load_image
-from retrieval.index import list_versions, read_current
+from retrieval.index import CURRENT, list_versions, read_current
 
 MODEL = "lite0-minilm"
 
@@ -201,3 +203,47 @@ def test_an_incremental_build_with_no_change_publishes_nothing(tmp_path, flickr_
     assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/")["version"] == "v0003"
     assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/").get("up_to_date")
     assert _build(default_model, root, **{**kw, "incremental": False})["version"] == "v0004"   # a full one always does
+
+
+def _fake_version(root: Path, n: int) -> Path:
+    tmp = new_temp_dir(root)
+    (tmp / "manifest.json").write_text(json.dumps({"model": MODEL, "dim": 4, "num_images": n, "num_texts": 0}))
+    return tmp
+
+
+def test_only_published_versions_are_listed_whatever_a_kill_left(tmp_path, capsys):
+    root = tmp_path / "idx"
+    publish(root, _fake_version(root, 1), next_version(root), keep=10)
+    publish(root, _fake_version(root, 2), next_version(root), keep=10)
+    # killed while writing a version: a temp dir without its manifest, and one finished but not renamed
+    (new_temp_dir(root) / "images.faiss").write_bytes(b"partial")
+    _fake_version(root, 3)
+    # killed while flipping CURRENT: its temp file
+    (root / f".{CURRENT}.deadbeef").write_text("v0002\n")
+    # killed between the rename and the flip: a complete version that CURRENT does not name
+    renamed = _fake_version(root, 3)
+    renamed.rename(root / next_version(root))
+    # killed while gc removed an old version: its renamed remains
+    (root / ".tmp-gc-v0000-abcdef").mkdir()
+    # a vNNNN directory that no publish made (no manifest): not a version
+    (root / "v0009").mkdir()
+    (root / "v0009" / "images.faiss").write_bytes(b"copied halfway")
+
+    assert read_current(root) == "v0002"
+    assert list_versions(root) == ["v0001", "v0002", "v0003"]
+    assert [(v.name, v.current) for v in list_index(root)] == [("v0001", False), ("v0002", True), ("v0003", False)]
+    assert incomplete_dirs(root) == ["v0009"]
+    assert main(["list", str(root), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [v["version"] for v in listed["versions"]] == ["v0001", "v0002", "v0003"]
+    assert listed["incomplete_dirs"] == ["v0009"]
+    assert main(["list", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "v0009: not a version" in out and ".tmp" not in out and "CURRENT" not in out
+
+    assert next_version(root) == "v0010"                           # never reuses a name on disk
+    result = gc(root, keep=2)
+    assert result["removed_versions"] == ["v0001"] and result["versions"] == ["v0002", "v0003"]
+    assert sorted(p.name for p in root.iterdir()) == [".lock", CURRENT, "v0002", "v0003", "v0009"]
+    write_current(root, "v0003")                                    # the renamed version is usable: roll forward
+    assert [(v.name, v.current) for v in list_index(root)] == [("v0002", False), ("v0003", True)]
