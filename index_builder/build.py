@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +30,7 @@ from retrieval.sphere import is_unit_norm
 
 from index_builder import faiss_index
 from index_builder.encode import ShardStore, encode_images, encode_texts
-from index_builder.metadata import read_hashes, write_metadata
+from index_builder.metadata import read_hashes, same_metadata, write_metadata
 from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
 from index_builder.sources import Collection, collect, stable_id
 
@@ -45,6 +46,7 @@ class BuildConfig:
     captions: str | None = None
     dataset: str | None = None
     split: str | None = None
+    uri_prefix: str = ""
     model: str = DEFAULT_MODEL
     index_factory: str | None = None
     incremental: bool = False
@@ -138,7 +140,7 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
     cfg.validate()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(cfg.out)
-    coll = collect(cfg.images, cfg.captions, cfg.dataset, cfg.split, cfg.progress)
+    coll = collect(cfg.images, cfg.captions, cfg.dataset, cfg.split, cfg.progress, cfg.uri_prefix)
     workers = default_workers() if cfg.workers is None else cfg.workers
     with RootLock(root):
         for stale in root.glob(f"{TMP_PREFIX}*"):  # a killed build's unfinished version: garbage
@@ -182,13 +184,15 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     kept_img = reuse_img + [it for it in fresh_img if it.sha256 in done]
     kept_img.sort(key=lambda it: it.key)
     by_key = {it.key: it for it in kept_img}
-    bad_keys = {it.key for it in bad_img}
     counts.update(images_reused=len(reuse_img), images_encoded=img_stats.items, images_skipped=len(bad_img),
                   images_indexed=len(kept_img))
 
-    # -- captions: drop those of images that did not decode ----------------------------------------
-    texts = [t for t in coll.texts if t.image_key not in bad_keys]
+    # -- captions: drop those of images that were skipped (not read or not decoded) -----------------
+    texts = [t for t in coll.texts if t.image_key is None or t.image_key in by_key]
     counts["texts_dropped_with_bad_image"] = len(coll.texts) - len(texts)
+    dropped = Counter(t.image_key for t in coll.texts if t.image_key is not None and t.image_key not in by_key)
+    skipped = [(item, f"{why}; its {dropped[item]} caption(s) are skipped too" if item in dropped else why)
+               for item, why in skipped]
     base_texts = _reusable(base, "text", "texts")
     reuse_txt = [t for t in texts if base_texts.get(t.id) == t.sha256]
     fresh_txt = [t for t in texts if base_texts.get(t.id) != t.sha256]
@@ -203,6 +207,20 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         raise DatasetError(f"nothing could be indexed: all {len(coll.images)} image(s) failed to decode and there are "
                            f"no captions; first problem: {skipped[0][1] if skipped else '?'}")
 
+    def text_rows():
+        for t in texts:
+            image = by_key[t.image_key] if t.image_key else None
+            yield t, (image.id if image else None), (image.uri if image else t.image_ref)
+
+    factory_of = {m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n))
+                  for m, n in (("image", len(kept_img)), ("text", len(texts)))}
+    if base is not None and base.manifest.get("index_factory") == factory_of \
+            and same_metadata(base.path / META, kept_img, text_rows()):
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("the index is up to date: %s already holds these %d image(s) and %d caption(s); nothing published",
+                 base.name, len(kept_img), len(texts))
+        return {**base.manifest, "up_to_date": True}
+
     # -- indexes -----------------------------------------------------------------------------------
     mods = {
         "image": _Modality([it.id for it in reuse_img], _need(it for it in fresh_img if it.sha256 in done), img_store,
@@ -215,7 +233,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     bank = querybank_of(model)
     for modality, mod in mods.items():
         other = mods["text" if modality == "image" else "image"]
-        factory = "Flat" if mod.count == 0 else (cfg.index_factory or faiss_index.choose_factory(mod.count))
+        factory = factory_of[modality]
         log.info("building the %s index (%s) over %d vectors", modality, factory, mod.count)
         stored = _with_bias(mod.blocks, bank, modality)
         index = faiss_index.build_index(stored, mod.count, dim + 1, factory)
@@ -226,12 +244,6 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
         factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
         del index
-
-    def text_rows():
-        for t in texts:
-            image = by_key.get(t.image_key) if t.image_key else None
-            yield t, (image.id if image else None), (image.uri if image else t.image_ref)
-
     write_metadata(tmp / META, kept_img, text_rows())
     model_files = _copy_model_file(cfg.model, tmp)
     counts["skipped"] = len(skipped)

@@ -23,10 +23,13 @@ BUILD_HELP = {
     "captions": "captions file: CSV/TSV with a header or JSONL; columns text|caption, optional image, optional id",
     "dataset": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
     "split": "with --dataset: index only this split's images; all images when absent",
+    "uri_prefix": "what results call an image: this prefix + its path relative to the image folder (the "
+                  "dataset's images/, or the captions file's folder), e.g. https://cdn.example/photos/",
     "model": "registered model name or checkpoint path (what `retrieval` create_model accepts)",
     "index_factory": "FAISS factory string for both indexes, e.g. Flat, HNSW32,Flat, IVF1024,Flat "
                      "(when absent: Flat up to 100k vectors, then HNSW, then IVF)",
-    "incremental": "encode only new or changed items on top of the current version, drop deleted ones",
+    "incremental": "encode only new or changed items on top of the current version, drop deleted ones; "
+                   "when nothing changed, publish nothing",
     "keep": "versions to keep after publishing (the current one is never removed)",
     "shard_size": "encoded vectors per resumable shard in the work directory",
     "batch_size": "images per forward pass",
@@ -36,7 +39,7 @@ BUILD_HELP = {
                "the other runs the model. When absent: cores - 1, at most 4, and 0 on 2 cores or fewer "
                "(faster there than a worker contending with the encoder's threads)",
     "recall_queries": "held-out queries for measuring recall@10 against exact search",
-    "progress": "show progress bars",
+    "progress": "show progress: a bar on a terminal, else a log line (count, rate, ETA) every 10 s",
 }
 
 
@@ -47,6 +50,9 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def format_summary(m: dict) -> str:
+    if m.get("up_to_date"):
+        return (f"the index is up to date: {m['version']} already holds these {m['num_images']} images and "
+                f"{m['num_texts']} captions; nothing published")
     r, c = m["report"], m["report"]["counts"]
     lines = [
         f"published {m['version']}: {m['num_images']} images, {m['num_texts']} captions, model {m['model']} "
@@ -73,11 +79,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from index_builder.publish import list_index, work_dirs
+    from index_builder.publish import incomplete_dirs, list_index, work_dirs
 
     rows = [v.row() for v in list_index(args.root)]
     if args.json:
-        print(json.dumps({"versions": rows, "work_dirs": work_dirs(args.root)}, indent=2))
+        print(json.dumps({"versions": rows, "work_dirs": work_dirs(args.root),
+                          "incomplete_dirs": incomplete_dirs(args.root)}, indent=2))
         return 0
     if not rows:
         print(f"no versions under {args.root}")
@@ -88,6 +95,8 @@ def cmd_list(args: argparse.Namespace) -> int:
               + (f"  (incremental from {row['incremental_from']})" if row["incremental_from"] else ""))
     for name in work_dirs(args.root):
         print(f"  {name}: encoded shards of an unfinished build (a rerun resumes from them)")
+    for name in incomplete_dirs(args.root):
+        print(f"  {name}: not a version (no manifest.json; not made by index-builder)")
     return 0
 
 

@@ -24,10 +24,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from retrieval.errors import RetrievalError
 from retrieval.features import IMAGE_BATCH, default_streams, default_workers, image_loader, input_size
+from retrieval.progress import meter
 from retrieval.sphere import is_unit_norm
 from retrieval.streams import threaded_map
 
@@ -163,7 +163,7 @@ def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence
 
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(todo), desc="encode images", unit="img", disable=not progress) as bar:
+    with torch.inference_mode(), meter(len(todo), "encode images", "img", enabled=progress) as bar:
         for _, (shas, vecs, bad) in threaded_map(loader, encode, stats.streams):
             writer.add(shas, vecs, bad)
             stats.items += len(shas)
@@ -194,7 +194,7 @@ def encode_texts(model, tokenizer: Callable, store: ShardStore, todo: Sequence[t
     texts = [todo[i][1] for i in order]
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(todo), desc="encode captions", unit="txt", disable=not progress) as bar:
+    with torch.inference_mode(), meter(len(todo), "encode captions", "txt", enabled=progress) as bar:
         for first, token_ids in text_batches(texts, tokenizer, batch_size):
             vecs = model.encode_text(token_ids).float().numpy()
             writer.add(shas[first:first + len(vecs)], vecs, {})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from index_builder.sources import ImageItem, TextItem
 
@@ -15,16 +15,36 @@ CREATE INDEX texts_image_id ON texts (image_id);
 """
 
 
+def image_rows(images: Iterable[ImageItem]) -> Iterator[tuple]:
+    return ((it.id, it.uri, it.sha256) for it in images)
+
+
+def text_rows(texts: Iterable[tuple[TextItem, int | None, str | None]]) -> Iterator[tuple]:
+    """`texts` yields (item, image id or None, image uri or None)."""
+    return ((it.id, it.caption, image_id, image_uri, it.sha256) for it, image_id, image_uri in texts)
+
+
 def write_metadata(path: Path, images: Iterable[ImageItem], texts: Iterable[tuple[TextItem, int | None, str | None]],
                    chunk: int = 10_000) -> None:
     """`texts` yields (item, image id or None, image uri or None)."""
     db = sqlite3.connect(path)
     try:
         db.executescript(SCHEMA)
-        _insert(db, "INSERT INTO images VALUES (?, ?, ?)", ((it.id, it.uri, it.sha256) for it in images), chunk)
-        _insert(db, "INSERT INTO texts VALUES (?, ?, ?, ?, ?)",
-                ((it.id, it.caption, image_id, image_uri, it.sha256) for it, image_id, image_uri in texts), chunk)
+        _insert(db, "INSERT INTO images VALUES (?, ?, ?)", image_rows(images), chunk)
+        _insert(db, "INSERT INTO texts VALUES (?, ?, ?, ?, ?)", text_rows(texts), chunk)
         db.commit()
+    finally:
+        db.close()
+
+
+def same_metadata(path: Path, images: Iterable[ImageItem],
+                  texts: Iterable[tuple[TextItem, int | None, str | None]]) -> bool:
+    """Whether a published version's database holds exactly these rows (what write_metadata would write)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return all(set(db.execute(f"SELECT {cols} FROM {table}")) == set(rows) for table, cols, rows in (
+            ("images", "id, uri, sha256", image_rows(images)),
+            ("texts", "id, caption, image_id, image_uri, sha256", text_rows(texts))))
     finally:
         db.close()
 

@@ -1,16 +1,23 @@
-"""Versions under an index root: build in `ROOT/.tmp-*`, fsync, rename to `ROOT/vNNNN`, then flip
-`CURRENT` atomically (temp file, fsync, os.replace, fsync of the root). A reader resolving CURRENT
-sees the previous complete version or the new complete one, never a partial one. Old versions
-are pruned to the newest N; the version CURRENT names is never removed. One builder at a time
-holds `ROOT/.lock` (an flock, released by the kernel even when the builder is SIGKILLed).
+"""Versions under an index root: build in `ROOT/.tmp-*` (its manifest written last), fsync, rename to
+`ROOT/vNNNN`, then flip `CURRENT` atomically (temp file, fsync, os.replace, fsync of the root). A
+reader resolving CURRENT sees the previous complete version or the new complete one, never a
+partial one. What a kill leaves: a `.tmp-*` directory (never a version; the next build or gc
+removes it), a `.CURRENT.*` file (gc removes it), or, killed between the rename and the flip, a
+complete version that CURRENT does not name (listed, not current, like a version rolled back
+from). A version is a vNNNN directory with a manifest (`retrieval.index.list_versions`); listing,
+pruning and the server's available versions all go by that. Old versions are pruned to the newest
+N; the version CURRENT names is never removed. One builder at a time
+holds `ROOT/.lock` (a POSIX record lock: it dies with the builder's process, even on SIGKILL).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,32 +39,60 @@ class BuildLockedError(RetrievalError):
 
 
 class RootLock:
-    """Exclusive flock on ROOT/.lock for the duration of a build or gc."""
+    """Exclusive lock on ROOT/.lock for the duration of a build or gc.
+
+    A POSIX record lock (`lockf`, F_SETLK), not `flock`: an flock (and a Linux open-file-description
+    lock) belongs to the open file description, which fork() shares with every child, so a DataLoader
+    worker forked by the builder kept the lock after the builder was SIGKILLed. A record lock belongs
+    to the process: children do not inherit it and the kernel drops it when the process dies. Its
+    two traps are within one process, where a second lock on the file succeeds and closing any
+    descriptor of the file drops the lock; `_HELD` keeps this process from opening a held lock file
+    again, so a second RootLock here fails as one in another process does."""
+
+    _HELD: set[tuple[int, int]] = set()   # (st_dev, st_ino) of the lock files this process holds
+    _GUARD = threading.Lock()
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.fd: int | None = None
+        self._key: tuple[int, int] | None = None
+
+    def _busy(self) -> BuildLockedError:
+        return BuildLockedError(f"another index-builder is working on '{self.root}' (its {LOCK} is held)")
 
     def __enter__(self) -> "RootLock":
         self.root.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise BuildLockedError(f"another index-builder is working on '{self.root}' (its {LOCK} is held)") from None
+        path = self.root / LOCK
+        with self._GUARD:
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) in self._HELD:
+                    raise self._busy()
+            except FileNotFoundError:
+                pass
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raise self._busy() from None
+                raise
+            st = os.fstat(fd)
+            self.fd, self._key = fd, (st.st_dev, st.st_ino)
+            self._HELD.add(self._key)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+            with self._GUARD:
+                os.close(self.fd)  # closing the descriptor releases the record lock
+                self._HELD.discard(self._key)
+                self.fd, self._key = None, None
 
 
 def all_version_dirs(root: Path) -> list[str]:
-    """Every vNNNN directory, complete or not, oldest first."""
+    """Every vNNNN directory, complete or not, oldest first (a new version's number follows them all)."""
     if not root.is_dir():
         return []
     names = [p.name for p in root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
@@ -112,7 +147,7 @@ def prune(root: Path, keep: int) -> list[str]:
     if keep < 1:
         raise RetrievalError(f"--keep must be at least 1, got {keep}")
     current = read_current(root)
-    versions = all_version_dirs(root)
+    versions = list_versions(root)
     doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
     for name in doomed:
         # rename first so a half-deleted directory is never mistaken for a version
@@ -124,8 +159,8 @@ def prune(root: Path, keep: int) -> list[str]:
 
 
 def gc(root: Path, keep: int, work: bool = False) -> dict:
-    """Prune versions to `keep`, remove leftover temporary build directories, and with `work`
-    the resumable encoded shards of interrupted builds."""
+    """Prune versions to `keep`, remove leftover temporary build directories and CURRENT files, and
+    with `work` the resumable encoded shards of interrupted builds."""
     root = Path(root)
     if not root.is_dir():
         raise RetrievalError(f"index root '{root}' does not exist")
@@ -135,6 +170,8 @@ def gc(root: Path, keep: int, work: bool = False) -> dict:
                                                                or (work and p.name.startswith(WORK_PREFIX)))]
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
+        for path in root.glob(f".{CURRENT}.*"):  # write_current's temp file, left by a kill before its rename
+            path.unlink(missing_ok=True)
     return {"removed_versions": removed, "removed_dirs": sorted(p.name for p in leftovers),
             "current": read_current(root), "versions": list_versions(root)}
 
@@ -153,18 +190,25 @@ class VersionInfo:
 
 
 def list_index(root: Path) -> list[VersionInfo]:
+    """The versions under root (`list_versions`), oldest first."""
     root = Path(root)
     if not root.is_dir():
         raise RetrievalError(f"index root '{root}' does not exist")
     current = read_current(root)
     infos = []
-    for name in all_version_dirs(root):
+    for name in list_versions(root):
         try:
             manifest = json.loads((root / name / MANIFEST).read_text())
         except (OSError, ValueError):
-            manifest = None  # a version dir without a readable manifest (not loadable)
+            manifest = None  # a manifest damaged after it was published (the server refuses the version)
         infos.append(VersionInfo(name, name == current, manifest))
     return infos
+
+
+def incomplete_dirs(root: Path) -> list[str]:
+    """vNNNN directories without a manifest: not versions (not made by a publish; left alone)."""
+    complete = set(list_versions(root))
+    return [name for name in all_version_dirs(Path(root)) if name not in complete]
 
 
 def work_dirs(root: Path) -> list[str]:

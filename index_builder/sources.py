@@ -2,13 +2,15 @@
 folders, turned into items with stable int64 ids and content hashes.
 
 - An image's identity (`key`) is its path relative to the collection's root, so its id survives
-  a content change and a rebuild; its `sha256` is the hash of the file's bytes.
+  a content change and a rebuild; its `sha256` is the hash of the file's bytes; its `uri`, what
+  search results call it, is the key under an optional prefix (never a path of the build host).
 - A caption's key is its explicit id when the file gives one, else (image key, text, ordinal of
   that same pair), so unchanged captions keep their ids; its `sha256` is the hash of its text.
 - ids are the first 63 bits of sha256(kind, key): deterministic, never -1 (FAISS's "no result").
 
 Structural problems (missing folder, unknown format, nothing to index) raise DatasetError;
-item-level problems (a line without text, a file that is not an image) are skipped with a reason.
+item-level problems (a line without text, a file that is not an image, a caption naming an image
+that is not in the collection) are skipped with a reason, and a skipped item is not indexed.
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from retrieval.errors import DatasetError
 from retrieval.images import IMAGE_SUFFIXES
+from retrieval.progress import meter
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,10 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True)
 class ImageItem:
     id: int
-    key: str        # path relative to the collection root (posix), or the absolute path
-    path: Path      # absolute path of the file
+    key: str        # path relative to the collection root (posix)
+    path: Path      # absolute path of the file (read by the builder, never stored in the index)
     sha256: str
-
-    @property
-    def uri(self) -> str:
-        return str(self.path)
+    uri: str        # what results call it: uri prefix + key
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ class TextItem:
     caption: str
     sha256: str
     image_key: str | None = None   # key of the image it describes, when that image is in the collection
-    image_ref: str | None = None   # the reference as written (kept as image_uri when not in the collection)
+    image_ref: str | None = None   # the reference as written (the image_uri of an image named by URL)
 
 
 @dataclass
@@ -180,7 +178,8 @@ class _TextKeys:
         return f"{pair}\0{n}"
 
 
-def _hash_images(paths: dict[str, Path], progress: bool) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+def _hash_images(paths: dict[str, Path], progress: bool,
+                 uri_prefix: str) -> tuple[list[ImageItem], list[tuple[str, str]]]:
     """Content hashes, read in a few threads (hashlib releases the GIL)."""
     keys = list(paths)
 
@@ -191,21 +190,25 @@ def _hash_images(paths: dict[str, Path], progress: bool) -> tuple[list[ImageItem
             return None, f"cannot be read: {e.strerror or e}"
 
     items, skipped = [], []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = tqdm(pool.map(one, keys), total=len(keys), desc="hash images", unit="file",
-                       disable=not progress or len(keys) < 1000)
-        for key, (digest, error) in zip(keys, results):
+    with ThreadPoolExecutor(max_workers=4) as pool, \
+            meter(len(keys), "hash images", "file", enabled=progress and len(keys) >= 1000) as bar:
+        for key, (digest, error) in zip(keys, pool.map(one, keys)):
+            bar.update()
             if error:
                 skipped.append((key, error))
             else:
-                items.append(ImageItem(stable_id("image", key), key, paths[key], digest))
+                items.append(ImageItem(stable_id("image", key), key, paths[key], digest, uri_prefix + key))
     return items, skipped
 
 
 def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]]) -> list[TextItem]:
+    """Caption items of `rows`; `resolve(ref)` gives (image key or None, why the caption is skipped or None)."""
     keys, texts = _TextKeys(), []
     for row in rows:
-        image_key = resolve(row["image"]) if row["image"] else None
+        image_key, problem = resolve(row["image"]) if row["image"] else (None, None)
+        if problem:
+            skipped.append((row["where"], problem))
+            continue
         key = keys.key(row["text"], image_key or row["image"], row["id"])
         if key is None:
             skipped.append((row["where"], f"duplicate caption id '{row['id']}'"))
@@ -215,11 +218,12 @@ def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]]) -> li
     return texts
 
 
-def from_dataset(root: Path, split: str | None, progress: bool = True) -> Collection:
+def from_dataset(root: Path, split: str | None, progress: bool = True, uri_prefix: str = "") -> Collection:
     from retrieval.data import load_caption_dataset
 
     ds = load_caption_dataset(root, split)
-    images, skipped = _hash_images({name: (root / "images" / name).resolve() for name in ds.images}, progress)
+    images, skipped = _hash_images({name: (root / "images" / name).resolve() for name in ds.images}, progress,
+                                   uri_prefix)
     skipped = list(ds.skipped) + skipped
     keys, texts = _TextKeys(), []
     for caption, owner in zip(ds.captions, ds.caption_image):
@@ -229,9 +233,12 @@ def from_dataset(root: Path, split: str | None, progress: bool = True) -> Collec
     return Collection(images, texts, skipped, {"dataset": str(root.resolve()), "split": split})
 
 
-def from_files(images_dir: Path | None, captions: Path | None, progress: bool = True) -> Collection:
+def from_files(images_dir: Path | None, captions: Path | None, progress: bool = True,
+               uri_prefix: str = "") -> Collection:
     """An image folder and/or a captions file. Without a folder, the images a captions file
-    references (relative to the file's folder) are the collection's images."""
+    references (relative to the file's folder, and inside it) are the collection's images. A
+    caption naming an image that is not in the collection is skipped; one naming it by URL is kept
+    as a caption of that URL."""
     skipped: list[tuple[str, str]] = []
     found: dict[str, Path] = {}
     if images_dir is not None:
@@ -241,27 +248,24 @@ def from_files(images_dir: Path | None, captions: Path | None, progress: bool = 
         rows, bad_rows = read_captions_file(captions)
         skipped += bad_rows
     base = images_dir.resolve() if images_dir is not None else (captions.parent.resolve() if captions else None)
-    missing: set[str] = set()
 
-    def resolve(ref: str) -> str | None:
+    def resolve(ref: str) -> tuple[str | None, str | None]:
         if "://" in ref:
-            return None
-        path = Path(ref) if Path(ref).is_absolute() else base / ref
+            return None, None
+        path = Path(os.path.normpath(base / ref))  # lexically, as the folder scan names a symlink: by its own path
         try:
-            key = path.resolve().relative_to(base).as_posix()
+            key = path.relative_to(base).as_posix()
         except ValueError:
-            key = str(path.resolve())
+            where = "the image folder" if images_dir is not None else "the captions file's folder"
+            return None, f"its image '{ref}' is outside {where}"
         if key not in found and images_dir is None and path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            found[key] = path.resolve()
+            found[key] = path
         if key not in found:
-            if ref not in missing:
-                missing.add(ref)
-                skipped.append((ref, "a caption references this image, which is not in the collection"))
-            return None
-        return key
+            return None, f"its image '{ref}' is not in the collection"
+        return key, None
 
     texts = _make_texts(rows, resolve, skipped)
-    images, hash_skipped = _hash_images(found, progress)
+    images, hash_skipped = _hash_images(found, progress, uri_prefix)
     skipped += hash_skipped
     sources = {"images": str(images_dir.resolve()) if images_dir else None,
                "captions": str(captions.resolve()) if captions else None}
@@ -269,7 +273,7 @@ def from_files(images_dir: Path | None, captions: Path | None, progress: bool = 
 
 
 def collect(images: str | None = None, captions: str | None = None, dataset: str | None = None,
-            split: str | None = None, progress: bool = True) -> Collection:
+            split: str | None = None, progress: bool = True, uri_prefix: str = "") -> Collection:
     if dataset and (images or captions):
         raise DatasetError("--dataset cannot be combined with --images or --captions")
     if split and not dataset:
@@ -277,9 +281,9 @@ def collect(images: str | None = None, captions: str | None = None, dataset: str
     if not (dataset or images or captions):
         raise DatasetError("nothing to index: give --images DIR, --captions FILE or --dataset DIR")
     if dataset:
-        coll = from_dataset(Path(dataset), split, progress)
+        coll = from_dataset(Path(dataset), split, progress, uri_prefix)
     else:
-        coll = from_files(Path(images) if images else None, Path(captions) if captions else None, progress)
+        coll = from_files(Path(images) if images else None, Path(captions) if captions else None, progress, uri_prefix)
     if not coll.images and not coll.texts:
         raise DatasetError(f"the collection is empty: no image files and no captions found "
                            f"({len(coll.skipped)} item(s) skipped)")

@@ -60,6 +60,7 @@ def write_gallery(dest: Path) -> tuple[Path, Path]:
 
 def run_demo(work: Path, images: Path | None, model: str, k: int) -> int:
     from index_builder.cli import main as index_builder_main
+    from index_builder.sources import scan_image_folder
     from retrieval.client import RetrievalClient
     from retrieval.client_cli import format_results
     from retrieval.server import ServeConfig, ServerThread
@@ -70,7 +71,7 @@ def run_demo(work: Path, images: Path | None, model: str, k: int) -> int:
         print(f"gallery: {len(GALLERY)} photographs from scikit-image with one caption each -> {images}")
     else:
         captions = None
-        image_queries = sorted(p for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:2]
+        image_queries = list(scan_image_folder(images)[0].values())[:2]   # two of the images the builder indexes
     root = work / "index"
     argv = ["-q", "build", "--out", str(root), "--images", str(images), "--model", model, "--no-progress"]
     if captions is not None:

@@ -18,6 +18,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from retrieval.errors import InvalidInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+IMAGE_FORMATS = tuple(sorted({Image.registered_extensions()[s] for s in IMAGE_SUFFIXES}))  # the only ones decoded
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error instead of a warning
 # Longest side over shortest side an image keeps: beyond it, the long side is center-cropped.
 # Encoders resize the short side to their input size and center-crop a square, so the crop only
@@ -51,7 +52,7 @@ def load_image(source: str | Path | bytes, min_side: int | None = None) -> Image
             fp = path
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
+            with Image.open(fp, formats=IMAGE_FORMATS) as img:
                 img.seek(0)
                 if min_side and img.format == "JPEG":
                     img.draft("RGB", (min_side, min_side))  # sets the size that will be decoded

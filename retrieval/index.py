@@ -51,7 +51,10 @@ def version_name(number: int) -> str:
 
 
 def list_versions(root: str | Path) -> list[str]:
-    """Complete version directories under root, oldest first (temporary build dirs excluded)."""
+    """Published versions under root, oldest first: vNNNN directories holding a manifest. A publish
+    renames a finished temporary directory (its manifest written last) to vNNNN, so nothing a killed
+    build leaves behind (a `.tmp-*` directory) is listed; a version it renamed but did not make
+    CURRENT is complete, and listed."""
     root = Path(root)
     if not root.is_dir():
         return []
