@@ -426,17 +426,19 @@ def test_deadline_exceeded_and_cancelled_calls_are_counted_as_such(index_root, b
     cfg = ServeConfig(index=str(index_root), port=0, metrics_port=0)
     with ServerThread(cfg, model_loader=lambda name: (model, *bundle[1:])) as srv, \
             RetrievalClient(srv.address, timeout=60) as client:
-        with pytest.raises(grpc.RpcError) as err:  # its deadline passes while it waits in the encoder
-            client.stub.Search(search_request(text="a dog"), timeout=1.0)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        model.release.release()
-        wait_for_metric(srv, 'retrieval_requests_total{code="DEADLINE_EXCEEDED",method="Search"} 1.0')
+        # First the cancelled call, while `entered` counts only its own entry into the encoder (a call
+        # whose deadline passes may or may not reach the encoder, so it must not come before).
         call = client.stub.Search.future(search_request(text="a cat"), timeout=60)
         assert model.entered.acquire(timeout=30)
         call.cancel()  # the client gives up long before its deadline
         model.release.release()
-        text = wait_for_metric(srv, 'retrieval_requests_total{code="CANCELLED",method="Search"} 1.0')
-        assert 'code="DEADLINE_EXCEEDED",method="Search"} 1.0' in text and 'code="OK"' not in text
+        wait_for_metric(srv, 'retrieval_requests_total{code="CANCELLED",method="Search"} 1.0')
+        with pytest.raises(grpc.RpcError) as err:  # its deadline passes while it waits for the encoder
+            client.stub.Search(search_request(text="a dog"), timeout=1.0)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        model.release.release()
+        text = wait_for_metric(srv, 'retrieval_requests_total{code="DEADLINE_EXCEEDED",method="Search"} 1.0')
+        assert 'code="CANCELLED",method="Search"} 1.0' in text and 'code="OK"' not in text
 
 
 def test_health_goes_not_serving_on_shutdown(index_root, bundle):
