@@ -13,8 +13,8 @@
 """
 from retrieval.errors import (DatasetError, FingerprintMismatchError, IndexCorruptError, IndexUnavailableError,
                               InvalidInputError, ModelError, RetrievalError, UnauthenticatedError)
-from retrieval.factory import DEFAULT_MODEL, create_model, get_model_config, list_models
-from retrieval.querybank import QueryBank, querybank_of
+from retrieval.embedding.factory import DEFAULT_MODEL, create_model, get_model_config, list_models
+from retrieval.embedding.querybank import QueryBank, querybank_of
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Sequence
 
-from retrieval.config import add_dataclass_arguments, dataclass_from_args, run_command
+from retrieval.flags import add_dataclass_arguments, dataclass_from_args, run_command
 
 TRAIN_HELP = {
     "data": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
@@ -42,8 +42,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from retrieval.factory import create_model
-    from retrieval.train import TrainConfig, train
+    from retrieval.embedding.factory import create_model
+    from retrieval.training.train import TrainConfig, train
 
     cfg = dataclass_from_args(TrainConfig, args)
     model, _, _ = create_model(cfg.model, load_weights=False)
@@ -53,8 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from retrieval.evaluate import evaluate_model, format_report
-    from retrieval.factory import create_model
+    from retrieval.training.evaluate import evaluate_model, format_report
+    from retrieval.embedding.factory import create_model
 
     model, preprocess, tokenizer = create_model(args.model)
     result = evaluate_model(model, preprocess, tokenizer, args.data, args.split, workers=args.workers,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the projection heads on a caption dataset",
                        description="Contrastive training of the heads on cached frozen-tower features.")
-    add_dataclass_arguments(p, __import__("retrieval.train", fromlist=["TrainConfig"]).TrainConfig, TRAIN_HELP)
+    add_dataclass_arguments(p, __import__("retrieval.training.train", fromlist=["TrainConfig"]).TrainConfig, TRAIN_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="recall@K and sphere geometry on a caption dataset split",
@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    from retrieval import client_cli, demo, server_cli
+    from retrieval.commands import demo, query, serve
 
-    server_cli.add_parser(sub)
-    client_cli.add_parser(sub)
+    serve.add_parser(sub)
+    query.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from retrieval.errors import ModelError
-from retrieval.factory import create_model, list_models
-from retrieval.images import load_image
+from retrieval.embedding.factory import create_model, list_models
+from retrieval.encoding.images import load_image
 
 
 def test_registry_lists_the_default_and_rejects_unknown_names():
@@ -30,9 +30,9 @@ def test_both_towers_return_float32_unit_vectors(default_model, flickr_mini):
 
 def test_default_model_matches_captions_to_their_photos(default_model, flickr_mini):
     """The shipped heads are trained: on real photos, each caption's own image beats chance by far."""
-    from retrieval.data import load_caption_dataset
-    from retrieval.evaluate import recall_at_k
-    from retrieval.features import encode_image_files, encode_texts
+    from retrieval.encoding.datasets import load_caption_dataset
+    from retrieval.training.evaluate import recall_at_k
+    from retrieval.encoding.bulk import encode_image_files, encode_texts
 
     model, preprocess, tokenizer = default_model
     ds = load_caption_dataset(flickr_mini, "test")
@@ -101,8 +101,8 @@ def test_an_unusable_device_is_one_clear_error():
 
 def test_heads_saved_before_query_banks_existed_still_load(tmp_path):
     """A checkpoint without bank tensors loads with no correction and keeps its fingerprint."""
-    from retrieval.checkpoint import save_checkpoint
-    from retrieval.querybank import querybank_of
+    from retrieval.embedding.checkpoint import save_checkpoint
+    from retrieval.embedding.querybank import querybank_of
 
     model, _, _ = create_model("lite0-minilm", load_weights=False)
     path = save_checkpoint(tmp_path / "old.pt", model)

@@ -3,7 +3,7 @@ import pytest
 
 from retrieval import sphere
 from retrieval.errors import InvalidInputError
-from retrieval.evaluate import geometry, recall_at_k, recall_from_scores
+from retrieval.training.evaluate import geometry, recall_at_k, recall_from_scores
 
 
 def unit(rows):

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from retrieval.evaluate import recall_from_scores
+from retrieval.training.evaluate import recall_from_scores
 
 log = logging.getLogger(__name__)
 Modality = Literal["image", "text"]

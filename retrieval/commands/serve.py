@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from retrieval.config import add_dataclass_arguments, dataclass_from_args
-from retrieval.server import ServeConfig, serve
+from retrieval.flags import add_dataclass_arguments, dataclass_from_args
+from retrieval.serving.server import ServeConfig, serve
 
 SERVE_HELP = {
     "index": "index root: serves the version ROOT/CURRENT names and swaps to each newly published one",
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # A server says what it serves and when it swaps, even without --verbose.
-    for name in ("retrieval.server", "retrieval.engine"):
+    for name in ("retrieval.serving.server", "retrieval.serving.engine"):
         logging.getLogger(name).setLevel(logging.INFO)
     serve(dataclass_from_args(ServeConfig, args))
     return 0

@@ -24,14 +24,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from retrieval.engine import Engine, Limits, cached_model
+from retrieval.serving.engine import Engine, Limits, cached_model
 from retrieval.errors import UnauthenticatedError
-from retrieval.metrics import ServerMetrics
+from retrieval.serving.prometheus import ServerMetrics
 from retrieval.pb import retrieval_pb2_grpc as pb_grpc
-from retrieval.server_errors import status_for
-from retrieval.servicer import SERVICE_NAME, RetrievalServicer
+from retrieval.serving.status import status_for
+from retrieval.serving.servicer import SERVICE_NAME, RetrievalServicer
 
-log = logging.getLogger("retrieval.server")
+log = logging.getLogger("retrieval.serving.server")
 MiB = 1 << 20
 
 

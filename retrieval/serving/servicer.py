@@ -1,5 +1,5 @@
 """The gRPC servicer: translates protobuf messages to engine calls and back, and errors to
-status codes (through `retrieval.server_errors`, the one mapping). It receives its engine and
+status codes (through `retrieval.serving.status`, the one mapping). It receives its engine and
 its metrics; it loads nothing itself."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any, Awaitable, Callable
 import grpc
 import numpy as np
 
-from retrieval.engine import Engine, Hit
+from retrieval.serving.engine import Engine, Hit
 from retrieval.errors import InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.pb import retrieval_pb2_grpc as pb_grpc
-from retrieval.server_errors import status_for
+from retrieval.serving.status import status_for
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 _MODALITY_OUT = {"image": pb.MODALITY_IMAGE, "text": pb.MODALITY_TEXT}

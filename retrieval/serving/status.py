@@ -13,7 +13,7 @@ import grpc
 from retrieval.errors import (FingerprintMismatchError, IndexCorruptError, IndexUnavailableError, InvalidInputError,
                               ModelError, RetrievalError, UnauthenticatedError)
 
-log = logging.getLogger("retrieval.server")
+log = logging.getLogger("retrieval.serving.server")
 
 STATUS_FOR: dict[type[RetrievalError], grpc.StatusCode] = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,

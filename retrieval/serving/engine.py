@@ -18,15 +18,15 @@ from typing import Callable, Literal, Union
 import numpy as np
 import torch
 
-from retrieval.batcher import MicroBatcher
+from retrieval.serving.batcher import MicroBatcher
 from retrieval.errors import (FingerprintMismatchError, IndexUnavailableError, InvalidInputError, RetrievalError)
-from retrieval.features import input_size
+from retrieval.encoding.bulk import input_size
 from retrieval.hits import Hit
-from retrieval.images import load_image, split_transform
-from retrieval.index import IndexVersion, list_versions, read_current
+from retrieval.encoding.images import load_image, split_transform
+from retrieval.store.reader import IndexVersion, list_versions, read_current
 from retrieval.sphere import angle_deg
 
-log = logging.getLogger("retrieval.engine")
+log = logging.getLogger("retrieval.serving.engine")
 Modality = Literal["image", "text"]
 QueryInput = Union[str, bytes, np.ndarray]  # text, image file bytes, or a raw embedding
 
@@ -46,7 +46,7 @@ class Limits:
 def cached_model(name: str, device: str = "cpu"):
     """(model, preprocess, tokenizer) for a model name or checkpoint on a torch device, loaded
     once per process."""
-    from retrieval.factory import create_model
+    from retrieval.embedding.factory import create_model
 
     return create_model(name, device=device)
 

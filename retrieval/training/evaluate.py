@@ -62,9 +62,9 @@ def evaluate_model(model, preprocess, tokenizer, data: str, split: str = "test",
                    progress: bool = True) -> dict:
     """Encode a split with the model's public encoders and score it as the service ranks (with the
     model's inverted softmax, if it has one), and with the plain cosine for comparison."""
-    from retrieval.data import load_caption_dataset
-    from retrieval.features import encode_image_files, encode_texts
-    from retrieval.querybank import model_recall, querybank_of
+    from retrieval.encoding.datasets import load_caption_dataset
+    from retrieval.encoding.bulk import encode_image_files, encode_texts
+    from retrieval.embedding.querybank import model_recall, querybank_of
 
     ds = load_caption_dataset(data, split)
     image_vecs, bad = encode_image_files(model, ds.image_paths(), preprocess, workers=workers,
