@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.training.evaluate import recall_at_k
+from retrieval.sphere.recall import recall_at_k
 from retrieval.embedding.factory import DEFAULT_MODEL, build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import IMAGE_BATCH
 from retrieval.encoding.images import load_image
-from retrieval.embedding.querybank import BETAS, QueryBank, corrected_recall, fit_querybank, model_recall, querybank_of
+from retrieval.embedding.querybank import QueryBank, corrected_recall, model_recall, querybank_of
+from retrieval.training.querybank_fit import BETAS, fit_querybank
 from retrieval.training.train import SplitFeatures, TrainConfig, split_features, train
 
 RESULTS = Path(__file__).parent / "results"

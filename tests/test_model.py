@@ -31,7 +31,7 @@ def test_both_towers_return_float32_unit_vectors(default_model, flickr_mini):
 def test_default_model_matches_captions_to_their_photos(default_model, flickr_mini):
     """The shipped heads are trained: on real photos, each caption's own image beats chance by far."""
     from retrieval.encoding.datasets import load_caption_dataset
-    from retrieval.training.evaluate import recall_at_k
+    from retrieval.sphere.recall import recall_at_k
     from retrieval.encoding.bulk import encode_image_files, encode_texts
 
     model, preprocess, tokenizer = default_model

@@ -1,61 +1,12 @@
-"""The 1K-test retrieval protocol and the geometry of the sphere.
-
-Text-to-image R@K: a caption is found when its own image is among the top K images.
-Image-to-text R@K: an image is found when any of its captions is among the top K captions.
-Geometry: alignment and uniformity (Wang & Isola, 2020), modality gap (Liang et al., 2022).
-"""
+"""`retrieval eval`'s workflow: encode a caption-dataset split with a model, score it with the recall
+protocol (`retrieval.sphere.recall`) as the service ranks and by the plain cosine, and describe the
+sphere's geometry (`retrieval.sphere.diagnostics`)."""
 from __future__ import annotations
-
-from typing import Sequence
 
 import numpy as np
 
 from retrieval import sphere
-
-
-def recall_at_k(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray,
-                ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """image_vecs (N, D), text_vecs (C, D) unit rows; caption_image (C,) owner image index.
-    Returns percentages t2i_R@K, i2t_R@K and their mean `mean_R`. A tie counts for the query."""
-    sims = text_vecs @ image_vecs.T                                      # (C, N)
-    return recall_from_scores(sims, sims.T, caption_image, ks)
-
-
-def recall_from_scores(t2i: np.ndarray, i2t: np.ndarray, caption_image: np.ndarray,
-                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """The same protocol over any scores: t2i (C, N) ranks images for each caption, i2t (N, C)
-    ranks captions for each image (equal to t2i.T for plain cosine; query-time corrections make
-    the two directions differ)."""
-    caption_image = np.asarray(caption_image)
-    rows = np.arange(len(caption_image))
-    own = t2i[rows, caption_image]                                       # (C,)
-    t2i_rank = (t2i > own[:, None]).sum(axis=1)                          # (C,) images ranked above
-    # for each caption, its rank among all captions for its own image
-    own_i2t = i2t[caption_image, rows]                                   # (C,)
-    cap_rank = (i2t[caption_image] > own_i2t[:, None]).sum(axis=1)       # (C,)
-    i2t_rank = np.full(i2t.shape[0], np.iinfo(np.int64).max)
-    np.minimum.at(i2t_rank, caption_image, cap_rank)
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"t2i_R@{k}"] = float(100 * np.mean(t2i_rank < k))
-    for k in ks:
-        out[f"i2t_R@{k}"] = float(100 * np.mean(i2t_rank < k))
-    out["mean_R"] = float(np.mean([out[f"t2i_R@{k}"] for k in ks] + [out[f"i2t_R@{k}"] for k in ks]))
-    return out
-
-
-def geometry(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
-    """Diagnostics of the embedding: how close positives are, how spread each modality is."""
-    paired = image_vecs[caption_image]                                   # (C, D)
-    pos_cos = np.sum(paired * text_vecs, axis=1)
-    return {
-        "alignment": sphere.alignment(paired, text_vecs),
-        "uniformity_image": sphere.uniformity(image_vecs),
-        "uniformity_text": sphere.uniformity(text_vecs),
-        "modality_gap": sphere.modality_gap(image_vecs, text_vecs),
-        "positive_cosine_mean": float(pos_cos.mean()),
-        "positive_angle_deg_mean": float(sphere.angle_deg(pos_cos).mean()),
-    }
+from retrieval.sphere.recall import recall_at_k
 
 
 def evaluate_model(model, preprocess, tokenizer, data: str, split: str = "test", *, workers: int | None = None,
@@ -82,7 +33,7 @@ def evaluate_model(model, preprocess, tokenizer, data: str, split: str = "test",
         "recall": model_recall(model, image_vecs, text_vecs, ds.caption_image),
         "recall_plain_cosine": recall_at_k(image_vecs, text_vecs, ds.caption_image),
         "querybank": querybank_of(model).info(),
-        "geometry": geometry(image_vecs, text_vecs, ds.caption_image),
+        "geometry": sphere.diagnostics(image_vecs, text_vecs, ds.caption_image),
     }
 
 

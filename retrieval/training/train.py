@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from retrieval.embedding.checkpoint import load_checkpoint, round_heads_to_half, save_checkpoint
 from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
-from retrieval.training.evaluate import recall_at_k
+from retrieval.sphere.recall import recall_at_k
 from retrieval.embedding.factory import image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import FeatureCache, encode_image_files, encode_texts
-from retrieval.embedding.querybank import fit_querybank
+from retrieval.training.querybank_fit import fit_querybank
 
 log = logging.getLogger(__name__)
 
