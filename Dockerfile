@@ -46,7 +46,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && rm /tmp/torch-constraints.txt
 
 # Fail the build, not the first request, when a weights package is missing or needs the network.
-RUN HF_HUB_OFFLINE=1 python -c "import torch; from retrieval.factory import create_model; assert torch.version.cuda is None, 'not a CPU build of torch'; create_model('lite0-minilm', load_weights=False)"
+RUN HF_HUB_OFFLINE=1 python -c "import torch; from retrieval import create_model; assert torch.version.cuda is None, 'not a CPU build of torch'; create_model('lite0-minilm', load_weights=False)"
 
 # ---- runtime: the virtual environment, a non-root user, nothing else ----
 FROM ${PYTHON_IMAGE} AS runtime

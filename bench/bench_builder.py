@@ -43,9 +43,9 @@ import torch  # noqa: E402
 
 from index_builder.encode import ShardStore, encode_images, encode_texts, text_batches  # noqa: E402
 from index_builder.sources import from_dataset  # noqa: E402
-from retrieval.factory import create_model  # noqa: E402
-from retrieval.features import IMAGE_BATCH, default_streams, default_workers, image_loader  # noqa: E402
-from retrieval.streams import threaded_map  # noqa: E402
+from retrieval.embedding.factory import create_model  # noqa: E402
+from retrieval.encoding.bulk import IMAGE_BATCH, default_streams, default_workers, image_loader  # noqa: E402
+from retrieval.encoding.streams import threaded_map  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flickr8k"
 

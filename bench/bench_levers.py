@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.evaluate import recall_at_k
-from retrieval.factory import DEFAULT_MODEL, build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
-from retrieval.features import IMAGE_BATCH
-from retrieval.images import load_image
-from retrieval.querybank import BETAS, QueryBank, corrected_recall, fit_querybank, model_recall, querybank_of
-from retrieval.train import SplitFeatures, TrainConfig, split_features, train
+from retrieval.sphere.recall import recall_at_k
+from retrieval.embedding.factory import DEFAULT_MODEL, build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
+from retrieval.encoding.bulk import IMAGE_BATCH
+from retrieval.encoding.images import load_image
+from retrieval.embedding.querybank import QueryBank, corrected_recall, model_recall, querybank_of
+from retrieval.training.querybank_fit import BETAS, fit_querybank
+from retrieval.training.train import SplitFeatures, TrainConfig, split_features, train
 
 RESULTS = Path(__file__).parent / "results"
 # Image feature layout of the default taps [5, 6, "head"]: 192 + 320 + 1280 columns.

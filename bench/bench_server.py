@@ -172,9 +172,9 @@ async def run_async(address: str, kind: str, queries: list, concurrency: int, du
 # -- the pipelines ---------------------------------------------------------------------------------------
 
 def in_process_calls(index_root: str, k: int, device: str):
-    from retrieval.engine import cached_model
-    from retrieval.images import load_image
-    from retrieval.index import IndexVersion
+    from retrieval.serving.engine import cached_model
+    from retrieval.encoding.images import load_image
+    from retrieval.store.reader import IndexVersion
 
     index = IndexVersion.open(index_root)
     model, preprocess, tokenizer = cached_model(index.model, device)
@@ -243,9 +243,9 @@ def image_encoder_rates(index_root: str, images: list[bytes], device: str, sizes
 
     import torch
 
-    from retrieval.engine import cached_model
-    from retrieval.images import load_image
-    from retrieval.index import IndexVersion
+    from retrieval.serving.engine import cached_model
+    from retrieval.encoding.images import load_image
+    from retrieval.store.reader import IndexVersion
 
     model, preprocess, _ = cached_model(IndexVersion.open(index_root).model, device)
     pixels = torch.stack([preprocess(load_image(b)) for b in images[:64]]).to(device)
@@ -325,8 +325,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from retrieval.index import IndexVersion
-    from retrieval.server import ServeConfig
+    from retrieval.store.reader import IndexVersion
+    from retrieval.serving.server import ServeConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
     index_root = args.index

@@ -19,8 +19,8 @@ from open_clip.loss import ClipLoss
 from tqdm import tqdm
 from transformers.masking_utils import create_bidirectional_mask
 
-from retrieval.evaluate import recall_at_k
-from retrieval.train import SplitFeatures, _captions_of, decay_groups, epoch_batches, optimizer_step, warmup_cosine
+from retrieval.sphere.recall import recall_at_k
+from retrieval.training.train import SplitFeatures, _captions_of, decay_groups, epoch_batches, optimizer_step, warmup_cosine
 
 
 @torch.no_grad()

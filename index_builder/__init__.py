@@ -3,7 +3,7 @@
     from index_builder import BuildConfig, build
     manifest = build(BuildConfig(out="indexes", dataset="../shared/datasets/flickr8k"))
 
-Versions are read with `retrieval.index.IndexVersion`; see `index_builder.publish` for the
+Versions are read with `retrieval.store.reader.IndexVersion`; see `index_builder.publish` for the
 layout's guarantees (atomic CURRENT flip, keep N, gc).
 """
 from index_builder.build import BuildConfig, build

@@ -21,11 +21,11 @@ import faiss
 import numpy as np
 
 from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
-from retrieval.factory import DEFAULT_MODEL
-from retrieval.features import IMAGE_BATCH, default_workers
-from retrieval.index import (FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, IndexVersion, query_rows, read_current,
+from retrieval.embedding.factory import DEFAULT_MODEL
+from retrieval.encoding.bulk import IMAGE_BATCH, default_workers
+from retrieval.store.reader import (FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, IndexVersion, query_rows, read_current,
                              reconstruct, sha256_file, with_bias)
-from retrieval.querybank import QueryBank, querybank_of
+from retrieval.embedding.querybank import QueryBank, querybank_of
 from retrieval.sphere import is_unit_norm
 
 from index_builder import faiss_index
@@ -146,7 +146,7 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
         for stale in root.glob(f"{TMP_PREFIX}*"):  # a killed build's unfinished version: garbage
             shutil.rmtree(stale, ignore_errors=True)
         if loaded is None:
-            from retrieval.factory import create_model
+            from retrieval.embedding.factory import create_model
             loaded = create_model(cfg.model)
         model, preprocess, tokenizer = loaded
         fingerprint, dim = model.fingerprint(), int(model.embed_dim)

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-from retrieval.config import add_dataclass_arguments, dataclass_from_args, run_command
+from retrieval.flags import add_dataclass_arguments, dataclass_from_args, run_command
 
 BUILD_HELP = {
     "out": "index root: versions go to OUT/vNNNN, OUT/CURRENT names the live one",

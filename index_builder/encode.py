@@ -6,10 +6,10 @@ content hashes that failed to decode and why. A shard is written to a temporary 
 renamed, so a build killed at any moment leaves only complete shards; the rerun scans them and
 encodes only what they lack. Memory stays bounded: one shard's worth of vectors is in flight.
 
-Images go through `retrieval.features.image_loader` (a DataLoader over `ImageFileDataset` whose
+Images go through `retrieval.encoding.bulk.image_loader` (a DataLoader over `ImageFileDataset` whose
 worker processes decode and preprocess while the main process runs the model). On 2 cores or
 fewer there are no workers (`default_workers` says why): two threads each decode a batch and run
-the model on it, one decoding while the other computes (`default_streams`, `retrieval.streams`).
+the model on it, one decoding while the other computes (`default_streams`, `retrieval.encoding.streams`).
 Captions are tokenized in length-sorted batches in the main process (`text_batches` says why).
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from retrieval.errors import RetrievalError
-from retrieval.features import IMAGE_BATCH, default_streams, default_workers, image_loader, input_size
+from retrieval.encoding.bulk import IMAGE_BATCH, default_streams, default_workers, image_loader, input_size
 from retrieval.progress import meter
 from retrieval.sphere import is_unit_norm
-from retrieval.streams import threaded_map
+from retrieval.encoding.streams import threaded_map
 
 log = logging.getLogger(__name__)
 

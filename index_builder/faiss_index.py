@@ -2,7 +2,7 @@
 stream of (ids, vectors) blocks, and recall@10 measured against exact search.
 
 Every index is `IDMap2,<factory>` with METRIC_INNER_PRODUCT over rows [g, b_g]: a unit embedding
-plus its inverted-softmax bias (see `retrieval.index`), so ids are the builder's stable int64 ids
+plus its inverted-softmax bias (see `retrieval.store.reader`), so ids are the builder's stable int64 ids
 and vectors can be reconstructed by id (incremental builds).
 """
 from __future__ import annotations

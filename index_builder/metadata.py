@@ -1,4 +1,4 @@
-"""The metadata database of a version (`meta.sqlite`), in the schema `retrieval.index` reads:
+"""The metadata database of a version (`meta.sqlite`), in the schema `retrieval.store.reader` reads:
 `images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`."""
 from __future__ import annotations
 

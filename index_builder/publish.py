@@ -4,7 +4,7 @@ reader resolving CURRENT sees the previous complete version or the new complete 
 partial one. What a kill leaves: a `.tmp-*` directory (never a version; the next build or gc
 removes it), a `.CURRENT.*` file (gc removes it), or, killed between the rename and the flip, a
 complete version that CURRENT does not name (listed, not current, like a version rolled back
-from). A version is a vNNNN directory with a manifest (`retrieval.index.list_versions`); listing,
+from). A version is a vNNNN directory with a manifest (`retrieval.store.reader.list_versions`); listing,
 pruning and the server's available versions all go by that. Old versions are pruned to the newest
 N; the version CURRENT names is never removed. One builder at a time
 holds `ROOT/.lock` (a POSIX record lock: it dies with the builder's process, even on SIGKILL).
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.errors import RetrievalError
-from retrieval.index import CURRENT, MANIFEST, VERSION_RE, list_versions, read_current, version_name
+from retrieval.store.reader import CURRENT, MANIFEST, VERSION_RE, list_versions, read_current, version_name
 
 from index_builder.encode import fsync_path
 

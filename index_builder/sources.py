@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.errors import DatasetError
-from retrieval.images import IMAGE_SUFFIXES
+from retrieval.encoding.images import IMAGE_SUFFIXES
 from retrieval.progress import meter
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]]) -> li
 
 
 def from_dataset(root: Path, split: str | None, progress: bool = True, uri_prefix: str = "") -> Collection:
-    from retrieval.data import load_caption_dataset
+    from retrieval.encoding.datasets import load_caption_dataset
 
     ds = load_caption_dataset(root, split)
     images, skipped = _hash_images({name: (root / "images" / name).resolve() for name in ds.images}, progress,

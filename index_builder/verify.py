@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import FingerprintMismatchError
-from retrieval.features import encode_image_files, encode_texts
-from retrieval.index import IndexVersion
-from retrieval.querybank import model_recall
+from retrieval.encoding.bulk import encode_image_files, encode_texts
+from retrieval.store.reader import IndexVersion
+from retrieval.embedding.querybank import model_recall
 
 from index_builder.sources import from_dataset
 

@@ -16,9 +16,9 @@ from retrieval.errors import (DatasetError, FingerprintMismatchError, IndexCorru
 
 # Imported when first asked for: the model pulls in torch, the client grpc, and a light command
 # such as `retrieval health` (a container's probe, every few seconds) needs neither.
-_LAZY = {"DEFAULT_MODEL": "retrieval.factory", "create_model": "retrieval.factory",
-         "get_model_config": "retrieval.factory", "list_models": "retrieval.factory",
-         "QueryBank": "retrieval.querybank", "querybank_of": "retrieval.querybank",
+_LAZY = {"DEFAULT_MODEL": "retrieval.embedding.factory", "create_model": "retrieval.embedding.factory",
+         "get_model_config": "retrieval.embedding.factory", "list_models": "retrieval.embedding.factory",
+         "QueryBank": "retrieval.embedding.querybank", "querybank_of": "retrieval.embedding.querybank",
          "RetrievalClient": "retrieval.client"}
 
 

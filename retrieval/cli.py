@@ -2,39 +2,12 @@
 query a server, or run the self-contained demo. `retrieval SUBCOMMAND --help` explains each."""
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import sys
 from typing import Sequence
 
-from retrieval.config import OneLineErrorParser, add_dataclass_arguments, dataclass_from_args, run_command
-
-TRAIN_HELP = {
-    "data": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
-    "model": "registered model name to train (its towers and head shape) or a checkpoint to continue from",
-    "out": "output folder for model.safetensors (the trained model), best.safetensors, last.safetensors and "
-           "summary.json",
-    "cache_dir": "where frozen-tower features are cached (reused across runs)",
-    "views": "image views cached per training image: 1 center crop + (views-1) random crops",
-    "crop_scale_min": "smallest area fraction of a random crop",
-    "epochs": "passes over the training images (each pairs an image with one random caption)",
-    "batch_size": "pairs per contrastive batch",
-    "lr": "peak AdamW learning rate (warmup, then cosine decay)",
-    "weight_decay": "AdamW weight decay on matrices",
-    "warmup_epochs": "linear warmup length in epochs",
-    "loss": "clip (symmetric InfoNCE) or siglip",
-    "max_logit_scale": "clamp of the learnable inverse temperature exp(t)",
-    "center": "subtract each modality's training mean before normalizing (modality-gap correction)",
-    "querybank_size": "training queries per modality kept in the model for the inverted softmax, a query-time "
-                      "correction of hubness whose beta is chosen on dev (0: none)",
-    "seed": "random seed (crops, batches, init)",
-    "workers": "image-decoding worker processes (default: cores - 1, at most 4; none on 2 cores or fewer)",
-    "resume": "continue from OUT/last.safetensors when present",
-    "train_split": "split to train on",
-    "dev_split": "split for model selection",
-}
+from retrieval.flags import OneLineErrorParser, run_command
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -44,67 +17,29 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("retrieval.progress").setLevel(logging.INFO)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from retrieval.factory import create_model
-    from retrieval.train import TrainConfig, train
+def build_parser() -> OneLineErrorParser:
+    from retrieval.commands import demo, evaluate, health, query, serve, train
 
-    cfg = dataclass_from_args(TrainConfig, args)
-    model, _, _ = create_model(cfg.model, load_weights=False)
-    summary = train(cfg, model)
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from retrieval.evaluate import evaluate_model, format_report
-    from retrieval.factory import create_model
-
-    model, preprocess, tokenizer = create_model(args.model)
-    result = evaluate_model(model, preprocess, tokenizer, args.data, args.split, workers=args.workers,
-                            progress=not args.json)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="retrieval", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train the projection heads on a caption dataset",
-                       description="Contrastive training of the heads on cached frozen-tower features.")
-    add_dataclass_arguments(p, __import__("retrieval.train", fromlist=["TrainConfig"]).TrainConfig, TRAIN_HELP)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="recall@K and sphere geometry on a caption dataset split",
-                       description="The 1K-test protocol: R@1/5/10 both ways, alignment, uniformity, modality gap.")
-    p.add_argument("--model", default="lite0-minilm", help="registered name, checkpoint path or open_clip:ARCH[@PRETRAINED]")
-    p.add_argument("--data", required=True, help="caption-dataset folder")
-    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding workers")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_eval)
-
-    from retrieval import client_cli, demo, health_cli, server_cli
-
-    server_cli.add_parser(sub)
-    client_cli.add_parser(sub)
-    health_cli.add_parser(sub)
-    demo.add_parser(sub)
+    for command in (train, evaluate, serve, query, health, demo):
+        command.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["health"]:  # the container's probe: straight there, without importing the model's modules
-        from retrieval import health_cli
+        from retrieval.commands import health
 
-        return health_cli.main(argv[1:])
+        return health.main(argv[1:])
     # Offline by default: hub look-ups retry for a long time without network. Set HF_HUB_OFFLINE=0 to allow them.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     return run_command("retrieval", args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Typed exceptions raised at the project's boundaries.
 
 Library code raises these; the gRPC layer maps them to status codes in one place
-(`retrieval.server_errors`), and the CLIs print their message without a traceback.
+(`retrieval.serving.status`), and the CLIs print their message without a traceback.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def flickr_mini(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_model():
     """(model, preprocess, tokenizer) of the shipped default, loaded once per session."""
-    from retrieval.factory import create_model
+    from retrieval.embedding.factory import create_model
 
     return create_model("lite0-minilm")
 

@@ -18,8 +18,8 @@ from index_builder.cli import main
 from index_builder.publish import gc, incomplete_dirs, list_index, new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
 from retrieval.errors import InvalidInputError
-from retrieval.images import IMAGE_SUFFIXES, load_image
-from retrieval.index import CURRENT, list_versions, read_current
+from retrieval.encoding.images import IMAGE_SUFFIXES, load_image
+from retrieval.store.reader import CURRENT, list_versions, read_current
 
 MODEL = "lite0-minilm"
 

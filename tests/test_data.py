@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from retrieval.cli import main as retrieval_main
-from retrieval.data import load_caption_dataset
+from retrieval.encoding.datasets import load_caption_dataset
 from retrieval.errors import DatasetError, InvalidInputError
-from retrieval.images import load_image
+from retrieval.encoding.images import load_image
 
 
 @pytest.fixture

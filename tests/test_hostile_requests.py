@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from retrieval.client import RetrievalClient, search_request
-from retrieval.engine import Engine, Limits, cached_model
+from retrieval.serving.engine import Engine, Limits, cached_model
 from retrieval.errors import BatchItemError, DeadlineExceededError, IndexCorruptError
-from retrieval.images import MAX_ASPECT, load_image
+from retrieval.encoding.images import MAX_ASPECT, load_image
 from retrieval.pb import retrieval_pb2 as pb
-from retrieval.server import MiB, ServeConfig, ServerThread
-from retrieval.server_errors import status_for
+from retrieval.serving.server import MiB, ServeConfig, ServerThread
+from retrieval.serving.status import status_for
 
 pytestmark = pytest.mark.dataset
 MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")
@@ -94,7 +94,7 @@ import torch
 from PIL import Image
 from open_clip.transform import image_transform
 from retrieval.errors import InvalidInputError
-from retrieval.images import ImageFileDataset, load_image, split_transform
+from retrieval.encoding.images import ImageFileDataset, load_image, split_transform
 
 prepare = split_transform(image_transform(224, is_train=False))[0]  # the per-image steps the server runs
 peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -227,10 +227,10 @@ def test_a_request_whose_deadline_passed_is_never_encoded(index_root, bundle, fl
 def test_the_engine_stops_a_request_its_caller_gave_up(index_root, bundle, flickr_mini, monkeypatch):
     """The engine knows no gRPC: it asks a callable whether the caller still waits, before
     decoding and when the encoder's batch is formed."""
-    import retrieval.engine
+    import retrieval.serving.engine
 
     decoded = []
-    monkeypatch.setattr(retrieval.engine, "load_image", lambda *a, **kw: decoded.append(1) or load_image(*a, **kw))
+    monkeypatch.setattr(retrieval.serving.engine, "load_image", lambda *a, **kw: decoded.append(1) or load_image(*a, **kw))
     gated = GatedModel(bundle[0])
     gated.gate.set()
     executor = ThreadPoolExecutor(2)

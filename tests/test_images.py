@@ -11,8 +11,8 @@ import torch
 from open_clip.transform import image_transform
 from PIL import Image
 
-from retrieval.features import image_loader
-from retrieval.images import load_image, split_transform
+from retrieval.encoding.bulk import image_loader
+from retrieval.encoding.images import load_image, split_transform
 
 
 @pytest.fixture()
@@ -72,10 +72,10 @@ def test_a_transform_without_a_tensor_tail_stays_whole(mixed_images):
 # (servers, loaders) would add theirs.
 FAULT_PROBE = """
 import resource, torch
-from retrieval import allocator
-from retrieval.factory import create_model
+from retrieval.embedding import allocator
+from retrieval.embedding.factory import create_model
 model = create_model("lite0-minilm")[0]
-assert allocator._done, "create_model on the CPU tunes malloc (retrieval.allocator)"
+assert allocator._done, "create_model on the CPU tunes malloc (retrieval.embedding.allocator)"
 x = torch.zeros(8, 3, 224, 224)
 with torch.inference_mode():
     for _ in range(4):  # the heap grows to its peak over the first 2-3 passes, then stays

@@ -24,8 +24,8 @@ from index_builder.metadata import write_metadata
 from index_builder.publish import BuildLockedError, RootLock, new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
 from retrieval.errors import FingerprintMismatchError
-from retrieval.index import FORMAT, IndexVersion, list_versions, read_current, sha256_file
-from retrieval.querybank import querybank_of
+from retrieval.store.reader import FORMAT, IndexVersion, list_versions, read_current, sha256_file
+from retrieval.embedding.querybank import querybank_of
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "lite0-minilm"
@@ -69,7 +69,7 @@ def _rows(version_dir: Path, sql: str) -> list[tuple]:
 
 def test_dataset_build_is_consistent_with_the_model(tmp_path, flickr_mini, bundle):
     from index_builder.verify import index_recall
-    from retrieval.features import encode_image_files
+    from retrieval.encoding.bulk import encode_image_files
 
     root = tmp_path / "idx"
     m = _build(bundle, root, dataset=str(flickr_mini), split="test")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from retrieval.errors import ModelError
-from retrieval.factory import create_model, list_models
-from retrieval.images import load_image
+from retrieval.embedding.factory import create_model, list_models
+from retrieval.encoding.images import load_image
 
 
 def test_registry_lists_the_default_and_rejects_unknown_names():
@@ -30,9 +30,9 @@ def test_both_towers_return_float32_unit_vectors(default_model, flickr_mini):
 
 def test_default_model_matches_captions_to_their_photos(default_model, flickr_mini):
     """The shipped heads are trained: on real photos, each caption's own image beats chance by far."""
-    from retrieval.data import load_caption_dataset
-    from retrieval.evaluate import recall_at_k
-    from retrieval.features import encode_image_files, encode_texts
+    from retrieval.encoding.datasets import load_caption_dataset
+    from retrieval.sphere.recall import recall_at_k
+    from retrieval.encoding.bulk import encode_image_files, encode_texts
 
     model, preprocess, tokenizer = default_model
     ds = load_caption_dataset(flickr_mini, "test")
@@ -105,8 +105,8 @@ def test_heads_saved_before_query_banks_existed_still_load(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from retrieval.checkpoint import save_checkpoint
-    from retrieval.querybank import querybank_of
+    from retrieval.embedding.checkpoint import save_checkpoint
+    from retrieval.embedding.querybank import querybank_of
 
     model, _, _ = create_model("lite0-minilm", load_weights=False)
     path = save_checkpoint(tmp_path / "old.safetensors", model)
@@ -125,8 +125,8 @@ def test_shipped_heads_survived_the_move_to_safetensors_bit_for_bit(default_mode
     shape, bytes), the model's fingerprint and encodings of fixed inputs."""
     import hashlib
 
-    from retrieval.checkpoint import load_checkpoint
-    from retrieval.factory import get_model_config, shipped_weights_path
+    from retrieval.embedding.checkpoint import load_checkpoint
+    from retrieval.embedding.factory import get_model_config, shipped_weights_path
 
     model, _, tokenizer = default_model
     assert model.fingerprint() == "b0131c82b27480cc"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from retrieval.cli import build_parser, main
-from retrieval.config import dataclass_from_args, parse_value
-from retrieval.server import ServeConfig
+from retrieval.flags import dataclass_from_args, parse_value
+from retrieval.serving.server import ServeConfig
 
 NO_INDEX = "/nonexistent/index-root"
 

@@ -1,8 +1,9 @@
 """The inverted softmax over a query bank: the bias formula, what it does to hubs, and fitting."""
 import numpy as np
 
-from retrieval.evaluate import recall_at_k
-from retrieval.querybank import QueryBank, bias_from_bank, corrected_recall, fit_querybank
+from retrieval.embedding.querybank import QueryBank, bias_from_bank, corrected_recall
+from retrieval.sphere.recall import recall_at_k
+from retrieval.training.querybank_fit import fit_querybank
 from retrieval.sphere import l2_normalize
 
 

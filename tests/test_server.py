@@ -26,12 +26,12 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.client import RetrievalClient, search_request
-from retrieval.engine import cached_model
-from retrieval.images import load_image
-from retrieval.index import IndexVersion
+from retrieval.serving.engine import cached_model
+from retrieval.encoding.images import load_image
+from retrieval.store.reader import IndexVersion
 from retrieval.pb import retrieval_pb2 as pb
-from retrieval.server import ServeConfig, ServerThread
-from retrieval.servicer import SERVICE_NAME
+from retrieval.serving.server import ServeConfig, ServerThread
+from retrieval.serving.servicer import SERVICE_NAME
 
 pytestmark = pytest.mark.dataset
 MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")

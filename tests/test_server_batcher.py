@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from retrieval.batcher import MicroBatcher
+from retrieval.serving.batcher import MicroBatcher
 
 
 def run(coro):

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from retrieval.client import RetrievalClient, search_request
-from retrieval.engine import cached_model
-from retrieval.server import ServeConfig, ServerThread
+from retrieval.serving.engine import cached_model
+from retrieval.serving.server import ServeConfig, ServerThread
 
 pytestmark = pytest.mark.dataset
 MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")

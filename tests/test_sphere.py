@@ -3,7 +3,7 @@ import pytest
 
 from retrieval import sphere
 from retrieval.errors import InvalidInputError
-from retrieval.evaluate import geometry, recall_at_k, recall_from_scores
+from retrieval.sphere.recall import recall_at_k, recall_from_scores
 
 
 def unit(rows):
@@ -48,7 +48,7 @@ def test_recall_at_k_exact_on_a_constructed_case():
     assert r["t2i_R@1"] == pytest.approx(50.0)       # captions 0 and 3 find their image first
     assert r["t2i_R@2"] == pytest.approx(100.0)
     assert r["i2t_R@1"] == pytest.approx(200 / 3)    # image 1's best caption (1) is not its own
-    g = geometry(images, texts, owner)
+    g = sphere.diagnostics(images, texts, owner)
     assert 0 <= g["alignment"] <= 4 and g["positive_angle_deg_mean"] > 0
 
 

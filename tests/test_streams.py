@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from index_builder.encode import ShardStore, encode_images
-from retrieval.streams import threaded_map
+from retrieval.encoding.streams import threaded_map
 
 
 def stream_threads() -> list[str]:

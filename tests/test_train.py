@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import retrieval.train as train_mod
-from retrieval.checkpoint import load_checkpoint
-from retrieval.factory import create_model
-from retrieval.features import encode_texts
-from retrieval.train import TrainConfig, train
+import retrieval.training.train as train_mod
+from retrieval.embedding.checkpoint import load_checkpoint
+from retrieval.embedding.factory import create_model
+from retrieval.encoding.bulk import encode_texts
+from retrieval.training.train import TrainConfig, train
 
 
 def _cfg(data, tmp_path, **kw):
@@ -90,9 +90,9 @@ def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini,
 
 def test_augmented_views_do_not_depend_on_workers_or_batch_size(flickr_mini, default_model):
     """The cached training crops are the same whatever machine (worker count) encodes them."""
-    from retrieval.data import load_caption_dataset
-    from retrieval.factory import image_preprocess
-    from retrieval.features import encode_image_files
+    from retrieval.encoding.datasets import load_caption_dataset
+    from retrieval.embedding.factory import image_preprocess
+    from retrieval.encoding.bulk import encode_image_files
 
     model = default_model[0]
     paths = load_caption_dataset(str(flickr_mini), "train").image_paths()[:6]

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from retrieval.client import RetrievalClient
-from retrieval.engine import Engine, cached_model
+from retrieval.serving.engine import Engine, cached_model
 from retrieval.errors import IndexCorruptError, ModelError, RetrievalError
-from retrieval.index import IndexVersion, sha256_file
-from retrieval.server import ServeConfig, ServerThread
+from retrieval.store.reader import IndexVersion, sha256_file
+from retrieval.serving.server import ServeConfig, ServerThread
 
 MODEL = "lite0-minilm"
 
@@ -47,7 +47,7 @@ def build(root: Path, images: Path, captions: Path, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory) -> tuple[Path, Path]:
-    from retrieval.demo import write_gallery
+    from retrieval.commands.demo import write_gallery
 
     return write_gallery(tmp_path_factory.mktemp("gallery"))
 
@@ -150,7 +150,7 @@ def test_pickled_model_published_later_is_refused_at_hot_swap_and_the_old_versio
 
 
 def test_a_pickled_checkpoint_passed_to_create_model_is_a_model_error_and_nothing_runs(tmp_path):
-    from retrieval.factory import create_model
+    from retrieval.embedding.factory import create_model
 
     marker = tmp_path / "pwned"
     torch.save({"format": "retrieval-sphere-checkpoint/1", "heads": Plant(marker)}, tmp_path / "old.pt")
@@ -163,8 +163,8 @@ def test_a_pickled_checkpoint_passed_to_create_model_is_a_model_error_and_nothin
 
 
 def test_a_checkpoint_cannot_choose_which_module_its_text_tower_imports(tmp_path):
-    from retrieval.checkpoint import save_checkpoint
-    from retrieval.factory import create_model
+    from retrieval.embedding.checkpoint import save_checkpoint
+    from retrieval.embedding.factory import create_model
 
     model, _, _ = create_model(MODEL, load_weights=False)
     model.config = {**model.config, "text_tower": {**model.config["text_tower"], "model": "package:this"}}
@@ -199,7 +199,7 @@ def test_a_missing_manifest_field_is_named(root):
 
 
 def test_a_manifest_model_outside_its_version_is_refused_even_a_valid_checkpoint(root, tmp_path):
-    from retrieval.factory import get_model_config, shipped_weights_path
+    from retrieval.embedding.factory import get_model_config, shipped_weights_path
 
     checkpoint = tmp_path / "elsewhere" / "model.safetensors"
     checkpoint.parent.mkdir()
@@ -259,7 +259,7 @@ def test_a_fifo_in_place_of_an_index_file_is_refused_without_blocking(root):
 # -- the builder copies a checkpoint-file model into the version ----------------------------------------------
 
 def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_there(gallery, tmp_path):
-    from retrieval.factory import get_model_config, shipped_weights_path
+    from retrieval.embedding.factory import get_model_config, shipped_weights_path
 
     checkpoint = tmp_path / "runs" / "model.safetensors"
     checkpoint.parent.mkdir()
@@ -293,7 +293,7 @@ def test_a_rejected_version_is_retried_only_when_its_files_change(root, caplog):
     async def polls(n: int) -> list[bool]:
         return [await engine.poll_once() for _ in range(n)]
 
-    with caplog.at_level(logging.ERROR, logger="retrieval.engine"):
+    with caplog.at_level(logging.ERROR, logger="retrieval.serving.engine"):
         assert asyncio.run(polls(5)) == [False] * 5
     assert rejected == [("v0002", "v0002/texts.faiss does not match its checksum in the manifest")]
     assert [r.getMessage() for r in caplog.records].count(

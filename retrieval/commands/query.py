@@ -8,7 +8,8 @@ import sys
 
 import grpc
 
-from retrieval.client import DEFAULT_ADDRESS, Result, RetrievalClient
+from retrieval.client import DEFAULT_ADDRESS, RetrievalClient
+from retrieval.hits import Hit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def format_results(results: list[Result]) -> str:
+def format_results(results: list[Hit]) -> str:
     if not results:
         return "(no results)"
     lines = []

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.images import ImageFileDataset, split_transform
-from retrieval.model import state_fingerprint
+from retrieval.encoding.images import ImageFileDataset, split_transform
 from retrieval.progress import meter
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Images per encoder forward pass in bulk encoding (training features, eval, the index builder).
 # On a CPU, batch 8 is already at the encoder's peak: Lite0 on 2 cores does ~68 images/s at batch 1,
-# 95 at 4, 105 at 8, 108 at 16 and 105 at 32 (with `retrieval.allocator`'s tuning; without it,
+# 95 at 4, 105 at 8, 108 at 16 and 105 at 32 (with `retrieval.embedding.allocator`'s tuning; without it,
 # large batches looked slower because their activations were page-faulted in anew every pass).
 # On a GPU, pass a larger batch.
 IMAGE_BATCH = 8
@@ -43,7 +42,7 @@ def default_workers() -> int:
 
 
 def default_streams(workers: int) -> int:
-    """Encoder threads for bulk encoding on a CPU (`retrieval.streams.threaded_map`): 2 when this
+    """Encoder threads for bulk encoding on a CPU (`retrieval.encoding.streams.threaded_map`): 2 when this
     process decodes the images (`workers` 0) and torch may use 2 threads or more, else 1. Each of
     two streams decodes its next batch while the other runs its forward pass, on one thread each:
     Lite0 builder/raw 0.92 -> 0.99 on 2 cores (bench/results/builder.md). With decoding workers,

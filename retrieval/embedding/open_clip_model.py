@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from retrieval.errors import ModelError
-from retrieval.model import state_fingerprint
+from retrieval.embedding.model import state_fingerprint
 
 
 class OpenClipEncoder(nn.Module):

@@ -26,14 +26,14 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from retrieval.engine import Engine, Limits, cached_model
+from retrieval.serving.engine import Engine, Limits, cached_model
 from retrieval.errors import ConfigError, UnauthenticatedError
-from retrieval.metrics import ServerMetrics
-from retrieval.preflight import check_can_listen, check_tls_pair
-from retrieval.server_errors import status_for
-from retrieval.servicer import SERVICE_NAME, RetrievalServicer, add_to_server
+from retrieval.serving.prometheus import ServerMetrics
+from retrieval.serving.preflight import check_can_listen, check_tls_pair
+from retrieval.serving.status import status_for
+from retrieval.serving.servicer import SERVICE_NAME, RetrievalServicer, add_to_server
 
-log = logging.getLogger("retrieval.server")
+log = logging.getLogger("retrieval.serving.server")
 MiB = 1 << 20
 
 

@@ -15,9 +15,9 @@ import grpc
 from retrieval.errors import (BatchItemError, DeadlineExceededError, FingerprintMismatchError, IndexCorruptError,
                               IndexUnavailableError, InvalidInputError, ModelError, RetrievalError,
                               UnauthenticatedError)
-from retrieval.index import VERSION_RE
+from retrieval.store.reader import VERSION_RE
 
-log = logging.getLogger("retrieval.server")
+log = logging.getLogger("retrieval.serving.server")
 
 STATUS_FOR: dict[type[RetrievalError], grpc.StatusCode] = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,

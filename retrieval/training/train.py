@@ -7,8 +7,8 @@ image with one random view and one random caption of its own. Loss: symmetric In
 (open_clip's ClipLoss) with a learnable temperature clamped at 100, or SigLIP's.
 Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable.
 Last, the best heads get the inverted softmax's query banks (random training captions and
-images) with its beta chosen on dev (`retrieval.querybank`).
-Outputs in OUT, safetensors checkpoints (`retrieval.checkpoint`): last.safetensors (resume
+images) with its beta chosen on dev (`retrieval.embedding.querybank`).
+Outputs in OUT, safetensors checkpoints (`retrieval.embedding.checkpoint`): last.safetensors (resume
 state), best.safetensors (best dev epoch), model.safetensors (best heads in float16: the file to
 ship as retrieval/weights/NAME.safetensors or to pass to create_model).
 """
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
-from retrieval.data import CaptionDataset, load_caption_dataset
-from retrieval.evaluate import recall_at_k
-from retrieval.factory import image_preprocess, text_tokenizer
-from retrieval.features import FeatureCache, encode_image_files, encode_texts
+from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
+from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
+from retrieval.training.evaluate import recall_at_k
+from retrieval.embedding.factory import image_preprocess, text_tokenizer
+from retrieval.encoding.bulk import FeatureCache, encode_image_files, encode_texts
 from retrieval.progress import meter
-from retrieval.querybank import fit_querybank
+from retrieval.embedding.querybank import fit_querybank
 
 log = logging.getLogger(__name__)
 

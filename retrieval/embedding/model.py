@@ -5,7 +5,7 @@
 
 The centers are each modality's mean projection on the training set, subtracted before the
 final normalization (a query-time correction of the modality gap). The query banks and their
-beta drive the inverted softmax of `retrieval.querybank` (a correction of hubness). They all
+beta drive the inverted softmax of `retrieval.embedding.querybank` (a correction of hubness). They all
 live in the model, so the index builder and the server apply exactly what evaluation measured.
 """
 from __future__ import annotations

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from retrieval.config import add_dataclass_arguments, dataclass_from_args
+from retrieval.flags import add_dataclass_arguments, dataclass_from_args
 from retrieval.progress import quiet_library_progress_bars
-from retrieval.server import ServeConfig, serve
+from retrieval.serving.server import ServeConfig, serve
 
 SERVE_HELP = {
     "index": "index root: serves the version ROOT/CURRENT names and swaps to each newly published one",
@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(ServeConfig, args).validate()  # a ConfigError is one line, exit 2
     # A server says what it serves and when it swaps, even without --verbose; no progress bars.
-    for name in ("retrieval.server", "retrieval.engine"):
+    for name in ("retrieval.serving.server", "retrieval.serving.engine"):
         logging.getLogger(name).setLevel(logging.INFO)
     quiet_library_progress_bars()
     serve(config)

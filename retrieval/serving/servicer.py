@@ -1,5 +1,5 @@
 """The gRPC servicer: translates protobuf messages to engine calls and back, and errors to
-status codes (through `retrieval.server_errors`, the one mapping). It receives its engine and
+status codes (through `retrieval.serving.status`, the one mapping). It receives its engine and
 its metrics; it loads nothing itself. `add_to_server` registers it so that each method parses its
 own request bytes: a malformed request is a client error like any other. Each call hands the
 engine a callable that says whether its client still waits (its deadline, its cancellation)."""
@@ -14,11 +14,11 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from retrieval.batcher import Alive
-from retrieval.engine import Engine, Hit
+from retrieval.serving.batcher import Alive
+from retrieval.serving.engine import Engine, Hit
 from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
-from retrieval.server_errors import cancelled_status, status_for
+from retrieval.serving.status import cancelled_status, status_for
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["RetrievalService"]
 SERVICE_NAME = _SERVICE.full_name

@@ -84,3 +84,17 @@ def spherical_mean(x: np.ndarray, weights: np.ndarray | None = None, iters: int 
             break
         mu = np.cos(n) * mu + np.sin(n) * step / n
     return mu.astype(np.float32)
+
+
+def diagnostics(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
+    """Diagnostics of the embedding: how close positives are, how spread each modality is."""
+    paired = image_vecs[caption_image]                                   # (C, D)
+    pos_cos = np.sum(paired * text_vecs, axis=1)
+    return {
+        "alignment": alignment(paired, text_vecs),
+        "uniformity_image": uniformity(image_vecs),
+        "uniformity_text": uniformity(text_vecs),
+        "modality_gap": modality_gap(image_vecs, text_vecs),
+        "positive_cosine_mean": float(pos_cos.mean()),
+        "positive_angle_deg_mean": float(angle_deg(pos_cos).mean()),
+    }

@@ -62,8 +62,8 @@ def run_demo(work: Path, images: Path | None, model: str, k: int) -> int:
     from index_builder.cli import main as index_builder_main
     from index_builder.sources import scan_image_folder
     from retrieval.client import RetrievalClient
-    from retrieval.client_cli import format_results
-    from retrieval.server import ServeConfig, ServerThread
+    from retrieval.commands.query import format_results
+    from retrieval.serving.server import ServeConfig, ServerThread
 
     if images is None:
         images, captions = write_gallery(work / "gallery")

@@ -9,7 +9,7 @@ Layout under an index root (written by `index_builder.publish`):
     ROOT/v0007/meta.sqlite    tables `images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`
 
 Each stored vector is a unit embedding g (D) plus its inverted-softmax bias b_g as coordinate D+1
-(`retrieval.querybank`; 0 for models without a query bank). A cross-modal query q searches with
+(`retrieval.embedding.querybank`; 0 for models without a query bank). A cross-modal query q searches with
 [q, 1], so the index ranks by cos(q, g) + b_g; any other with [q, 0], the plain cosine. Search
 results report the cosine either way (the score minus the bias it included).
 
@@ -288,7 +288,7 @@ class IndexVersion:
         the safetensors checkpoint inside the version directory it names. Anything else (a path
         elsewhere on the host, an open_clip spec) is refused: an index folder names its model but
         does not choose files or code outside itself. The server's --model overrides this."""
-        from retrieval.factory import list_models  # torch and the towers: only where a model is loaded
+        from retrieval.embedding.factory import list_models  # torch and the towers: only where a model is loaded
 
         model = self.manifest.model
         if model in list_models():

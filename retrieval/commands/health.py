@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from retrieval.config import OneLineErrorParser, add_dataclass_arguments, dataclass_from_args
+from retrieval.flags import OneLineErrorParser, add_dataclass_arguments, dataclass_from_args
 from retrieval.errors import ConfigError
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")

@@ -7,7 +7,7 @@ version stays alive until its last request lets go of it.
 
 Every request's cost is bounded before its work starts: its size against `Limits`, the largest
 reply it could produce against the reply size the server may send, and each image's pixels (see
-`retrieval.images.load_image`). A request may carry an `alive` callable (its caller still waits):
+`retrieval.encoding.images.load_image`). A request may carry an `alive` callable (its caller still waits):
 once it says no, the request's work stops before the next decode, encode or search.
 """
 from __future__ import annotations
@@ -24,17 +24,17 @@ from typing import Callable, Literal, Union
 import numpy as np
 import torch
 
-from retrieval.batcher import Alive, MicroBatcher, ensure_alive
-from retrieval.checkpoint import load_checkpoint
+from retrieval.serving.batcher import Alive, MicroBatcher, ensure_alive
+from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
                               RetrievalError)
-from retrieval.features import input_size
+from retrieval.encoding.bulk import input_size
 from retrieval.hits import Hit, reply_bytes, result_bytes
-from retrieval.images import load_image, split_transform
-from retrieval.index import CHECKPOINT_SUFFIX, IndexVersion, list_versions, read_current, version_signature
+from retrieval.encoding.images import load_image, split_transform
+from retrieval.store.reader import CHECKPOINT_SUFFIX, IndexVersion, list_versions, read_current, version_signature
 from retrieval.sphere import angle_deg, l2_normalize
 
-log = logging.getLogger("retrieval.engine")
+log = logging.getLogger("retrieval.serving.engine")
 Modality = Literal["image", "text"]
 QueryInput = Union[str, bytes, np.ndarray]  # text, image file bytes, or a raw embedding
 Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None]]  # search's arguments
@@ -56,7 +56,7 @@ class Limits:
 def cached_model(name: str, device: str = "cpu"):
     """(model, preprocess, tokenizer) for a model name or checkpoint on a torch device, loaded
     once per process."""
-    from retrieval.factory import create_model
+    from retrieval.embedding.factory import create_model
 
     return create_model(name, device=device)
 

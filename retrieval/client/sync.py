@@ -1,0 +1,66 @@
+"""The blocking client: every call carries a deadline (`timeout` seconds, per client or per call);
+errors arrive as `grpc.RpcError` with the server's status code and message."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+
+from retrieval.client.base import Call, ClientBase, search_request
+from retrieval.hits import Hit
+from retrieval.pb import retrieval_pb2 as pb
+from retrieval.pb import retrieval_pb2_grpc as pb_grpc
+
+
+class RetrievalClient(ClientBase):
+    """Blocking client; thread-safe (one channel, many threads)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.channel = (grpc.secure_channel(self.address, self.credentials, self.options) if self.credentials else
+                        grpc.insecure_channel(self.address, self.options))
+        self.stub = pb_grpc.RetrievalServiceStub(self.channel)
+
+    def _send(self, call: Call, timeout: float | None) -> Any:
+        reply = getattr(self.stub, call.method)(call.request, timeout=self._deadline(timeout), metadata=self.metadata)
+        return call.parse(reply)
+
+    def search(self, request: pb.SearchRequest, timeout: float | None = None) -> list[Hit]:
+        return self._send(self._search_call(request), timeout)
+
+    def search_text(self, text: str, k: int = 10, target: str | None = None, min_score: float | None = None,
+                    timeout: float | None = None) -> list[Hit]:
+        return self.search(search_request(text=text, target=target, k=k, min_score=min_score), timeout)
+
+    def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
+                     min_score: float | None = None, timeout: float | None = None) -> list[Hit]:
+        return self.search(search_request(image=image, target=target, k=k, min_score=min_score), timeout)
+
+    def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
+                         timeout: float | None = None, modality: str | None = None) -> list[Hit]:
+        """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
+        return self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
+                                          embedding_modality=modality), timeout)
+
+    def batch_search(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[list[Hit]]:
+        return self._send(self._batch_search_call(requests), timeout)
+
+    def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray:
+        return self._send(self._embed_call(text=text), timeout)
+
+    def embed_image(self, image: bytes | str | Path, timeout: float | None = None) -> np.ndarray:
+        return self._send(self._embed_call(image=image), timeout)
+
+    def index_info(self, timeout: float | None = None) -> pb.IndexInfo:
+        return self._send(self._index_info_call(), timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RetrievalClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
