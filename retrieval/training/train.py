@@ -29,7 +29,8 @@ from retrieval.embedding.checkpoint import load_checkpoint, round_heads_to_half,
 from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
 from retrieval.sphere.recall import recall_at_k
 from retrieval.embedding.factory import image_preprocess, text_tokenizer
-from retrieval.encoding.bulk import FeatureCache, encode_image_files, encode_texts
+from retrieval.encoding.bulk import encode_image_files, encode_texts
+from retrieval.training.feature_cache import FeatureCache
 from retrieval.training.querybank_fit import fit_querybank
 
 log = logging.getLogger(__name__)
