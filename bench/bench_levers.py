@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from retrieval.sphere.recall import recall_at_k
+from retrieval.embedding.config import ModelConfig
 from retrieval.embedding.factory import DEFAULT_MODEL, build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import IMAGE_BATCH
 from retrieval.encoding.images import load_image
@@ -88,7 +89,7 @@ def test_recall(model, test: SplitFeatures) -> tuple[dict, dict]:
 def train_variant(name: str, what: str, model_name: str, config: dict, cfg: TrainConfig,
                   feats: tuple[SplitFeatures, SplitFeatures, SplitFeatures]) -> dict:
     """Train fresh heads on (train, dev) features, select on dev, score on test."""
-    model = build_sphere_model(model_name, config)
+    model = build_sphere_model(model_name, ModelConfig.from_dict(config))
     started = time.time()
     summary = train(cfg, model, features=feats[:2])
     plain, corrected = test_recall(model, feats[2])
@@ -105,8 +106,8 @@ def train_variant(name: str, what: str, model_name: str, config: dict, cfg: Trai
 
 
 def ladder(args, cfg0: TrainConfig) -> list[dict]:
-    base_config = get_model_config("lite0-minilm")
-    full = build_sphere_model("lite0-minilm", base_config)
+    base_config = get_model_config("lite0-minilm").to_dict()
+    full = build_sphere_model("lite0-minilm", ModelConfig.from_dict(base_config))
     train_f, dev_f, test_f = (split_features(full, "train", cfg0, args.views), split_features(full, "dev", cfg0, 1),
                               split_features(full, "test", cfg0, 1))
     rows = []

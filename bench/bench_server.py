@@ -172,7 +172,7 @@ async def run_async(address: str, kind: str, queries: list, concurrency: int, du
 # -- the pipelines ---------------------------------------------------------------------------------------
 
 def in_process_calls(index_root: str, k: int, device: str):
-    from retrieval.serving.engine import cached_model
+    from retrieval.serving.encoder import cached_model
     from retrieval.encoding.images import load_image
     from retrieval.store.reader import IndexVersion
 
@@ -243,7 +243,7 @@ def image_encoder_rates(index_root: str, images: list[bytes], device: str, sizes
 
     import torch
 
-    from retrieval.serving.engine import cached_model
+    from retrieval.serving.encoder import cached_model
     from retrieval.encoding.images import load_image
     from retrieval.store.reader import IndexVersion
 

@@ -23,14 +23,15 @@ import numpy as np
 from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
 from retrieval.embedding.factory import DEFAULT_MODEL
 from retrieval.encoding.bulk import IMAGE_BATCH, default_workers
-from retrieval.store.reader import (FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, IndexVersion, query_rows, read_current,
-                             reconstruct, sha256_file, with_bias)
+from retrieval.store.layout import FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, read_current, sha256_file
+from retrieval.store.reader import IndexVersion
+from retrieval.store.vectors import query_rows, reconstruct, with_bias
 from retrieval.embedding.querybank import QueryBank, querybank_of
 from retrieval.sphere import is_unit_norm
 
 from index_builder import faiss_index
 from index_builder.encode import ShardStore, encode_images, encode_texts
-from index_builder.metadata import read_hashes, same_metadata, write_metadata
+from retrieval.store.schema import read_hashes, same_metadata, write_metadata
 from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
 from index_builder.sources import Collection, collect, stable_id
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.errors import RetrievalError
-from retrieval.store.reader import CURRENT, MANIFEST, VERSION_RE, list_versions, read_current, version_name
+from retrieval.store.layout import CURRENT, MANIFEST, VERSION_RE, list_versions, read_current, version_name
 
 from index_builder.encode import fsync_path
 

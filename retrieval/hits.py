@@ -1,8 +1,16 @@
-"""One search result, as the engine produces it and the client receives it (no torch, no grpc),
-and the most bytes results can take on the wire (what bounds a reply before any search)."""
+"""One search result, as the engine produces it and the client receives it (no torch, no grpc);
+the one `Modality` type; the mapping from stored rows to results; and the most bytes results can
+take on the wire (what bounds a reply before any search)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from retrieval.sphere import angle_deg
+
+Modality = Literal["image", "text"]
 
 
 @dataclass(frozen=True)
@@ -10,7 +18,7 @@ class Hit:
     id: int
     score: float        # cosine of the query and the item on the sphere
     angle_deg: float    # arccos(score) in degrees
-    modality: str       # "image" or "text"
+    modality: str       # "image" or "text" ("" when a server did not say)
     uri: str = ""
     caption: str = ""
     image_id: int = -1
@@ -40,3 +48,18 @@ def reply_bytes(responses: list[tuple[int, int]], version: str) -> int:
     """Most bytes a BatchSearchResponse (or, within a few bytes over, a SearchResponse) takes, given
     (results, most bytes per result) for each of its responses and the index version they name."""
     return sum(_field(n * per_result + _field(len(version.encode()))) for n, per_result in responses)
+
+
+def hits_from_rows(target: Modality, scores: np.ndarray, ids: np.ndarray, rows: Sequence[dict | None],
+                   min_score: float | None = None) -> list[Hit]:
+    """Ranked (k,) cosines and ids with their metadata rows -> results, skipping padding (-1),
+    unknown ids and cosines under `min_score`."""
+    hits = []
+    for score, id_, row in zip(np.asarray(scores).tolist(), np.asarray(ids).tolist(), rows):
+        if id_ < 0 or row is None or (min_score is not None and score < min_score):
+            continue
+        extra = ({"uri": row.get("uri") or ""} if target == "image" else
+                 {"caption": row.get("caption") or "", "image_id": int(row.get("image_id") or -1),
+                  "image_uri": row.get("image_uri") or ""})
+        hits.append(Hit(int(id_), float(score), float(angle_deg(score)), target, **extra))
+    return hits

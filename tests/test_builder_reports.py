@@ -19,7 +19,7 @@ from index_builder.publish import gc, incomplete_dirs, list_index, new_temp_dir,
 from index_builder.sources import stable_id
 from retrieval.errors import InvalidInputError
 from retrieval.encoding.images import IMAGE_SUFFIXES, load_image
-from retrieval.store.reader import CURRENT, list_versions, read_current
+from retrieval.store.layout import CURRENT, list_versions, read_current
 
 MODEL = "lite0-minilm"
 

@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 
 from retrieval.client import RetrievalClient, search_request
-from retrieval.serving.engine import Engine, Limits, cached_model
+from retrieval.serving.config import Limits
+from retrieval.serving.encoder import cached_model
+from retrieval.serving.engine import Engine
 from retrieval.errors import BatchItemError, DeadlineExceededError, IndexCorruptError
 from retrieval.encoding.images import MAX_ASPECT, load_image
 from retrieval.pb import retrieval_pb2 as pb
@@ -227,10 +229,10 @@ def test_a_request_whose_deadline_passed_is_never_encoded(index_root, bundle, fl
 def test_the_engine_stops_a_request_its_caller_gave_up(index_root, bundle, flickr_mini, monkeypatch):
     """The engine knows no gRPC: it asks a callable whether the caller still waits, before
     decoding and when the encoder's batch is formed."""
-    import retrieval.serving.engine
+    import retrieval.serving.encoder
 
     decoded = []
-    monkeypatch.setattr(retrieval.serving.engine, "load_image", lambda *a, **kw: decoded.append(1) or load_image(*a, **kw))
+    monkeypatch.setattr(retrieval.serving.encoder, "load_image", lambda *a, **kw: decoded.append(1) or load_image(*a, **kw))
     gated = GatedModel(bundle[0])
     gated.gate.set()
     executor = ThreadPoolExecutor(2)

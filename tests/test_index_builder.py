@@ -20,11 +20,12 @@ from PIL import Image
 
 from index_builder.build import BuildConfig, build
 from index_builder.cli import main
-from index_builder.metadata import write_metadata
+from retrieval.store.schema import write_metadata
 from index_builder.publish import BuildLockedError, RootLock, new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
 from retrieval.errors import FingerprintMismatchError
-from retrieval.store.reader import FORMAT, IndexVersion, list_versions, read_current, sha256_file
+from retrieval.store.layout import FORMAT, list_versions, read_current, sha256_file
+from retrieval.store.reader import IndexVersion
 from retrieval.embedding.querybank import querybank_of
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.client import RetrievalClient, search_request
-from retrieval.serving.engine import cached_model
+from retrieval.serving.encoder import cached_model
 from retrieval.encoding.images import load_image
 from retrieval.store.reader import IndexVersion
 from retrieval.pb import retrieval_pb2 as pb

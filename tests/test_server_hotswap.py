@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from retrieval.client import RetrievalClient, search_request
-from retrieval.serving.engine import cached_model
+from retrieval.serving.encoder import cached_model
 from retrieval.serving.server import ServeConfig, ServerThread
 
 pytestmark = pytest.mark.dataset

@@ -5,6 +5,7 @@ symlinks out of the index root. The index is built from the scikit-image gallery
 (no dataset needed)."""
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import json
 import logging
@@ -20,9 +21,11 @@ import pytest
 import torch
 
 from retrieval.client import RetrievalClient
-from retrieval.serving.engine import Engine, cached_model
+from retrieval.serving.encoder import cached_model
+from retrieval.serving.engine import Engine
 from retrieval.errors import IndexCorruptError, ModelError, RetrievalError
-from retrieval.store.reader import IndexVersion, sha256_file
+from retrieval.store.layout import sha256_file
+from retrieval.store.reader import IndexVersion
 from retrieval.serving.server import ServeConfig, ServerThread
 
 MODEL = "lite0-minilm"
@@ -167,7 +170,8 @@ def test_a_checkpoint_cannot_choose_which_module_its_text_tower_imports(tmp_path
     from retrieval.embedding.factory import create_model
 
     model, _, _ = create_model(MODEL, load_weights=False)
-    model.config = {**model.config, "text_tower": {**model.config["text_tower"], "model": "package:this"}}
+    model.config = dataclasses.replace(model.config,
+                                       text_tower=dataclasses.replace(model.config.text_tower, model="package:this"))
     path = save_checkpoint(tmp_path / "m.safetensors", model)
     sys.modules.pop("this", None)
     with pytest.raises(ModelError, match="names the text model 'package:this', which no registered model uses"):

@@ -16,6 +16,7 @@ from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import AugmentationCfg, image_transform
 
 from retrieval.embedding.allocator import retain_freed_memory
+from retrieval.embedding.config import ModelConfig
 from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint
 from retrieval.errors import ModelError
 from retrieval.embedding.model import SphereModel
@@ -31,27 +32,27 @@ def list_models() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in _CONFIG_DIR.iterdir() if p.name.endswith(".json"))
 
 
-def get_model_config(name: str) -> dict[str, Any]:
+def get_model_config(name: str) -> ModelConfig:
     path = _CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         raise ModelError(f"unknown model '{name}'; registered: {list_models()}, or pass a checkpoint path or open_clip:ARCH")
-    return json.loads(path.read_text())
+    return ModelConfig.from_dict(json.loads(path.read_text()), source=f"model config '{name}'")
 
 
-def shipped_weights_path(config: dict[str, Any]) -> Path | None:
+def shipped_weights_path(config: ModelConfig) -> Path | None:
     """The trained heads that ship inside the package for a registered config, if present."""
-    name = config.get("weights")
+    name = config.weights
     path = Path(str(_WEIGHTS_DIR / name)) if name else None
     return path if path is not None and path.is_file() else None
 
 
-def build_sphere_model(name: str, config: dict[str, Any]) -> SphereModel:
+def build_sphere_model(name: str, config: ModelConfig) -> SphereModel:
     """Towers from their packages plus freshly initialized heads (no trained weights)."""
-    it, tt = config["image_tower"], config["text_tower"]
-    if it.get("type") != "efficientnet_lite" or tt.get("type") != "hf":
-        raise ModelError(f"model '{name}': unsupported tower types {it.get('type')!r}/{tt.get('type')!r}")
-    image_tower = EfficientNetLiteTower(it["variant"], it.get("taps", ["head"]))
-    text_tower = HFTextTower(tt["model"], tt.get("layers", [-1]))
+    it, tt = config.image_tower, config.text_tower
+    if it.type != "efficientnet_lite" or tt.type != "hf":
+        raise ModelError(f"model '{name}': unsupported tower types {it.type!r}/{tt.type!r}")
+    image_tower = EfficientNetLiteTower(it.variant, list(it.taps))
+    text_tower = HFTextTower(tt.model, list(tt.layers))
     return SphereModel(name, config, image_tower, text_tower).eval()
 
 
@@ -64,7 +65,7 @@ def image_preprocess(model: SphereModel, train: bool = False, crop_scale: tuple[
 
 
 def text_tokenizer(model: SphereModel) -> HFTokenizer:
-    return HFTokenizer(model.text_tower.model_path, context_length=model.config["text_tower"].get("context_length", 64))
+    return HFTokenizer(model.text_tower.model_path, context_length=model.config.text_tower.context_length)
 
 
 def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None = None,
@@ -104,9 +105,9 @@ def checkpoint_model(path: str | Path) -> SphereModel:
     read a folder that the file chose (the image tower's variant is checked against the packaged
     ones when it is built)."""
     ckpt = load_checkpoint(path)
-    config = ckpt["config"]
-    text_model = config["text_tower"].get("model") if isinstance(config.get("text_tower"), dict) else None
-    registered = {get_model_config(name)["text_tower"]["model"] for name in list_models()}
+    config = ModelConfig.from_dict(ckpt["config"], source=f"checkpoint '{path}': config")
+    text_model = config.text_tower.model
+    registered = {get_model_config(name).text_tower.model for name in list_models()}
     if text_model not in registered:
         raise ModelError(f"checkpoint '{path}' names the text model {text_model!r}, which no registered model "
                          f"uses (registered: {sorted(registered)})")

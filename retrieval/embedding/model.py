@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from retrieval.embedding.config import ModelConfig
 from retrieval.errors import ModelError
 
 
@@ -45,14 +45,14 @@ class ProjectionHead(nn.Module):
 class SphereModel(nn.Module):
     """Dual encoder onto the unit sphere. `encode_*` take batches and return float32 unit vectors."""
 
-    def __init__(self, name: str, config: dict[str, Any], image_tower: nn.Module, text_tower: nn.Module):
+    def __init__(self, name: str, config: ModelConfig, image_tower: nn.Module, text_tower: nn.Module):
         super().__init__()
         self.name, self.config = name, config
-        head = config["head"]
-        self.embed_dim = int(config["embed_dim"])
+        head = config.head
+        self.embed_dim = config.embed_dim
         self.image_tower, self.text_tower = image_tower, text_tower
-        self.image_head = ProjectionHead(image_tower.out_dim, self.embed_dim, head.get("hidden", 0), head.get("dropout", 0.0))
-        self.text_head = ProjectionHead(text_tower.out_dim, self.embed_dim, head.get("hidden", 0), head.get("dropout", 0.0))
+        self.image_head = ProjectionHead(image_tower.out_dim, self.embed_dim, head.hidden, head.dropout)
+        self.text_head = ProjectionHead(text_tower.out_dim, self.embed_dim, head.hidden, head.dropout)
         # CLIP's temperature: logits = exp(t) * cos, t learnable, exp(t) clamped at 100 in training.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_buffer("image_center", torch.zeros(self.embed_dim))

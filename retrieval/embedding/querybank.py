@@ -17,14 +17,14 @@ in the model as buffers, so evaluation, the index and the server apply the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+
 
 import numpy as np
 import torch
 
 from retrieval.sphere.recall import recall_from_scores
+from retrieval.hits import Modality
 
-Modality = Literal["image", "text"]
 CHUNK = 4096
 
 

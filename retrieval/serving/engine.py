@@ -13,92 +13,28 @@ once it says no, the request's work stops before the next decode, encode or sear
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Union
+from typing import Callable
 
 import numpy as np
-import torch
 
-from retrieval.serving.batcher import Alive, MicroBatcher, ensure_alive
 from retrieval.embedding.checkpoint import load_checkpoint
+from retrieval.embedding.factory import list_models
 from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
                               RetrievalError)
-from retrieval.encoding.bulk import input_size
-from retrieval.hits import Hit, reply_bytes, result_bytes
-from retrieval.encoding.images import load_image, split_transform
-from retrieval.store.reader import CHECKPOINT_SUFFIX, IndexVersion, list_versions, read_current, version_signature
-from retrieval.sphere import angle_deg, l2_normalize
+from retrieval.hits import Hit, Modality, hits_from_rows, reply_bytes, result_bytes
+from retrieval.serving.batcher import Alive, ensure_alive
+from retrieval.serving.config import Limits
+from retrieval.serving.encoder import Encoder, cached_model
+from retrieval.serving.validation import Query, QueryInput, Validator, query_modality
+from retrieval.store.layout import CHECKPOINT_SUFFIX, list_versions, read_current, version_signature
+from retrieval.store.reader import IndexVersion
 
-log = logging.getLogger("retrieval.serving.engine")
-Modality = Literal["image", "text"]
-QueryInput = Union[str, bytes, np.ndarray]  # text, image file bytes, or a raw embedding
-Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None]]  # search's arguments
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_k: int = 1000
-    max_text_chars: int = 2000
-    max_batch: int = 32          # text encoder micro-batch size (1 = unbatched)
-    max_image_batch: int = 4     # image encoder's (on CPU, large image batches are slower per image)
-    text_concurrency: int = 1    # text-encoder batches that may run at once
-    image_concurrency: int = 2   # image-encoder batches that may run at once
-    max_wait_s: float = 0.002    # how long the oldest queued item may wait for others
-    max_reply_bytes: int | None = None  # largest reply the server may send (None: unbounded)
-
-
-@functools.lru_cache(maxsize=2)
-def cached_model(name: str, device: str = "cpu"):
-    """(model, preprocess, tokenizer) for a model name or checkpoint on a torch device, loaded
-    once per process."""
-    from retrieval.embedding.factory import create_model
-
-    return create_model(name, device=device)
-
-
-class Encoder:
-    """One model with its preprocessing and one micro-batcher per modality."""
-
-    def __init__(self, name: str, bundle: tuple, limits: Limits, executor: Executor | None,
-                 on_batch: Callable[[str, int], None] | None = None):
-        self.name = name
-        self.model, self.preprocess, self.tokenizer = bundle
-        # as bulk encoding does: per-image steps in the request's thread, scaling and normalization
-        # per batch on the model's device (uint8 pixels are a quarter of the bytes to move there)
-        self.prepare_pixels, self.finish_batch = split_transform(self.preprocess)
-        self.fingerprint = self.model.fingerprint()
-        self.dim = int(self.model.embed_dim)
-        self.device = next(self.model.parameters()).device  # inputs go there, vectors come back to the CPU
-        self.image_size = input_size(self.model, self.preprocess)
-        self.executor = executor
-        hook = (lambda kind: (lambda n: on_batch(kind, n))) if on_batch else (lambda kind: None)
-        self.text_batcher = MicroBatcher(self._encode_texts, limits.max_batch, limits.max_wait_s, executor, hook("text"),
-                                         concurrency=limits.text_concurrency)
-        self.image_batcher = MicroBatcher(self._encode_images, limits.max_image_batch, limits.max_wait_s, executor,
-                                          hook("image"), concurrency=limits.image_concurrency)
-
-    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self.model.encode_text(self.tokenizer(texts).to(self.device)).cpu().numpy())
-
-    def _encode_images(self, pixels: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.model.encode_image(self.finish_batch(torch.stack(pixels).to(self.device))).cpu().numpy())
-
-    def _prepare_image(self, data: bytes) -> torch.Tensor:
-        # InvalidInputError when the bytes do not decode; decoded as the index builder does
-        return self.prepare_pixels(load_image(data, min_side=self.image_size))
-
-    async def embed_text(self, text: str, alive: Alive | None = None) -> np.ndarray:
-        return await self.text_batcher.submit(text, alive)
-
-    async def embed_image(self, data: bytes, alive: Alive | None = None) -> np.ndarray:
-        ensure_alive(alive)  # before decoding; the batcher asks again before encoding
-        pixels = await asyncio.get_running_loop().run_in_executor(self.executor, self._prepare_image, data)
-        return await self.image_batcher.submit(pixels, alive)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,6 +52,7 @@ class Engine:
                  on_swap: Callable[[IndexVersion], None] | None = None,
                  on_reject: Callable[[str, str], None] | None = None):
         self.root, self.limits, self.executor = Path(root), limits, executor
+        self.checks = Validator(limits)
         self.model_override, self.model_loader, self.verify = model, model_loader, verify
         self.on_batch, self.on_swap, self.on_reject = on_batch, on_swap, on_reject
         self._result_bytes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # version -> bound per modality
@@ -144,12 +81,12 @@ class Engine:
             elif live is not None and live.encoder.fingerprint == index.fingerprint:
                 # the live weights are the ones this version was built with: nothing to build, but
                 # a checkpoint file the version names must still be one (read as data, never run)
-                source = index.model_source()
+                source = index.model_source(list_models())
                 if source.endswith(CHECKPOINT_SUFFIX):
                     load_checkpoint(source)
                 encoder = live.encoder
             else:
-                encoder = self._encoder(index.model_source())
+                encoder = self._encoder(index.model_source(list_models()))
             if encoder.fingerprint != index.fingerprint:
                 raise FingerprintMismatchError(
                     f"index {index.name} was built with model '{index.model}' (fingerprint {index.fingerprint}), but "
@@ -230,59 +167,6 @@ class Engine:
                                         "`index-builder build` publishes under its index root")
         return live
 
-    # -- validation ---------------------------------------------------------------------------------
-    def check_text(self, text: str) -> str:
-        if not text or not text.strip():
-            raise InvalidInputError("text is empty")
-        if len(text) > self.limits.max_text_chars:
-            raise InvalidInputError(f"text has {len(text)} characters, over the limit of {self.limits.max_text_chars}")
-        return text
-
-    def check_k(self, k: int) -> int:
-        if k <= 0 or k > self.limits.max_k:
-            raise InvalidInputError(f"k must be between 1 and {self.limits.max_k}, got {k}")
-        return k
-
-    @staticmethod
-    def check_embedding(values: np.ndarray, dim: int) -> np.ndarray:
-        """The unit vector along `values` (any finite magnitude: 1e30 everywhere has a direction)."""
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
-        if v.shape[0] != dim:
-            raise InvalidInputError(f"embedding has dimension {v.shape[0]}, the index expects {dim}")
-        if not np.all(np.isfinite(v)):
-            raise InvalidInputError("embedding has non-finite values")
-        if not np.any(v):
-            raise InvalidInputError("embedding has zero norm; it has no direction on the sphere")
-        return l2_normalize(v[None])[0]
-
-    @staticmethod
-    def check_min_score(min_score: float | None) -> float | None:
-        if min_score is not None and not (-1.0 <= min_score <= 1.0):
-            raise InvalidInputError(f"min_score is a cosine and must lie in [-1, 1], got {min_score}")
-        return min_score
-
-    def validate(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
-                 source: Modality | None = None) -> Modality:
-        """Checks what can be checked before any work; returns the gallery to search."""
-        self.check_k(k)
-        self.check_min_score(min_score)
-        if target not in (None, "image", "text"):
-            raise InvalidInputError(f"unknown target modality {target!r}")
-        if source not in (None, "image", "text"):
-            raise InvalidInputError(f"unknown embedding modality {source!r}")
-        if isinstance(query, str):
-            self.check_text(query)
-            return target or "image"
-        if isinstance(query, (bytes, bytearray)):
-            if not query:
-                raise InvalidInputError("image bytes are empty")
-            return target or "text"
-        if isinstance(query, np.ndarray):
-            if target is None:
-                raise InvalidInputError("a search by embedding must name its target modality (image or text)")
-            return target
-        raise InvalidInputError("query is empty: give a text, image bytes or an embedding")
-
     async def reply_bytes(self, index: IndexVersion, asks: list[tuple[Modality, int]]) -> int:
         """Most bytes the reply to searches (target, k) of `index` can take: each answered with at
         most min(k, gallery size) results, none larger than the version's longest stored strings
@@ -306,7 +190,7 @@ class Engine:
     async def embed(self, query: str | bytes, live: Live | None = None, alive: Alive | None = None) -> np.ndarray:
         live = live or self.live()
         if isinstance(query, str):
-            return await live.encoder.embed_text(self.check_text(query), alive)
+            return await live.encoder.embed_text(self.checks.check_text(query), alive)
         if not query:
             raise InvalidInputError("image bytes are empty")
         return await live.encoder.embed_image(bytes(query), alive)
@@ -317,7 +201,7 @@ class Engine:
         """Top-k hits of `target` for one query and the index version that answered. `source` is
         what a raw embedding encodes, if known (texts and image bytes are known). `alive`: see the
         module's docstring."""
-        target = self.validate(query, target, k, min_score, source)
+        target = self.checks.validate(query, target, k, min_score, source)
         live = self.live()
         await self.check_reply(live.index, [(target, k)])
         return await self._search(live, query, target, k, min_score, source, alive)
@@ -329,7 +213,7 @@ class Engine:
         targets = []
         for i, query in enumerate(queries):
             try:
-                targets.append(self.validate(*query))
+                targets.append(self.checks.validate(*query))
             except InvalidInputError as e:
                 raise BatchItemError(i, e) from e
         live = self.live()
@@ -351,13 +235,13 @@ class Engine:
     async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
                       source: Modality | None, alive: Alive | None) -> tuple[list[Hit], str]:
         if isinstance(query, np.ndarray):
-            vector = self.check_embedding(query, live.index.dim)
+            vector = self.checks.check_embedding(query, live.index.dim)
         else:
             vector = await self.embed(query, live, alive)
         ensure_alive(alive)
         # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
         # and embeddings of unknown modality by the plain cosine
-        source = "text" if isinstance(query, str) else "image" if isinstance(query, (bytes, bytearray)) else source
+        source = query_modality(query, source)
         cross_modal = source is not None and source != target
         hits = await asyncio.get_running_loop().run_in_executor(
             self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal)
@@ -367,16 +251,7 @@ class Engine:
     def _lookup(index: IndexVersion, target: Modality, vector: np.ndarray, k: int, min_score: float | None,
                 cross_modal: bool) -> list[Hit]:
         scores, ids = index.search(target, vector[None, :], k, cross_modal=cross_modal)  # cosines, ranked
-        rows = index.metadata(target, ids[0])
-        hits = []
-        for score, id_, row in zip(scores[0].tolist(), ids[0].tolist(), rows):
-            if id_ < 0 or row is None or (min_score is not None and score < min_score):
-                continue
-            extra = ({"uri": row.get("uri") or ""} if target == "image" else
-                     {"caption": row.get("caption") or "", "image_id": int(row.get("image_id") or -1),
-                      "image_uri": row.get("image_uri") or ""})
-            hits.append(Hit(int(id_), float(score), float(angle_deg(score)), target, **extra))
-        return hits
+        return hits_from_rows(target, scores[0], ids[0], index.metadata(target, ids[0]), min_score)
 
     def info(self) -> dict:
         live = self.live()

@@ -13,83 +13,27 @@ import asyncio
 import functools
 import hmac
 import logging
-import math
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from retrieval.serving.engine import Engine, Limits, cached_model
+from retrieval.serving.config import ServeConfig
+from retrieval.serving.encoder import cached_model
+from retrieval.serving.engine import Engine
 from retrieval.errors import ConfigError, UnauthenticatedError
 from retrieval.serving.prometheus import ServerMetrics
-from retrieval.serving.preflight import check_can_listen, check_tls_pair
+from retrieval.serving.preflight import check_can_listen
 from retrieval.serving.status import status_for
 from retrieval.serving.servicer import SERVICE_NAME, RetrievalServicer, add_to_server
 
 log = logging.getLogger("retrieval.serving.server")
 MiB = 1 << 20
-
-
-@dataclass
-class ServeConfig:
-    index: str
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9464
-    model: str | None = None
-    max_batch: int = 32
-    max_image_batch: int = 4
-    text_concurrency: int = 1
-    image_concurrency: int = 2
-    max_wait_ms: float = 2.0
-    max_message_mb: float = 20.0
-    max_k: int = 1000
-    max_text_chars: int = 2000
-    max_batch_queries: int = 256
-    watch_interval_s: float = 1.0
-    grace_s: float = 5.0
-    workers: int = 4
-    token: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    verify: bool = True
-    device: str = "cpu"
-
-    def validate(self) -> "ServeConfig":
-        """Raise a ConfigError naming the flag of the first setting the server cannot run with.
-        Reads the TLS files (they must be a matching PEM pair) and loads nothing else."""
-        def require(ok: bool, flag: str, rule: str) -> None:
-            if not ok:
-                raise ConfigError(f"--{flag.replace('_', '-')} {getattr(self, flag)!s}: {rule}")
-
-        require(bool(self.index), "index", "must name the index root")
-        require(bool(self.host), "host", "must name an address to listen on")
-        require(0 <= self.port <= 65535, "port", "must be a port number from 0 to 65535 (0 picks a free one)")
-        require(self.metrics_port <= 65535, "metrics_port", "must be a port number up to 65535 (negative disables)")
-        for name in ("max_batch", "max_image_batch", "text_concurrency", "image_concurrency", "max_k",
-                     "max_text_chars", "max_batch_queries", "workers"):
-            require(getattr(self, name) >= 1, name, "must be at least 1")
-        for name in ("max_message_mb", "watch_interval_s"):
-            require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
-        for name in ("max_wait_ms", "grace_s"):
-            require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be 0 or more")
-        require(self.max_message_mb * MiB < 2**31, "max_message_mb", "must be under 2048 (gRPC's limit)")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            require(False, "device", "must be a torch device such as cpu, cuda or cuda:0")
-        if self.tls_cert or self.tls_key:
-            require(bool(self.tls_cert), "tls_key", "needs --tls-cert too (TLS takes both)")
-            require(bool(self.tls_key), "tls_cert", "needs --tls-key too (TLS takes both)")
-            check_tls_pair(self.tls_cert, self.tls_key)
-        return self
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -127,11 +71,7 @@ class RetrievalServer:
         model_loader = model_loader or functools.partial(cached_model, device=config.device)
         self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="retrieval")
-        limits = Limits(max_k=config.max_k, max_text_chars=config.max_text_chars, max_batch=config.max_batch,
-                        max_image_batch=config.max_image_batch, text_concurrency=config.text_concurrency,
-                        image_concurrency=config.image_concurrency,
-                        max_wait_s=config.max_wait_ms / 1000.0, max_reply_bytes=int(config.max_message_mb * MiB))
-        self.engine = Engine(config.index, limits, self.executor, model=config.model, model_loader=model_loader,
+        self.engine = Engine(config.index, config.limits, self.executor, model=config.model, model_loader=model_loader,
                              verify=config.verify, on_batch=self.metrics.observe_batch,
                              on_swap=self.metrics.observe_index, on_reject=self.metrics.observe_rejection)
         self.health = health.aio.HealthServicer()

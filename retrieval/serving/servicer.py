@@ -15,7 +15,8 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from retrieval.serving.batcher import Alive
-from retrieval.serving.engine import Engine, Hit
+from retrieval.hits import Hit
+from retrieval.serving.engine import Engine
 from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.serving.status import cancelled_status, status_for

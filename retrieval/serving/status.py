@@ -15,7 +15,7 @@ import grpc
 from retrieval.errors import (BatchItemError, DeadlineExceededError, FingerprintMismatchError, IndexCorruptError,
                               IndexUnavailableError, InvalidInputError, ModelError, RetrievalError,
                               UnauthenticatedError)
-from retrieval.store.reader import VERSION_RE
+from retrieval.store.layout import VERSION_RE
 
 log = logging.getLogger("retrieval.serving.server")
 

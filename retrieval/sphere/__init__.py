@@ -3,8 +3,8 @@ normalization, angles, geodesics (slerp, Karcher means), the embedding's diagnos
 uniformity, modality gap) and the recall protocol over score matrices (`retrieval.sphere.recall`).
 Everything above it (the model, the index, the server) speaks in these terms; it imports nothing
 of the project but its errors."""
-from retrieval.sphere.geometry import (EPS, alignment, angle_deg, diagnostics, is_unit_norm, l2_normalize, modality_gap,
-                                       slerp, spherical_mean, uniformity)
+from retrieval.sphere.geometry import (alignment, angle_deg, diagnostics, is_unit_norm, l2_normalize, modality_gap, slerp,
+                                       spherical_mean, uniformity)
 
-__all__ = ["EPS", "alignment", "angle_deg", "diagnostics", "is_unit_norm", "l2_normalize", "modality_gap", "slerp",
+__all__ = ["alignment", "angle_deg", "diagnostics", "is_unit_norm", "l2_normalize", "modality_gap", "slerp",
            "spherical_mean", "uniformity"]

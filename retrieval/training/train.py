@@ -27,11 +27,12 @@ import torch
 
 from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
 from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
-from retrieval.training.evaluate import recall_at_k
+from retrieval.sphere.recall import recall_at_k
 from retrieval.embedding.factory import image_preprocess, text_tokenizer
-from retrieval.encoding.bulk import FeatureCache, encode_image_files, encode_texts
+from retrieval.encoding.bulk import encode_image_files, encode_texts
 from retrieval.progress import meter
-from retrieval.embedding.querybank import fit_querybank
+from retrieval.training.feature_cache import FeatureCache
+from retrieval.training.querybank_fit import fit_querybank
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,13 @@ def split_features(model, split: str, cfg: TrainConfig, views: int) -> SplitFeat
     per_view, bad = [], {}
     for v in range(views):
         transform = image_preprocess(model, train=v > 0, crop_scale=(cfg.crop_scale_min, 1.0))
-        key = cache.key(model.image_tower, paths, f"{model.config['image_tower']}|{transform}|view={v}|seed={cfg.seed}|crops seeded per item")
+        key = cache.key(model.image_tower, paths, f"{model.config.to_dict()['image_tower']}|{transform}|view={v}|seed={cfg.seed}|crops seeded per item")
         feats, bad_v = cache.get_or_compute(key, lambda: encode_image_files(
             model, paths, transform, project=False, workers=cfg.workers, seed=cfg.seed * 1000 + v,
             desc=f"{split} images, view {v + 1}/{views}"))
         per_view.append(feats)
         bad.update(bad_v)
-    tkey = cache.key(model.text_tower, ds.captions, f"text|{model.config['text_tower']}")
+    tkey = cache.key(model.text_tower, ds.captions, f"text|{model.config.to_dict()['text_tower']}")
     text, _ = cache.get_or_compute(tkey, lambda: (encode_texts(
         model, text_tokenizer(model), ds.captions, project=False, desc=f"{split} captions"), {}))
     keep_img = np.array([i not in bad for i in range(len(paths))])

@@ -1,13 +1,30 @@
-"""The metadata database of a version (`meta.sqlite`), in the schema `retrieval.store.reader` reads:
-`images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`."""
+"""The metadata database of a version (`meta.sqlite`): its schema, written by the builder and read by
+`IndexVersion`: `images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`."""
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
-from index_builder.sources import ImageItem, TextItem
+from retrieval.hits import Modality
 
+
+class ImageItem(Protocol):
+    id: int
+    uri: str
+    sha256: str
+
+
+class TextItem(Protocol):
+    id: int
+    caption: str
+    sha256: str
+
+
+TABLES: dict[Modality, str] = {"image": "images", "text": "texts"}
+COLUMNS: dict[Modality, tuple[str, ...]] = {"image": ("id", "uri", "sha256"),
+                                            "text": ("id", "caption", "image_id", "image_uri", "sha256")}
+RESULT_STRINGS: dict[Modality, tuple[str, ...]] = {"image": ("uri",), "text": ("caption", "image_uri")}
 SCHEMA = """
 CREATE TABLE images (id INTEGER PRIMARY KEY, uri TEXT NOT NULL, sha256 TEXT NOT NULL);
 CREATE TABLE texts (id INTEGER PRIMARY KEY, caption TEXT NOT NULL, image_id INTEGER, image_uri TEXT, sha256 TEXT NOT NULL);
@@ -43,8 +60,8 @@ def same_metadata(path: Path, images: Iterable[ImageItem],
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return all(set(db.execute(f"SELECT {cols} FROM {table}")) == set(rows) for table, cols, rows in (
-            ("images", "id, uri, sha256", image_rows(images)),
-            ("texts", "id, caption, image_id, image_uri, sha256", text_rows(texts))))
+            (TABLES["image"], ", ".join(COLUMNS["image"]), image_rows(images)),
+            (TABLES["text"], ", ".join(COLUMNS["text"]), text_rows(texts))))
     finally:
         db.close()
 
@@ -67,3 +84,22 @@ def read_hashes(path: Path, table: str) -> dict[int, str]:
         return {int(i): s for i, s in db.execute(f"SELECT id, sha256 FROM {table}")}
     finally:
         db.close()
+
+
+def select_rows(db: sqlite3.Connection, modality: Modality, ids: list[int]) -> dict[int, dict]:
+    """{id: row as a dict} for the ids that exist."""
+    table, cols = TABLES[modality], ", ".join(COLUMNS[modality])
+    rows: dict[int, dict] = {}
+    for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+        chunk = ids[start:start + 500]
+        cur = db.execute(f"SELECT {cols} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        names = [d[0] for d in cur.description]
+        rows.update({r[0]: dict(zip(names, r)) for r in cur.fetchall()})
+    return rows
+
+
+def longest_strings(db: sqlite3.Connection, modality: Modality) -> dict[str, int]:
+    """Bytes of the longest stored string per column a result of `modality` carries."""
+    cols = RESULT_STRINGS[modality]
+    lengths = ", ".join(f"coalesce(max(length(CAST({c} AS BLOB))), 0)" for c in cols)
+    return dict(zip(cols, db.execute(f"SELECT {lengths} FROM {TABLES[modality]}").fetchone()))
