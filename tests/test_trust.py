@@ -203,7 +203,7 @@ def test_a_missing_manifest_field_is_named(root):
 
 
 def test_a_manifest_model_outside_its_version_is_refused_even_a_valid_checkpoint(root, tmp_path):
-    from retrieval.embedding.factory import get_model_config, shipped_weights_path
+    from retrieval.embedding.factory import get_model_config, list_models, shipped_weights_path
 
     checkpoint = tmp_path / "elsewhere" / "model.safetensors"
     checkpoint.parent.mkdir()
@@ -212,7 +212,7 @@ def test_a_manifest_model_outside_its_version_is_refused_even_a_valid_checkpoint
         edit_manifest(root / "v0001", model=model)
         version = IndexVersion.open(root)
         with pytest.raises(IndexCorruptError, match="field 'model' .* neither a registered model") as err:
-            version.model_source()
+            version.model_source(list_models())
         assert str(tmp_path) not in str(err.value)
         version.close()
     # the server's own --model is trusted: it serves the version with the model it was told to
@@ -263,7 +263,7 @@ def test_a_fifo_in_place_of_an_index_file_is_refused_without_blocking(root):
 # -- the builder copies a checkpoint-file model into the version ----------------------------------------------
 
 def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_there(gallery, tmp_path):
-    from retrieval.embedding.factory import get_model_config, shipped_weights_path
+    from retrieval.embedding.factory import get_model_config, list_models, shipped_weights_path
 
     checkpoint = tmp_path / "runs" / "model.safetensors"
     checkpoint.parent.mkdir()
@@ -274,7 +274,7 @@ def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_ther
     assert manifest["model"] == "model.safetensors"
     assert manifest["files"]["model.safetensors"] == sha256_file(checkpoint)
     version = IndexVersion.open(root)
-    assert version.model_source() == str(root / "v0001" / "model.safetensors")
+    assert version.model_source(list_models()) == str(root / "v0001" / "model.safetensors")
     version.close()
     checkpoint.unlink()  # the version needs nothing outside itself
     with ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv, \
