@@ -15,6 +15,7 @@ forms count, time and estimate alike.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, Protocol
@@ -51,6 +52,17 @@ def meter(total: int | None, desc: str, unit: str = "it", enabled: bool = True, 
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled)
 
 
+def quiet_library_progress_bars() -> None:
+    """Turn off the bars the Hugging Face libraries draw while loading a model (transformers'
+    'Loading weights', huggingface_hub's downloads): a server's log has no use for them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub at import
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    transformers_logging.disable_progress_bar()  # transformers' bars and huggingface_hub's
+
+
 def _stderr_is_a_terminal() -> bool:
     try:
         return sys.stderr is not None and sys.stderr.isatty()
@@ -60,9 +72,9 @@ def _stderr_is_a_terminal() -> bool:
 
 class LogProgress:
     """Counts like a tqdm bar; logs one line when at least `interval_s` seconds have passed since
-    the last one, and on close a last one for what it has not told yet. (Hand-written around tqdm's formatter: a tqdm bar
-    writing to a logger would still emit '\\r' frames, start a monitor thread and join its
-    global list of bars.)"""
+    the last one, and on close a last one for what it has not told yet. (Hand-written around
+    tqdm's formatter: a tqdm bar writing to a logger would still emit '\\r' frames, start a
+    monitor thread and join its global list of bars.)"""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, initial: int = 0,
                  interval_s: float = 10.0, logger: logging.Logger = log):
