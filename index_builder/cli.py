@@ -72,6 +72,9 @@ def format_summary(m: dict) -> str:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from index_builder.build import BuildConfig, build
+    from retrieval.progress import quiet_library_progress_bars
+
+    quiet_library_progress_bars()  # transformers' 'Loading weights' frames: the build's own meters say enough
 
     manifest = build(dataclass_from_args(BuildConfig, args))
     print(json.dumps(manifest, indent=2) if args.json else format_summary(manifest))

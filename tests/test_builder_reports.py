@@ -7,8 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -22,6 +26,7 @@ from retrieval.encoding.images import IMAGE_SUFFIXES, load_image
 from retrieval.store.layout import CURRENT, list_versions, read_current
 
 MODEL = "lite0-minilm"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _build(loaded, out: Path, **kw) -> dict:
@@ -203,6 +208,22 @@ def test_an_incremental_build_with_no_change_publishes_nothing(tmp_path, flickr_
     assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/")["version"] == "v0003"
     assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/").get("up_to_date")
     assert _build(default_model, root, **{**kw, "incremental": False})["version"] == "v0004"   # a full one always does
+
+
+def test_build_log_off_a_terminal_has_progress_lines_not_frames(tmp_path, flickr_mini):
+    photos = tmp_path / "photos"
+    names = _photos(flickr_mini, photos, 3)
+    _write_csv(tmp_path / "caps.csv", [(n, f"caption {i}") for i, n in enumerate(names)])
+    proc = subprocess.run([sys.executable, "-m", "index_builder", "build", "--out", str(tmp_path / "idx"),
+                           "--images", str(photos), "--captions", str(tmp_path / "caps.csv"), "--workers", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr                        # stderr is a pipe here: no bar frames, the model's either
+    assert re.search(r"INFO retrieval\.progress: encode images: 3/3 \(100\.0%\), .*img/s, ETA 00:00$", proc.stderr,
+                     re.M)
+    assert re.search(r"INFO retrieval\.progress: encode captions: 3/3 \(100\.0%\)", proc.stderr)
+    assert proc.stdout.startswith("published v0001: 3 images, 3 captions")
 
 
 def _fake_version(root: Path, n: int) -> Path:
