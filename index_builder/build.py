@@ -215,12 +215,12 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
 
     factory_of = {m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n))
                   for m, n in (("image", len(kept_img)), ("text", len(texts)))}
-    if base is not None and base.manifest.get("index_factory") == factory_of \
+    if base is not None and base.manifest.raw.get("index_factory") == factory_of \
             and same_metadata(base.path / META, kept_img, text_rows()):
         shutil.rmtree(work, ignore_errors=True)
         log.info("the index is up to date: %s already holds these %d image(s) and %d caption(s); nothing published",
                  base.name, len(kept_img), len(texts))
-        return {**base.manifest, "up_to_date": True}
+        return {**base.manifest.raw, "up_to_date": True}
 
     # -- indexes -----------------------------------------------------------------------------------
     mods = {
