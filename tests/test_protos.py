@@ -41,5 +41,5 @@ def test_stubs_import_inside_the_package():
 
     service = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"]
     assert service.full_name == "retrieval.v1.RetrievalService"
-    assert {m.name for m in service.methods} == {"Search", "BatchSearch", "Embed", "GetIndexInfo"}
+    assert {m.name for m in service.methods} == {"Search", "BatchSearch", "Embed", "GetIndexInfo", "Walk"}
     assert hasattr(retrieval_pb2_grpc, "RetrievalServiceStub")

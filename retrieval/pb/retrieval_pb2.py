@@ -24,37 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x0cretrieval.v1\"E\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12(\n\x08modality\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\"^\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12,\n\tembedding\x18\x03 \x01(\x0b\x32\x17.retrieval.v1.EmbeddingH\x00\x42\x06\n\x04kind\"\x8c\x01\n\rSearchRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Query\x12&\n\x06target\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"\xa9\x01\n\x0cSearchResult\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tangle_deg\x18\x03 \x01(\x02\x12(\n\x08modality\x18\x04 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x06 \x01(\t\x12\x10\n\x08image_id\x18\x07 \x01(\x03\x12\x11\n\timage_uri\x18\x08 \x01(\t\"T\n\x0eSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.retrieval.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"C\n\x12\x42\x61tchSearchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.SearchRequest\"F\n\x13\x42\x61tchSearchResponse\x12/\n\tresponses\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.SearchResponse\"8\n\x0c\x45mbedRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05input\"e\n\rEmbedResponse\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x17.retrieval.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\xcb\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x12\n\ntext_count\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_versions\x18\x07 \x03(\t\x12\x18\n\x10rejected_version\x18\x08 \x01(\t\x12\x17\n\x0frejected_reason\x18\t \x01(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02\x32\xb9\x02\n\x10RetrievalService\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12R\n\x0b\x42\x61tchSearch\x12 .retrieval.v1.BatchSearchRequest\x1a!.retrieval.v1.BatchSearchResponse\x12@\n\x05\x45mbed\x12\x1a.retrieval.v1.EmbedRequest\x1a\x1b.retrieval.v1.EmbedResponse\x12J\n\x0cGetIndexInfo\x12!.retrieval.v1.GetIndexInfoRequest\x1a\x17.retrieval.v1.IndexInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retrieval.proto\x12\x0cretrieval.v1\"E\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12(\n\x08modality\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\"\xb6\x01\n\x05Query\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12,\n\tembedding\x18\x03 \x01(\x0b\x32\x17.retrieval.v1.EmbeddingH\x00\x12%\n\x04item\x18\x04 \x01(\x0b\x32\x15.retrieval.v1.ItemRefH\x00\x12/\n\x08\x63omposed\x18\x05 \x01(\x0b\x32\x1b.retrieval.v1.ComposedQueryH\x00\x42\x06\n\x04kind\">\n\x07ItemRef\x12\n\n\x02id\x18\x01 \x01(\x03\x12\'\n\x07gallery\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\"\xa9\x01\n\tQueryTerm\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12,\n\tembedding\x18\x03 \x01(\x0b\x32\x17.retrieval.v1.EmbeddingH\x00\x12%\n\x04item\x18\x04 \x01(\x0b\x32\x15.retrieval.v1.ItemRefH\x00\x12\x13\n\x06weight\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\x06\n\x04kindB\t\n\x07_weight\"_\n\rComposedQuery\x12&\n\x05terms\x18\x01 \x03(\x0b\x32\x17.retrieval.v1.QueryTerm\x12&\n\x07\x63ombine\x18\x02 \x01(\x0e\x32\x15.retrieval.v1.Combine\"\x9c\x01\n\x06\x46ilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12%\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x13.retrieval.v1.ValueH\x00\x12)\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x17.retrieval.v1.ValueListH\x00\x12$\n\x05range\x18\x04 \x01(\x0b\x32\x13.retrieval.v1.RangeH\x00\x42\x0b\n\tcondition\"U\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x16\n\x0cnumber_value\x18\x02 \x01(\x01H\x00\x12\x14\n\ndate_value\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"0\n\tValueList\x12#\n\x06values\x18\x01 \x03(\x0b\x32\x13.retrieval.v1.Value\"K\n\x05Range\x12 \n\x03min\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Value\x12 \n\x03max\x18\x02 \x01(\x0b\x32\x13.retrieval.v1.Value\"\x92\x03\n\rSearchRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Query\x12&\n\x06target\x18\x02 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rmax_angle_deg\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12%\n\x07\x66ilters\x18\x06 \x03(\x0b\x32\x14.retrieval.v1.Filter\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\x12\x16\n\tdiversity\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x1c\n\x0f\x64\x65\x64up_angle_deg\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x1c\n\x0fmin_probability\x18\x0b \x01(\x02H\x04\x88\x01\x01\x42\x0c\n\n_min_scoreB\x10\n\x0e_max_angle_degB\x0c\n\n_diversityB\x12\n\x10_dedup_angle_degB\x12\n\x10_min_probability\"\xdf\x01\n\x0cSearchResult\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tangle_deg\x18\x03 \x01(\x02\x12(\n\x08modality\x18\x04 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x06 \x01(\t\x12\x10\n\x08image_id\x18\x07 \x01(\x03\x12\x11\n\timage_uri\x18\x08 \x01(\t\x12\x1e\n\x11match_probability\x18\t \x01(\x02H\x00\x88\x01\x01\x42\x14\n\x12_match_probability\"\x89\x01\n\x0eSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.retrieval.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x1a\n\x12no_confident_match\x18\x03 \x01(\x08\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"C\n\x12\x42\x61tchSearchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.retrieval.v1.SearchRequest\"F\n\x13\x42\x61tchSearchResponse\x12/\n\tresponses\x18\x01 \x03(\x0b\x32\x1c.retrieval.v1.SearchResponse\"8\n\x0c\x45mbedRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05input\"e\n\rEmbedResponse\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x17.retrieval.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\xa0\x02\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x12\n\ntext_count\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_versions\x18\x07 \x03(\t\x12\x18\n\x10rejected_version\x18\x08 \x01(\t\x12\x17\n\x0frejected_reason\x18\t \x01(\t\x12(\n\x08geometry\x18\n \x01(\x0b\x32\x16.retrieval.v1.Geometry\x12\x15\n\rfilter_fields\x18\x0b \x03(\t\x12\x12\n\ncalibrated\x18\x0c \x01(\x08\"\x93\x01\n\x08Geometry\x12\x11\n\talignment\x18\x01 \x01(\x01\x12\x18\n\x10uniformity_image\x18\x02 \x01(\x01\x12\x17\n\x0funiformity_text\x18\x03 \x01(\x01\x12\x14\n\x0cmodality_gap\x18\x04 \x01(\x01\x12\x15\n\rhubness_image\x18\x05 \x01(\x01\x12\x14\n\x0chubness_text\x18\x06 \x01(\x01\"\x95\x01\n\x0bWalkRequest\x12\"\n\x05start\x18\x01 \x01(\x0b\x32\x13.retrieval.v1.Query\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x13.retrieval.v1.Query\x12&\n\x06target\x18\x03 \x01(\x0e\x32\x16.retrieval.v1.Modality\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\t\n\x01k\x18\x05 \x01(\x05\"z\n\x08WalkStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\t\n\x01t\x18\x02 \x01(\x02\x12\x11\n\tangle_deg\x18\x03 \x01(\x02\x12+\n\x07results\x18\x04 \x03(\x0b\x32\x1a.retrieval.v1.SearchResult\x12\x15\n\rindex_version\x18\x05 \x01(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x11\n\rMODALITY_TEXT\x10\x02*L\n\x07\x43ombine\x12\x17\n\x13\x43OMBINE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMBINE_GEODESIC\x10\x01\x12\x12\n\x0e\x43OMBINE_LINEAR\x10\x02\x32\xf6\x02\n\x10RetrievalService\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12R\n\x0b\x42\x61tchSearch\x12 .retrieval.v1.BatchSearchRequest\x1a!.retrieval.v1.BatchSearchResponse\x12@\n\x05\x45mbed\x12\x1a.retrieval.v1.EmbedRequest\x1a\x1b.retrieval.v1.EmbedResponse\x12J\n\x0cGetIndexInfo\x12!.retrieval.v1.GetIndexInfoRequest\x1a\x17.retrieval.v1.IndexInfo\x12;\n\x04Walk\x12\x19.retrieval.v1.WalkRequest\x1a\x16.retrieval.v1.WalkStep0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'retrieval.v1.retrieval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=1145
-  _globals['_MODALITY']._serialized_end=1220
+  _globals['_MODALITY']._serialized_start=2821
+  _globals['_MODALITY']._serialized_end=2896
+  _globals['_COMBINE']._serialized_start=2898
+  _globals['_COMBINE']._serialized_end=2974
   _globals['_EMBEDDING']._serialized_start=46
   _globals['_EMBEDDING']._serialized_end=115
-  _globals['_QUERY']._serialized_start=117
-  _globals['_QUERY']._serialized_end=211
-  _globals['_SEARCHREQUEST']._serialized_start=214
-  _globals['_SEARCHREQUEST']._serialized_end=354
-  _globals['_SEARCHRESULT']._serialized_start=357
-  _globals['_SEARCHRESULT']._serialized_end=526
-  _globals['_SEARCHRESPONSE']._serialized_start=528
-  _globals['_SEARCHRESPONSE']._serialized_end=612
-  _globals['_BATCHSEARCHREQUEST']._serialized_start=614
-  _globals['_BATCHSEARCHREQUEST']._serialized_end=681
-  _globals['_BATCHSEARCHRESPONSE']._serialized_start=683
-  _globals['_BATCHSEARCHRESPONSE']._serialized_end=753
-  _globals['_EMBEDREQUEST']._serialized_start=755
-  _globals['_EMBEDREQUEST']._serialized_end=811
-  _globals['_EMBEDRESPONSE']._serialized_start=813
-  _globals['_EMBEDRESPONSE']._serialized_end=914
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=916
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=937
-  _globals['_INDEXINFO']._serialized_start=940
-  _globals['_INDEXINFO']._serialized_end=1143
-  _globals['_RETRIEVALSERVICE']._serialized_start=1223
-  _globals['_RETRIEVALSERVICE']._serialized_end=1536
+  _globals['_QUERY']._serialized_start=118
+  _globals['_QUERY']._serialized_end=300
+  _globals['_ITEMREF']._serialized_start=302
+  _globals['_ITEMREF']._serialized_end=364
+  _globals['_QUERYTERM']._serialized_start=367
+  _globals['_QUERYTERM']._serialized_end=536
+  _globals['_COMPOSEDQUERY']._serialized_start=538
+  _globals['_COMPOSEDQUERY']._serialized_end=633
+  _globals['_FILTER']._serialized_start=636
+  _globals['_FILTER']._serialized_end=792
+  _globals['_VALUE']._serialized_start=794
+  _globals['_VALUE']._serialized_end=879
+  _globals['_VALUELIST']._serialized_start=881
+  _globals['_VALUELIST']._serialized_end=929
+  _globals['_RANGE']._serialized_start=931
+  _globals['_RANGE']._serialized_end=1006
+  _globals['_SEARCHREQUEST']._serialized_start=1009
+  _globals['_SEARCHREQUEST']._serialized_end=1411
+  _globals['_SEARCHRESULT']._serialized_start=1414
+  _globals['_SEARCHRESULT']._serialized_end=1637
+  _globals['_SEARCHRESPONSE']._serialized_start=1640
+  _globals['_SEARCHRESPONSE']._serialized_end=1777
+  _globals['_BATCHSEARCHREQUEST']._serialized_start=1779
+  _globals['_BATCHSEARCHREQUEST']._serialized_end=1846
+  _globals['_BATCHSEARCHRESPONSE']._serialized_start=1848
+  _globals['_BATCHSEARCHRESPONSE']._serialized_end=1918
+  _globals['_EMBEDREQUEST']._serialized_start=1920
+  _globals['_EMBEDREQUEST']._serialized_end=1976
+  _globals['_EMBEDRESPONSE']._serialized_start=1978
+  _globals['_EMBEDRESPONSE']._serialized_end=2079
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=2081
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=2102
+  _globals['_INDEXINFO']._serialized_start=2105
+  _globals['_INDEXINFO']._serialized_end=2393
+  _globals['_GEOMETRY']._serialized_start=2396
+  _globals['_GEOMETRY']._serialized_end=2543
+  _globals['_WALKREQUEST']._serialized_start=2546
+  _globals['_WALKREQUEST']._serialized_end=2695
+  _globals['_WALKSTEP']._serialized_start=2697
+  _globals['_WALKSTEP']._serialized_end=2819
+  _globals['_RETRIEVALSERVICE']._serialized_start=2977
+  _globals['_RETRIEVALSERVICE']._serialized_end=3351
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,11 @@ class RetrievalServiceStub:
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.IndexInfo.FromString,
                 _registered_method=True)
+        self.Walk = channel.unary_stream(
+                '/retrieval.v1.RetrievalService/Walk',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.WalkRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.WalkStep.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -89,6 +94,14 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Walk(self, request, context):
+        """A path on the sphere: from one query to another along the great circle (slerp) in `steps`
+        steps, streaming each step's top k; an item sent at an earlier step is not sent again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_retrieval__pb2.IndexInfo.SerializeToString,
+            ),
+            'Walk': grpc.unary_stream_rpc_method_handler(
+                    servicer.Walk,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.WalkRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.WalkStep.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class RetrievalService:
             '/retrieval.v1.RetrievalService/GetIndexInfo',
             retrieval_dot_v1_dot_retrieval__pb2.GetIndexInfoRequest.SerializeToString,
             retrieval_dot_v1_dot_retrieval__pb2.IndexInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Walk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/retrieval.v1.RetrievalService/Walk',
+            retrieval_dot_v1_dot_retrieval__pb2.WalkRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.WalkStep.FromString,
             options,
             channel_credentials,
             insecure,

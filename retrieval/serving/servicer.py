@@ -132,13 +132,19 @@ class RetrievalServicer:
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context) -> pb.IndexInfo:
         return pb.IndexInfo(**self.engine.info())
 
+    async def Walk(self, request: bytes, context) -> None:
+        # issue 14 implements paths; until then the RPC the proto declares answers UNIMPLEMENTED
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Walk is not served by this version of the server")
+
 
 def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
     """Registers the service with requests arriving as raw bytes, each parsed inside its method's
     error handling: bytes that do not parse get INVALID_ARGUMENT with a message (grpc's own
     deserializer would answer UNKNOWN and log a traceback per request). Reflection is unaffected."""
-    handlers = {m.name: grpc.unary_unary_rpc_method_handler(
-        getattr(servicer, m.name), response_serializer=getattr(pb, m.output_type.name).SerializeToString)
-        for m in _SERVICE.methods}
+    def handler(method):  # unary or server-streaming, as the proto declares the method
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        return make(getattr(servicer, method.name), response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+
+    handlers = {m.name: handler(m) for m in _SERVICE.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
