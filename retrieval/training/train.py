@@ -10,7 +10,7 @@ Last, the best heads get the inverted softmax's query banks (random training cap
 images) with its beta chosen on dev (`retrieval.embedding.querybank`).
 Outputs in OUT, safetensors checkpoints (`retrieval.embedding.checkpoint`): last.safetensors (resume
 state), best.safetensors (best dev epoch), model.safetensors (best heads in float16: the file to
-ship as retrieval/weights/NAME.safetensors or to pass to create_model).
+ship as retrieval/embedding/weights/NAME.safetensors or to pass to create_model).
 """
 from __future__ import annotations
 
