@@ -202,7 +202,7 @@ def test_bad_batch_and_embed_requests(client):
         (lambda: client.batch_search([]), "requests is empty"),
         (lambda: client.embed_text(""), "text is empty"),
         (lambda: client.embed_image(b"\x89PNG\r\n\x1a\n broken"), "image"),
-        (lambda: client._call(client.stub.Embed, pb.EmbedRequest(), None), "input is empty"),
+        (lambda: client.stub.Embed(pb.EmbedRequest(), timeout=60), "input is empty"),
     ]:
         with pytest.raises(grpc.RpcError) as err:
             call()
