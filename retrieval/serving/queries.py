@@ -127,7 +127,12 @@ async def resolve(query, source: Modality | None, index: IndexVersion, embed: Em
                   check_embedding: CheckEmbedding) -> Point:
     """One query (text, image bytes, embedding, ItemRef or Composed) -> its Point."""
     if isinstance(query, Composed):
-        points = [await resolve(t.value, t.modality, index, embed, check_embedding) for t in query.terms]
+        points = []
+        for i, term in enumerate(query.terms):
+            try:
+                points.append(await resolve(term.value, term.modality, index, embed, check_embedding))
+            except (InvalidInputError, NotFoundError) as e:
+                raise type(e)(f"terms[{i}]: {e}") from None
         weights = np.array([t.weight for t in query.terms])
         combine = compose_geodesic if query.combine == "geodesic" else compose_linear
         exclude: dict[str, set[int]] = {}

@@ -135,7 +135,8 @@ class RetrievalServicer:
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
-        hits, version = await self.engine.search(*_query_args(request), alive=_alive(context))
+        *args, options = _query_args(request)
+        hits, version = await self.engine.search(*args, alive=_alive(context), options=options)
         return _response(hits, version)
 
     @_rpc

@@ -89,7 +89,7 @@ def check_weights(weights: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(w)):
         raise InvalidInputError("term weights must be finite")
     if np.any(w == 0):
-        raise InvalidInputError(f"term {int(np.flatnonzero(w == 0)[0])} has weight 0: leave it out, or give it a "
+        raise InvalidInputError(f"terms[{int(np.flatnonzero(w == 0)[0])}] has weight 0: leave it out, or give it a "
                                 f"positive (toward) or negative (away) weight")
     if not np.any(w > 0):
         raise InvalidInputError("a query of negative terms only has no point to move away from: give at least one "
