@@ -158,7 +158,8 @@ def test_async_client_walks_and_composes_the_same(server, client):
     async def run():
         async with AsyncRetrievalClient(server.address) as c:
             walked = [s async for s in c.walk(TEXTS[0], TEXTS[2], steps=3, k=2)]
-            return walked, await c.search_composed([TEXTS[0], TEXTS[1]], k=5), await c.more_like_this(caption, "text", k=3)
+            composed = await c.search_composed([TEXTS[0], TEXTS[1]], k=5)
+            return walked, composed, await c.more_like_this(caption, "text", k=3)
 
     walked, composed, similar = asyncio.run(run())
     assert [ids(s.hits) for s in walked] == [ids(s.hits) for s in client.walk(TEXTS[0], TEXTS[2], steps=3, k=2)]

@@ -40,15 +40,17 @@ class AsyncRetrievalClient(ClientBase):
                                           dedup_angle_deg=dedup_angle_deg), timeout)
 
     async def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
-                     min_score: float | None = None, timeout: float | None = None, *, max_angle_deg: float | None = None,
-                           diversity: float | None = None, dedup_angle_deg: float | None = None) -> list[Hit]:
+                     min_score: float | None = None, timeout: float | None = None, *,
+                     max_angle_deg: float | None = None, diversity: float | None = None,
+                     dedup_angle_deg: float | None = None) -> list[Hit]:
         return await self.search(search_request(image=image, target=target, k=k, min_score=min_score,
                                           max_angle_deg=max_angle_deg, diversity=diversity,
                                           dedup_angle_deg=dedup_angle_deg), timeout)
 
     async def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
-                         timeout: float | None = None, modality: str | None = None, *, max_angle_deg: float | None = None,
-                               diversity: float | None = None, dedup_angle_deg: float | None = None) -> list[Hit]:
+                         timeout: float | None = None, modality: str | None = None, *,
+                         max_angle_deg: float | None = None, diversity: float | None = None,
+                         dedup_angle_deg: float | None = None) -> list[Hit]:
         """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
         return await self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
                                           embedding_modality=modality, max_angle_deg=max_angle_deg,

@@ -29,7 +29,8 @@ STATUS_FOR: dict[type[RetrievalError], grpc.StatusCode] = {
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)  # not logged
+# not logged
+CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 INTERNAL_MESSAGE = "internal server error (details are in the server log)"
 
