@@ -4,6 +4,7 @@ input gets its status and message."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import faiss
 import grpc
@@ -200,3 +201,24 @@ def test_bad_walks_get_their_status(client):
     expect(INVALID, client.walk, TEXTS[0], ItemRef(2, "text"), steps=3, k=3, match="different galleries")
     expect(NOT_FOUND, client.walk, TEXTS[0], ItemRef(10**9, "image"), steps=3, k=3, match="no image with id")
     assert len(list(client.walk(TEXTS[0], TEXTS[1], steps=2, k=3))) == 2  # the server still answers
+
+
+def test_query_cli_composes_walks_and_caps(server, client, capsys):
+    from retrieval.cli import main
+
+    def run(*argv: str) -> str:
+        assert main(["query", "--address", server.address, "--json", *argv]) == 0
+        return capsys.readouterr().out
+
+    got = json.loads(run("--text", TEXTS[0], "--text", TEXTS[1], "--weight", "2", "--minus", "grass", "--k", "4"))
+    want = client.search_composed([(TEXTS[0], 2.0), (TEXTS[1], 1.0), ("grass", -1.0)], k=4)
+    assert [r["id"] for r in got] == ids(want)
+    item = want[0].id
+    got = json.loads(run("--like", str(item), "--gallery", "image", "--k", "3", "--diversity", "0.3"))
+    assert [r["id"] for r in got] == ids(client.more_like_this(item, "image", k=3, diversity=0.3))
+    got = json.loads(run("--text", TEXTS[0], "--max-angle", "80", "--dedup-angle", "5", "--k", "6"))
+    assert [r["id"] for r in got] == ids(client.search_text(TEXTS[0], k=6, max_angle_deg=80, dedup_angle_deg=5))
+    lines = run("--text", TEXTS[0], "--walk-to", TEXTS[1], "--steps", "3", "--k", "2").splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
+    assert main(["query", "--address", server.address, "--like", "999999999999", "--k", "3"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
