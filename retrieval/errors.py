@@ -26,6 +26,10 @@ class ModelError(RetrievalError):
     """A model name, config or checkpoint cannot be loaded."""
 
 
+class NotFoundError(RetrievalError):
+    """A request names a stored item (by id) that the live index version does not hold."""
+
+
 class IndexUnavailableError(RetrievalError):
     """No published index version exists (yet) under the index root."""
 

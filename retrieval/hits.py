@@ -14,6 +14,13 @@ Modality = Literal["image", "text"]
 
 
 @dataclass(frozen=True)
+class ItemRef:
+    """A stored item of one gallery, by the id results carry ("more like this", a query term)."""
+    id: int
+    gallery: Modality
+
+
+@dataclass(frozen=True)
 class Hit:
     id: int
     score: float        # cosine of the query and the item on the sphere

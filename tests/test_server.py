@@ -370,8 +370,11 @@ def test_readme_grpcurl_examples_work(server, client):
     commands = [shlex.split(line) for line in readme.splitlines() if line.startswith("grpcurl ")]
     assert {"list", "retrieval.v1.RetrievalService/Search", "retrieval.v1.RetrievalService/GetIndexInfo"} <= {
         argv[-1] for argv in commands}, "the README should show listing, Search and GetIndexInfo"
+    real_id = client.search_text("a dog", k=1)[0].id
     for argv in commands:
         assert argv[-2] == "localhost:50051", argv
+        if "-d" in argv:  # an item the README names by a placeholder id: one this index holds
+            argv[argv.index("-d") + 1] = argv[argv.index("-d") + 1].replace('"id": 1234', f'"id": {real_id}')
         run = subprocess.run([grpcurl, *argv[1:-2], server.address, argv[-1]], capture_output=True, text=True,
                              timeout=60)
         assert run.returncode == 0, f"{argv}: {run.stderr}"
@@ -381,6 +384,9 @@ def test_readme_grpcurl_examples_work(server, client):
             request = json_format.Parse(argv[argv.index("-d") + 1], pb.SearchRequest())  # what the JSON asks for
             results = json.loads(run.stdout)["results"]
             assert results and [int(r["id"]) for r in results] == [r.id for r in client.search(request)]
+        elif argv[-1].endswith("/Walk"):  # a stream of steps, each a JSON object
+            request = json_format.Parse(argv[argv.index("-d") + 1], pb.WalkRequest())
+            assert run.stdout.count('"results"') == request.steps
         else:
             assert json.loads(run.stdout)["version"] == "v0001"
 

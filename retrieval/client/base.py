@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import grpc
 import numpy as np
 
-from retrieval.hits import Hit
+from retrieval.hits import Hit, ItemRef
 from retrieval.pb import retrieval_pb2 as pb
 
 DEFAULT_ADDRESS = "localhost:50051"
@@ -29,24 +29,88 @@ def image_bytes(image: bytes | str | Path) -> bytes:
     return image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
 
 
+# A term of a composed query, or a walk's end: a str is a text, bytes or a Path an image file, an array an
+# embedding, an ItemRef a stored item. A term may come as (value, weight).
+TermValue = Any
+_COMBINE = {"geodesic": pb.COMBINE_GEODESIC, "linear": pb.COMBINE_LINEAR}
+
+
+def _fill(message: pb.Query | pb.QueryTerm, value: TermValue, embedding_modality: str | None = None) -> None:
+    if isinstance(value, str):
+        message.text = value
+    elif isinstance(value, (bytes, bytearray, Path)):
+        message.image = image_bytes(value)
+    elif isinstance(value, ItemRef):
+        message.item.CopyFrom(pb.ItemRef(id=value.id, gallery=_TARGETS[value.gallery]))
+    else:
+        message.embedding.CopyFrom(pb.Embedding(values=np.asarray(value, np.float32).reshape(-1).tolist(),
+                                                modality=_TARGETS[embedding_modality]))
+
+
+def query_message(value: TermValue, embedding_modality: str | None = None) -> pb.Query:
+    """A Query of one text (str), image (bytes or Path), embedding (array) or stored item (ItemRef)."""
+    query = pb.Query()
+    _fill(query, value, embedding_modality)
+    return query
+
+
+def composed_query(terms: Sequence[TermValue], combine: str = "geodesic") -> pb.Query:
+    """A composed Query: each term a value (weight 1) or (value, weight); weights < 0 push away."""
+    out = []
+    for term in terms:
+        value, weight = term if isinstance(term, tuple) else (term, None)
+        message = pb.QueryTerm()
+        _fill(message, value)
+        if weight is not None:
+            message.weight = weight
+        out.append(message)
+    return pb.Query(composed=pb.ComposedQuery(terms=out, combine=_COMBINE[combine]))
+
+
 def search_request(text: str | None = None, image: bytes | str | Path | None = None, embedding=None,
                    target: str | None = None, k: int = 10, min_score: float | None = None,
-                   embedding_modality: str | None = None) -> pb.SearchRequest:
-    """One query: exactly one of text, image (bytes or a path) or embedding; `embedding_modality`
-    ("text" or "image", what the embedding encodes) makes it rank as that query would."""
-    if sum(x is not None for x in (text, image, embedding)) != 1:
-        raise ValueError("give exactly one of text, image or embedding")
-    if text is not None:
-        query = pb.Query(text=text)
+                   embedding_modality: str | None = None, *, item: ItemRef | None = None,
+                   terms: Sequence[TermValue] | None = None, combine: str = "geodesic",
+                   max_angle_deg: float | None = None, diversity: float | None = None,
+                   dedup_angle_deg: float | None = None) -> pb.SearchRequest:
+    """One query: exactly one of text, image (bytes or a path), embedding, item (more like this) or
+    terms (a composed query, see `composed_query`); `embedding_modality` ("text" or "image", what the
+    embedding encodes) makes it rank as that query would. `max_angle_deg`: a spherical cap;
+    `diversity`: MMR's lambda in [0, 1]; `dedup_angle_deg`: drop near-duplicates of better results."""
+    if sum(x is not None for x in (text, image, embedding, item, terms)) != 1:
+        raise ValueError("give exactly one of text, image, embedding, item or terms")
+    if terms is not None:
+        query = composed_query(terms, combine)
     elif image is not None:
-        query = pb.Query(image=image_bytes(image))
+        query = query_message(image if isinstance(image, (bytes, bytearray)) else Path(image))
     else:
-        query = pb.Query(embedding=pb.Embedding(values=np.asarray(embedding, np.float32).reshape(-1).tolist(),
-                                                modality=_TARGETS[embedding_modality]))
+        query = query_message(next(x for x in (text, item, embedding) if x is not None), embedding_modality)
     req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k)
-    if min_score is not None:
-        req.min_score = min_score
+    for name, value in (("min_score", min_score), ("max_angle_deg", max_angle_deg), ("diversity", diversity),
+                        ("dedup_angle_deg", dedup_angle_deg)):
+        if value is not None:
+            setattr(req, name, value)
     return req
+
+
+@dataclass(frozen=True)
+class WalkStep:
+    """One streamed step of a walk: its position t in [0, 1], its angle from the start, its new hits."""
+    step: int
+    t: float
+    angle_deg: float
+    hits: list[Hit]
+    index_version: str
+
+
+def walk_step(resp: pb.WalkStep) -> WalkStep:
+    return WalkStep(resp.step, resp.t, resp.angle_deg, hits_of(resp), resp.index_version)
+
+
+def walk_request(start: TermValue, end: TermValue, steps: int, k: int = 5, target: str | None = None) -> pb.WalkRequest:
+    """A Walk from `start` to `end` (each a text, an image, an embedding or an ItemRef)."""
+    return pb.WalkRequest(start=query_message(start), end=query_message(end), target=_TARGETS[target], steps=steps,
+                          k=k)
 
 
 def _vector(resp: pb.EmbedResponse) -> np.ndarray:
@@ -92,6 +156,10 @@ class ClientBase:
     def _embed_call(text: str | None = None, image: bytes | str | Path | None = None) -> Call:
         request = pb.EmbedRequest(text=text) if text is not None else pb.EmbedRequest(image=image_bytes(image))
         return Call("Embed", request, _vector)
+
+    @staticmethod
+    def _walk_call(start: TermValue, end: TermValue, steps: int, k: int, target: str | None) -> Call:
+        return Call("Walk", walk_request(start, end, steps, k, target), walk_step)  # parse: per streamed step
 
     @staticmethod
     def _index_info_call() -> Call:

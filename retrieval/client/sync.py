@@ -3,13 +3,13 @@ errors arrive as `grpc.RpcError` with the server's status code and message."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import grpc
 import numpy as np
 
-from retrieval.client.base import Call, ClientBase, search_request
-from retrieval.hits import Hit
+from retrieval.client.base import Call, ClientBase, TermValue, WalkStep, search_request
+from retrieval.hits import Hit, ItemRef
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.pb import retrieval_pb2_grpc as pb_grpc
 
@@ -31,21 +31,57 @@ class RetrievalClient(ClientBase):
         return self._send(self._search_call(request), timeout)
 
     def search_text(self, text: str, k: int = 10, target: str | None = None, min_score: float | None = None,
-                    timeout: float | None = None) -> list[Hit]:
-        return self.search(search_request(text=text, target=target, k=k, min_score=min_score), timeout)
+                    timeout: float | None = None, *, max_angle_deg: float | None = None,
+                    diversity: float | None = None, dedup_angle_deg: float | None = None) -> list[Hit]:
+        return self.search(search_request(text=text, target=target, k=k, min_score=min_score,
+                                          max_angle_deg=max_angle_deg, diversity=diversity,
+                                          dedup_angle_deg=dedup_angle_deg), timeout)
 
     def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
-                     min_score: float | None = None, timeout: float | None = None) -> list[Hit]:
-        return self.search(search_request(image=image, target=target, k=k, min_score=min_score), timeout)
+                     min_score: float | None = None, timeout: float | None = None, *,
+                     max_angle_deg: float | None = None, diversity: float | None = None,
+                     dedup_angle_deg: float | None = None) -> list[Hit]:
+        return self.search(search_request(image=image, target=target, k=k, min_score=min_score,
+                                          max_angle_deg=max_angle_deg, diversity=diversity,
+                                          dedup_angle_deg=dedup_angle_deg), timeout)
 
     def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
-                         timeout: float | None = None, modality: str | None = None) -> list[Hit]:
+                         timeout: float | None = None, modality: str | None = None, *,
+                         max_angle_deg: float | None = None, diversity: float | None = None,
+                         dedup_angle_deg: float | None = None) -> list[Hit]:
         """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
         return self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
-                                          embedding_modality=modality), timeout)
+                                          embedding_modality=modality, max_angle_deg=max_angle_deg,
+                                          diversity=diversity, dedup_angle_deg=dedup_angle_deg), timeout)
+
+    def search_composed(self, terms: Sequence[TermValue], target: str | None = None, k: int = 10,
+                        combine: str = "geodesic", min_score: float | None = None, timeout: float | None = None,
+                        *, max_angle_deg: float | None = None, diversity: float | None = None,
+                        dedup_angle_deg: float | None = None) -> list[Hit]:
+        """A composed query: terms are values (weight 1) or (value, weight); a str is a text, bytes or a
+        Path an image, an array an embedding, an ItemRef a stored item; weights < 0 push the query away."""
+        return self.search(search_request(terms=terms, combine=combine, target=target, k=k, min_score=min_score,
+                                          max_angle_deg=max_angle_deg, diversity=diversity,
+                                          dedup_angle_deg=dedup_angle_deg), timeout)
+
+    def more_like_this(self, item_id: int, gallery: str, k: int = 10, target: str | None = None,
+                       min_score: float | None = None, timeout: float | None = None, *,
+                       max_angle_deg: float | None = None, diversity: float | None = None,
+                       dedup_angle_deg: float | None = None) -> list[Hit]:
+        """The nearest items to a stored one (of `gallery`; by default in that gallery), without it."""
+        return self.search(search_request(item=ItemRef(item_id, gallery), target=target, k=k, min_score=min_score,
+                                          max_angle_deg=max_angle_deg, diversity=diversity,
+                                          dedup_angle_deg=dedup_angle_deg), timeout)
 
     def batch_search(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[list[Hit]]:
         return self._send(self._batch_search_call(requests), timeout)
+
+    def walk(self, start: TermValue, end: TermValue, steps: int, k: int = 5, target: str | None = None,
+             timeout: float | None = None) -> Iterator[WalkStep]:
+        """The steps of a path from `start` to `end` on the sphere, as the server streams them."""
+        call = self._walk_call(start, end, steps, k, target)
+        for reply in self.stub.Walk(call.request, timeout=self._deadline(timeout), metadata=self.metadata):
+            yield call.parse(reply)
 
     def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray:
         return self._send(self._embed_call(text=text), timeout)

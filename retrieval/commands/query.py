@@ -1,4 +1,5 @@
-"""`retrieval query`: ask a running server with a text or an image, print readable lines or JSON."""
+"""`retrieval query`: ask a running server with a text, an image, several weighted texts (a composed
+query), a stored item (more like this) or a walk between two texts; print readable lines or JSON."""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=os.environ.get("RETRIEVAL_ADDRESS", DEFAULT_ADDRESS),
                    help="server HOST:PORT (default: %(default)s) [env RETRIEVAL_ADDRESS]")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help="text query")
+    what.add_argument("--text", action="append", help="text query; repeat it (with --weight, --minus) to compose "
+                                                      "several on the sphere")
     what.add_argument("--image", metavar="PATH", help="image file query")
+    what.add_argument("--like", metavar="ID", type=int, help="more like this: the stored item with this id (of "
+                                                             "--gallery), itself excluded")
+    p.add_argument("--weight", type=float, action="append", help="weight of each --text, in order (default 1)")
+    p.add_argument("--minus", metavar="TEXT", action="append", default=[],
+                   help="push the query away from this text (a negative term, weight -1; repeatable)")
+    p.add_argument("--combine", choices=["geodesic", "linear"], default="geodesic",
+                   help="how several terms combine: Karcher mean and geodesic steps, or the normalized sum")
+    p.add_argument("--gallery", choices=["image", "text"], default="image", help="the gallery of --like's id")
+    p.add_argument("--walk-to", metavar="TEXT", help="walk from --text to this text along the great circle")
+    p.add_argument("--steps", type=int, default=5, help="steps of --walk-to (default: %(default)s)")
     p.add_argument("--target", choices=["image", "text"], default=None,
-                   help="gallery to search (default: the other modality)")
-    p.add_argument("--k", type=int, default=5, help="number of results (default: %(default)s)")
+                   help="gallery to search (default: the other modality; --like: the item's own)")
+    p.add_argument("--k", type=int, default=5, help="number of results (per step for --walk-to; default: %(default)s)")
     p.add_argument("--min-score", type=float, default=None, help="drop results with a lower cosine")
+    p.add_argument("--max-angle", type=float, default=None, help="a spherical cap: results within this many degrees")
+    p.add_argument("--diversity", type=float, default=None, help="MMR re-ranking in [0, 1] (0: relevance alone)")
+    p.add_argument("--dedup-angle", type=float, default=None,
+                   help="drop results within this many degrees of a better one")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--token", default=os.environ.get("RETRIEVAL_TOKEN"), help="bearer token [env RETRIEVAL_TOKEN]")
@@ -42,18 +58,45 @@ def format_results(results: list[Hit]) -> str:
     return "\n".join(lines)
 
 
+def _walk(client: RetrievalClient, args: argparse.Namespace) -> None:
+    for step in client.walk(args.text[0], args.walk_to, steps=args.steps, k=args.k, target=args.target):
+        if args.json:
+            print(json.dumps({"step": step.step, "t": step.t, "angle_deg": step.angle_deg,
+                              "results": [r.to_dict() for r in step.hits]}), flush=True)
+        else:
+            print(f"step {step.step}  t {step.t:.3f}  {step.angle_deg:6.2f}° from the start\n"
+                  f"{format_results(step.hits)}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    texts = args.text or []
+    weights = args.weight or []
+    if len(weights) > len(texts) or (args.walk_to and len(texts) != 1) or ((args.minus or weights) and not texts):
+        print("retrieval query: error: --weight and --minus go with --text (one weight per --text), --walk-to with "
+              "one --text", file=sys.stderr)
+        return 2
+    options = {"min_score": args.min_score, "max_angle_deg": args.max_angle, "diversity": args.diversity,
+               "dedup_angle_deg": args.dedup_angle}
     try:
         with RetrievalClient(args.address, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca) as client:
-            if args.text is not None:
-                results = client.search_text(args.text, k=args.k, target=args.target, min_score=args.min_score)
+            if args.walk_to:
+                _walk(client, args)
+                return 0
+            if args.like is not None:
+                results = client.more_like_this(args.like, args.gallery, k=args.k, target=args.target, **options)
+            elif len(texts) > 1 or weights or args.minus:
+                terms = [(t, weights[i] if i < len(weights) else 1.0) for i, t in enumerate(texts)]
+                results = client.search_composed(terms + [(t, -1.0) for t in args.minus], target=args.target,
+                                                 k=args.k, combine=args.combine, **options)
+            elif texts:
+                results = client.search_text(texts[0], k=args.k, target=args.target, **options)
             else:
                 try:
                     data = open(args.image, "rb").read()
                 except OSError as e:
                     print(f"retrieval query: error: cannot read {args.image}: {e.strerror}", file=sys.stderr)
                     return 2
-                results = client.search_image(data, k=args.k, target=args.target, min_score=args.min_score)
+                results = client.search_image(data, k=args.k, target=args.target, **options)
     except grpc.RpcError as e:
         print(f"retrieval query: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -25,6 +25,9 @@ class Limits:
     image_concurrency: int = 2   # image-encoder batches that may run at once
     max_wait_s: float = 0.002    # how long the oldest queued item may wait for others
     max_reply_bytes: int | None = None  # largest reply the server may send (None: unbounded)
+    max_terms: int = 16          # terms of one composed query
+    max_walk_steps: int = 64     # steps of one Walk (and steps * k <= max_k)
+    rerank_pool: int = 200       # candidates MMR / dedup re-rank (at least k)
 
 
 @dataclass
@@ -45,6 +48,9 @@ class ServeConfig:
     max_k: int = 1000
     max_text_chars: int = 2000
     max_batch_queries: int = 256
+    max_terms: int = 16
+    max_walk_steps: int = 64
+    rerank_pool: int = 200
     watch_interval_s: float = 1.0
     grace_s: float = 5.0
     workers: int = 4
@@ -66,8 +72,9 @@ class ServeConfig:
         require(0 <= self.port <= 65535, "port", "must be a port number from 0 to 65535 (0 picks a free one)")
         require(self.metrics_port <= 65535, "metrics_port", "must be a port number up to 65535 (negative disables)")
         for name in ("max_batch", "max_image_batch", "text_concurrency", "image_concurrency", "max_k",
-                     "max_text_chars", "max_batch_queries", "workers"):
+                     "max_text_chars", "max_batch_queries", "workers", "max_terms", "rerank_pool"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.max_walk_steps >= 2, "max_walk_steps", "must be at least 2 (a walk has two ends)")
         for name in ("max_message_mb", "watch_interval_s"):
             require(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
         for name in ("max_wait_ms", "grace_s"):
@@ -89,4 +96,5 @@ class ServeConfig:
         return Limits(max_k=self.max_k, max_text_chars=self.max_text_chars, max_batch=self.max_batch,
                       max_image_batch=self.max_image_batch, text_concurrency=self.text_concurrency,
                       image_concurrency=self.image_concurrency, max_wait_s=self.max_wait_ms / 1000.0,
-                      max_reply_bytes=int(self.max_message_mb * MiB))
+                      max_reply_bytes=int(self.max_message_mb * MiB), max_terms=self.max_terms,
+                      max_walk_steps=self.max_walk_steps, rerank_pool=self.rerank_pool)

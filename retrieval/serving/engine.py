@@ -18,7 +18,7 @@ import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import numpy as np
 
@@ -26,11 +26,14 @@ from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.embedding.factory import list_models
 from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
                               RetrievalError)
-from retrieval.hits import Hit, Modality, hits_from_rows, reply_bytes, result_bytes
+from retrieval.hits import Hit, Modality, reply_bytes, result_bytes
 from retrieval.serving.batcher import Alive, ensure_alive
 from retrieval.serving.config import Limits
 from retrieval.serving.encoder import Encoder, cached_model
-from retrieval.serving.validation import Query, QueryInput, Validator, query_modality
+from retrieval.serving.queries import NO_OPTIONS, Options, Point, resolve
+from retrieval.serving.ranking import lookup
+from retrieval.serving.validation import Query, QueryInput, Validator
+from retrieval.sphere.compose import walk_points
 from retrieval.store.layout import CHECKPOINT_SUFFIX, list_versions, read_current, version_signature
 from retrieval.store.reader import IndexVersion
 
@@ -197,14 +200,14 @@ class Engine:
 
     async def search(self, query: QueryInput, target: Modality | None = None, k: int = 10,
                      min_score: float | None = None, source: Modality | None = None,
-                     alive: Alive | None = None) -> tuple[list[Hit], str]:
+                     alive: Alive | None = None, options: Options = NO_OPTIONS) -> tuple[list[Hit], str]:
         """Top-k hits of `target` for one query and the index version that answered. `source` is
-        what a raw embedding encodes, if known (texts and image bytes are known). `alive`: see the
-        module's docstring."""
-        target = self.checks.validate(query, target, k, min_score, source)
+        what a raw embedding encodes, if known (texts and image bytes are known). `options`: a cap,
+        diversity, dedup (`retrieval.serving.queries`). `alive`: see the module's docstring."""
+        target = self.checks.validate(query, target, k, min_score, source, options)
         live = self.live()
         await self.check_reply(live.index, [(target, k)])
-        return await self._search(live, query, target, k, min_score, source, alive)
+        return await self._search(live, query, target, k, min_score, source, options, alive)
 
     async def search_many(self, queries: list[Query], alive: Alive | None = None) -> list[tuple[list[Hit], str]]:
         """Several searches against one index version. All are validated, and the reply's size
@@ -221,7 +224,7 @@ class Engine:
 
         async def one(i: int, target: Modality, query: Query):
             try:
-                return await self._search(live, query[0], target, *query[2:], alive)
+                return await self._search(live, query[0], target, *query[2:6], alive)
             except Exception as e:  # noqa: BLE001 - named by its position, mapped to a status by the caller
                 raise BatchItemError(i, e) from e
 
@@ -232,26 +235,58 @@ class Engine:
             for task in tasks:  # after a failure or a cancellation, the others' answers are not wanted
                 task.cancel()
 
-    async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
-                      source: Modality | None, alive: Alive | None) -> tuple[list[Hit], str]:
-        if isinstance(query, np.ndarray):
-            vector = self.checks.check_embedding(query, live.index.dim)
-        else:
-            vector = await self.embed(query, live, alive)
+    async def _resolve(self, live: Live, query: QueryInput, source: Modality | None, alive: Alive | None) -> Point:
+        """The query's point on the sphere, its modality and the items it excludes."""
+        point = await resolve(query, source, live.index, lambda q: self.embed(q, live, alive),
+                              lambda v: self.checks.check_embedding(v, live.index.dim))
         ensure_alive(alive)
-        # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
-        # and embeddings of unknown modality by the plain cosine
-        source = query_modality(query, source)
-        cross_modal = source is not None and source != target
-        hits = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal)
-        return hits, live.index.name
+        return point
 
-    @staticmethod
-    def _lookup(index: IndexVersion, target: Modality, vector: np.ndarray, k: int, min_score: float | None,
-                cross_modal: bool) -> list[Hit]:
-        scores, ids = index.search(target, vector[None, :], k, cross_modal=cross_modal)  # cosines, ranked
-        return hits_from_rows(target, scores[0], ids[0], index.metadata(target, ids[0]), min_score)
+    async def _rank(self, live: Live, point: Point, target: Modality, k: int, min_score: float | None,
+                    options: Options) -> list[Hit]:
+        # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
+        # and queries of unknown modality by the plain cosine
+        cross_modal = point.modality is not None and point.modality != target
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lookup, live.index, target, point, k, min_score, cross_modal, options,
+            self.limits.rerank_pool)
+
+    async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
+                      source: Modality | None, options: Options, alive: Alive | None) -> tuple[list[Hit], str]:
+        point = await self._resolve(live, query, source, alive)
+        return await self._rank(live, point, target, k, min_score, options), live.index.name
+
+    async def walk(self, start: tuple[QueryInput, Modality | None], end: tuple[QueryInput, Modality | None],
+                   target: Modality | None, steps: int, k: int,
+                   alive: Alive | None = None) -> AsyncIterator[tuple[int, float, float, list[Hit], str]]:
+        """A path from `start` to `end` (each a query and its declared modality) along their great
+        circle in `steps` points (slerp, equal angles): (step, t, angle from start in degrees, the
+        step's top k without the items an earlier step sent, version) for each. The ends' own stored
+        items are excluded. Cross-modal ranking applies when both ends are of the other modality
+        than `target`. All is checked, and the reply bounded, before any work."""
+        if not 2 <= steps <= self.limits.max_walk_steps:
+            raise InvalidInputError(f"steps must be between 2 and {self.limits.max_walk_steps}, got {steps}")
+        self.checks.check_k(k)
+        if steps * k > self.limits.max_k:
+            raise InvalidInputError(f"a walk of {steps} steps of k={k} could stream {steps * k} results, over the "
+                                    f"limit of {self.limits.max_k} (the server's max k)")
+        targets = {self.checks.check_query(q, target, s) for q, s in (start, end)}
+        if target is None and len(targets) > 1:
+            raise InvalidInputError("the walk's ends default to different galleries: name the target")
+        target = target or targets.pop()
+        live = self.live()
+        await self.check_reply(live.index, [(target, k)])
+        a = await self._resolve(live, *start, alive)
+        b = await self._resolve(live, *end, alive)
+        points, ts, angles = walk_points(a.vector, b.vector, steps)
+        modality = a.modality if a.modality == b.modality else None
+        seen: set[int] = {i for p in (a, b) for i in p.exclude.get(target, ())}
+        for step, (vector, t, angle) in enumerate(zip(points, ts, angles)):
+            ensure_alive(alive)
+            point = Point(vector, modality, {target: set(seen)})
+            hits = await self._rank(live, point, target, k, None, NO_OPTIONS)
+            seen.update(h.id for h in hits)
+            yield step, float(t), float(angle), hits, live.index.name
 
     def info(self) -> dict:
         live = self.live()

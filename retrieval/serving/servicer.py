@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError, Message
 from retrieval.serving.batcher import Alive
 from retrieval.hits import Hit
 from retrieval.serving.engine import Engine
+from retrieval.serving.queries import Composed, ItemRef, Options, Term
 from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.serving.status import cancelled_status, status_for
@@ -66,30 +67,66 @@ def _alive(context: grpc.aio.ServicerContext) -> Alive:
     return lambda: not context.cancelled() and (deadline is None or time.monotonic() < deadline)
 
 
-def _query_args(req: pb.SearchRequest) -> tuple:
-    kind = req.query.WhichOneof("kind")
+def _modality(value: int, what: str):
+    if value not in _MODALITY_IN:
+        raise InvalidInputError(f"unknown {what} modality {value}")
+    return _MODALITY_IN[value]
+
+
+_COMBINE = {pb.COMBINE_UNSPECIFIED: "geodesic", pb.COMBINE_GEODESIC: "geodesic", pb.COMBINE_LINEAR: "linear"}
+
+
+def _one(message: pb.Query | pb.QueryTerm, kind: str | None) -> tuple[Any, Any]:
+    """A query's (or a term's) value and the modality an embedding declares."""
     if kind == "text":
-        query: Any = req.query.text
-    elif kind == "image":
-        query = req.query.image
-    elif kind == "embedding":
-        query = np.asarray(req.query.embedding.values, dtype=np.float32)
-    else:
-        raise InvalidInputError("query is empty: set text, image or embedding")
-    if req.target not in _MODALITY_IN:
-        raise InvalidInputError(f"unknown target modality {req.target}")
-    source = req.query.embedding.modality if kind == "embedding" else pb.MODALITY_UNSPECIFIED
-    if source not in _MODALITY_IN:
-        raise InvalidInputError(f"unknown embedding modality {source}")
-    return (query, _MODALITY_IN[req.target], req.k, (req.min_score if req.HasField("min_score") else None),
-            _MODALITY_IN[source])
+        return message.text, None
+    if kind == "image":
+        return message.image, None
+    if kind == "embedding":
+        return (np.asarray(message.embedding.values, dtype=np.float32),
+                _modality(message.embedding.modality, "embedding"))
+    if kind == "item":
+        gallery = _modality(message.item.gallery, "item gallery")
+        if gallery is None:
+            raise InvalidInputError("an item reference must name its gallery (IMAGE or TEXT)")
+        return ItemRef(message.item.id, gallery), None
+    raise InvalidInputError("query is empty: set text, image, embedding, item or composed")
+
+
+def _query(message: pb.Query) -> tuple[Any, Any]:
+    """The engine's query (text, bytes, array, ItemRef or Composed) and an embedding's modality."""
+    kind = message.WhichOneof("kind")
+    if kind != "composed":
+        return _one(message, kind)
+    if message.composed.combine not in _COMBINE:
+        raise InvalidInputError(f"unknown combine {message.composed.combine}")
+    terms = []
+    for i, term in enumerate(message.composed.terms):
+        try:
+            value, modality = _one(term, term.WhichOneof("kind"))
+        except InvalidInputError as e:
+            raise InvalidInputError(f"terms[{i}]: {e}") from None
+        terms.append(Term(value, term.weight if term.HasField("weight") else 1.0, modality))
+    return Composed(tuple(terms), _COMBINE[message.composed.combine]), None
+
+
+def _optional(req: Message, name: str) -> float | None:
+    return getattr(req, name) if req.HasField(name) else None
+
+
+def _query_args(req: pb.SearchRequest) -> tuple:
+    query, source = _query(req.query)
+    options = Options(_optional(req, "max_angle_deg"), _optional(req, "diversity"), _optional(req, "dedup_angle_deg"))
+    return (query, _modality(req.target, "target"), req.k, _optional(req, "min_score"), source, options)
+
+
+def _results(hits: list[Hit]) -> list[pb.SearchResult]:
+    return [pb.SearchResult(id=h.id, score=h.score, angle_deg=h.angle_deg, modality=_MODALITY_OUT[h.modality],
+                            uri=h.uri, caption=h.caption, image_id=h.image_id, image_uri=h.image_uri) for h in hits]
 
 
 def _response(hits: list[Hit], version: str) -> pb.SearchResponse:
-    return pb.SearchResponse(index_version=version, results=[
-        pb.SearchResult(id=h.id, score=h.score, angle_deg=h.angle_deg, modality=_MODALITY_OUT[h.modality],
-                        uri=h.uri, caption=h.caption, image_id=h.image_id, image_uri=h.image_uri)
-        for h in hits])
+    return pb.SearchResponse(index_version=version, results=_results(hits))
 
 
 class RetrievalServicer:
@@ -98,7 +135,8 @@ class RetrievalServicer:
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
-        hits, version = await self.engine.search(*_query_args(request), alive=_alive(context))
+        *args, options = _query_args(request)
+        hits, version = await self.engine.search(*args, alive=_alive(context), options=options)
         return _response(hits, version)
 
     @_rpc
@@ -132,9 +170,27 @@ class RetrievalServicer:
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context) -> pb.IndexInfo:
         return pb.IndexInfo(**self.engine.info())
 
-    async def Walk(self, request: bytes, context) -> None:
-        # issue 14 implements paths; until then the RPC the proto declares answers UNIMPLEMENTED
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Walk is not served by this version of the server")
+    async def Walk(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WalkStep]:
+        """Streams the path's steps; an error (before or between steps) ends the stream with its
+        status, mapped like the unary methods' (`status_for`)."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            req = _parse(pb.WalkRequest, request)
+            steps = self.engine.walk(_query(req.start), _query(req.end), _modality(req.target, "target"), req.steps,
+                                     req.k, alive=_alive(context))
+            async for step, t, angle, hits, version in steps:
+                yield pb.WalkStep(step=step, t=t, angle_deg=angle, results=_results(hits), index_version=version)
+        except asyncio.CancelledError:
+            code = cancelled_status(context)
+            raise
+        except Exception as e:  # noqa: BLE001 - the client gets a status, the log gets the rest
+            code, message = status_for(e, "Walk")
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_request("Walk", code.name, time.perf_counter() - start)
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, message)
 
 
 def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:

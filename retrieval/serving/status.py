@@ -13,14 +13,15 @@ import re
 import grpc
 
 from retrieval.errors import (BatchItemError, DeadlineExceededError, FingerprintMismatchError, IndexCorruptError,
-                              IndexUnavailableError, InvalidInputError, ModelError, RetrievalError,
-                              UnauthenticatedError)
+                              IndexUnavailableError, InvalidInputError, ModelError, NotFoundError,
+                              RetrievalError, UnauthenticatedError)
 from retrieval.store.layout import VERSION_RE
 
 log = logging.getLogger("retrieval.serving.server")
 
 STATUS_FOR: dict[type[RetrievalError], grpc.StatusCode] = {
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     IndexUnavailableError: grpc.StatusCode.UNAVAILABLE,
     IndexCorruptError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -28,7 +29,8 @@ STATUS_FOR: dict[type[RetrievalError], grpc.StatusCode] = {
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED)  # not logged
+# not logged
+CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 INTERNAL_MESSAGE = "internal server error (details are in the server log)"
 

@@ -1,5 +1,6 @@
 """What a request may ask, checked before any work: texts, k, embeddings, min_score, target
-galleries; and which modality a query is of (decided here once)."""
+galleries, composed queries and items, caps and diversity; and which modality a query is of
+(decided here once)."""
 from __future__ import annotations
 
 from typing import Union
@@ -9,10 +10,13 @@ import numpy as np
 from retrieval.errors import InvalidInputError
 from retrieval.hits import Modality
 from retrieval.serving.config import Limits
+from retrieval.serving.queries import NO_OPTIONS, Composed, ItemRef, Options, Term, composed_modality, check_composed
 from retrieval.sphere import l2_normalize
 
-QueryInput = Union[str, bytes, np.ndarray]  # text, image file bytes, or a raw embedding
-Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None]]  # search's arguments
+# text, image file bytes, a raw embedding, a stored item, or weighted terms
+QueryInput = Union[str, bytes, np.ndarray, ItemRef, Composed]
+# search's arguments: query, target, k, min_score, the embedding's declared modality, options
+Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None], Options]
 
 
 def query_modality(query: QueryInput, declared: Modality | None = None) -> Modality | None:
@@ -22,7 +26,14 @@ def query_modality(query: QueryInput, declared: Modality | None = None) -> Modal
         return "text"
     if isinstance(query, (bytes, bytearray)):
         return "image"
+    if isinstance(query, ItemRef):
+        return query.gallery
+    if isinstance(query, Composed):
+        return composed_modality(query.terms)
     return declared
+
+
+_OTHER = {"text": "image", "image": "text"}
 
 
 class Validator:
@@ -61,15 +72,37 @@ class Validator:
             raise InvalidInputError(f"min_score is a cosine and must lie in [-1, 1], got {min_score}")
         return min_score
 
+    def check_term(self, term: Term) -> None:
+        """One term of a composed query, as a query of its own."""
+        if isinstance(term.value, (Composed, type(None))):
+            raise InvalidInputError("a term is a text, image, embedding or stored item")
+        self.check_query(term.value, "text", term.modality)
+
     def validate(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
-                 source: Modality | None = None) -> Modality:
+                 source: Modality | None = None, options: Options = NO_OPTIONS) -> Modality:
         """Checks what can be checked before any work; returns the gallery to search."""
         self.check_k(k)
         self.check_min_score(min_score)
+        options.check()
+        return self.check_query(query, target, source)
+
+    def check_query(self, query: QueryInput, target: Modality | None, source: Modality | None = None) -> Modality:
+        """Checks one query; returns the gallery to search (the other modality by default; a
+        stored item's own gallery, "more like this")."""
         if target not in (None, "image", "text"):
             raise InvalidInputError(f"unknown target modality {target!r}")
         if source not in (None, "image", "text"):
             raise InvalidInputError(f"unknown embedding modality {source!r}")
+        if isinstance(query, ItemRef):
+            if query.gallery not in ("image", "text"):
+                raise InvalidInputError("an item reference must name its gallery (image or text)")
+            return target or query.gallery
+        if isinstance(query, Composed):
+            check_composed(query, self.limits.max_terms, self.check_term)
+            modality = composed_modality(query.terms)
+            if target is None and modality is None:
+                raise InvalidInputError("a composed query without a majority modality must name its target")
+            return target or _OTHER[modality]
         if isinstance(query, str):
             self.check_text(query)
             return target or "image"

@@ -4,7 +4,10 @@ uniformity, modality gap) and the recall protocol over score matrices (`retrieva
 Everything above it (the model, the index, the server) speaks in these terms; it imports nothing
 of the project but its errors."""
 from retrieval.sphere.geometry import (alignment, angle_deg, diagnostics, is_unit_norm, l2_normalize, modality_gap, slerp,
-                                       spherical_mean, uniformity)
+                                       uniformity)
+from retrieval.sphere.compose import karcher_mean
+
+spherical_mean = karcher_mean  # the weighted Karcher mean (`retrieval.sphere.compose`), by its older name
 
 __all__ = ["alignment", "angle_deg", "diagnostics", "is_unit_norm", "l2_normalize", "modality_gap", "slerp",
-           "spherical_mean", "uniformity"]
+           "karcher_mean", "spherical_mean", "uniformity"]

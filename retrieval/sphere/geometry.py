@@ -66,26 +66,6 @@ def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return ((np.sin((1 - t) * w) * a + np.sin(t * w) * b) / np.sin(w)).astype(np.float32)
 
 
-def spherical_mean(x: np.ndarray, weights: np.ndarray | None = None, iters: int = 20) -> np.ndarray:
-    """Weighted Karcher mean of unit rows of x: start at the normalized weighted sum, then refine
-    by averaging log maps at the current estimate and stepping along the exp map."""
-    x = l2_normalize(x)
-    w = np.ones(len(x), np.float64) if weights is None else np.asarray(weights, np.float64)
-    w = w / w.sum()
-    mu = l2_normalize((w[:, None] * x).sum(0, keepdims=True))[0].astype(np.float64)
-    for _ in range(iters):
-        cos = np.clip(x @ mu, -1.0, 1.0)
-        theta = np.arccos(cos)[:, None]
-        tangent = x - cos[:, None] * mu
-        scale = np.where(theta > 1e-9, theta / np.maximum(np.sin(theta), 1e-12), 1.0)
-        step = (w[:, None] * scale * tangent).sum(0)
-        n = np.linalg.norm(step)
-        if n < 1e-10:
-            break
-        mu = np.cos(n) * mu + np.sin(n) * step / n
-    return mu.astype(np.float32)
-
-
 def diagnostics(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
     """Diagnostics of the embedding: how close positives are, how spread each modality is."""
     paired = image_vecs[caption_image]                                   # (C, D)

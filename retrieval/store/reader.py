@@ -113,6 +113,22 @@ class IndexVersion:
             scores[found] -= reconstruct(index, ids[found])[:, self.dim]   # back to the cosine
         return scores, ids
 
+    def vectors(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
+        """The stored unit vectors (N, D) of known ids (their rows [g, b_g] without the bias)."""
+        return reconstruct(self.indexes[modality], ids)[:, :self.dim]
+
+    def rows(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
+        """The stored rows (N, D+1) [g, b_g] of known ids."""
+        return reconstruct(self.indexes[modality], ids)
+
+    def within(self, modality: Modality, query: np.ndarray, min_cosine: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every item whose cosine with the unit query (D,) is at least `min_cosine` (FAISS range
+        search with [q, 0], so the bias plays no part in what is inside): (cosines, ids), unsorted.
+        Exact on Flat and IVF-Flat storage over the probed lists; on HNSW the graph's search."""
+        row = query_rows(np.asarray(query, np.float32)[None], cross_modal=False)
+        _, cosines, ids = self.indexes[modality].range_search(row, float(min_cosine))
+        return cosines, ids
+
     def metadata(self, modality: Modality, ids: np.ndarray | list[int]) -> list[dict | None]:
         """Rows for ids, in order (None for -1 or unknown ids)."""
         ids = [int(i) for i in ids]
