@@ -33,18 +33,27 @@ class AsyncRetrievalClient(ClientBase):
         return await self._send(self._search_call(request), timeout)
 
     async def search_text(self, text: str, k: int = 10, target: str | None = None, min_score: float | None = None,
-                    timeout: float | None = None) -> list[Hit]:
-        return await self.search(search_request(text=text, target=target, k=k, min_score=min_score), timeout)
+                    timeout: float | None = None, filters: Sequence[pb.Filter] = ()) -> list[Hit]:
+        return await self.search(search_request(text=text, target=target, k=k, min_score=min_score,
+                                                filters=filters), timeout)
 
     async def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
-                     min_score: float | None = None, timeout: float | None = None) -> list[Hit]:
-        return await self.search(search_request(image=image, target=target, k=k, min_score=min_score), timeout)
+                     min_score: float | None = None, timeout: float | None = None,
+                     filters: Sequence[pb.Filter] = ()) -> list[Hit]:
+        return await self.search(search_request(image=image, target=target, k=k, min_score=min_score,
+                                                filters=filters), timeout)
 
     async def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
-                         timeout: float | None = None, modality: str | None = None) -> list[Hit]:
+                         timeout: float | None = None, modality: str | None = None,
+                         filters: Sequence[pb.Filter] = ()) -> list[Hit]:
         """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
         return await self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
-                                          embedding_modality=modality), timeout)
+                                          embedding_modality=modality, filters=filters), timeout)
+
+    async def search_page(self, request: pb.SearchRequest, timeout: float | None = None) -> tuple[list[Hit], str]:
+        """One page of a paged search (request.page_size set): its hits and the next page's token, "" after
+        the last; set request.page_token to it for the next page."""
+        return await self._send(self._search_page_call(request), timeout)
 
     async def batch_search(self, requests: Sequence[pb.SearchRequest],
                            timeout: float | None = None) -> list[list[Hit]]:

@@ -31,9 +31,12 @@ def image_bytes(image: bytes | str | Path) -> bytes:
 
 def search_request(text: str | None = None, image: bytes | str | Path | None = None, embedding=None,
                    target: str | None = None, k: int = 10, min_score: float | None = None,
-                   embedding_modality: str | None = None) -> pb.SearchRequest:
+                   embedding_modality: str | None = None, filters: Sequence[pb.Filter] = (),
+                   page_size: int = 0, page_token: str = "") -> pb.SearchRequest:
     """One query: exactly one of text, image (bytes or a path) or embedding; `embedding_modality`
-    ("text" or "image", what the embedding encodes) makes it rank as that query would."""
+    ("text" or "image", what the embedding encodes) makes it rank as that query would. `filters`
+    (`retrieval.client.filters`) must all hold; `page_size` asks for pages (k then bounds the whole
+    ranking, 0 for the server's maximum), `page_token` for the page after the one that gave it."""
     if sum(x is not None for x in (text, image, embedding)) != 1:
         raise ValueError("give exactly one of text, image or embedding")
     if text is not None:
@@ -43,7 +46,8 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
     else:
         query = pb.Query(embedding=pb.Embedding(values=np.asarray(embedding, np.float32).reshape(-1).tolist(),
                                                 modality=_TARGETS[embedding_modality]))
-    req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k)
+    req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k, filters=list(filters), page_size=page_size,
+                           page_token=page_token)
     if min_score is not None:
         req.min_score = min_score
     return req
@@ -82,6 +86,10 @@ class ClientBase:
     @staticmethod
     def _search_call(request: pb.SearchRequest) -> Call:
         return Call("Search", request, hits_of)
+
+    @staticmethod
+    def _search_page_call(request: pb.SearchRequest) -> Call:
+        return Call("Search", request, lambda resp: (hits_of(resp), resp.next_page_token))
 
     @staticmethod
     def _batch_search_call(requests: Sequence[pb.SearchRequest]) -> Call:

@@ -30,7 +30,9 @@ from retrieval.hits import Hit, Modality, hits_from_rows, reply_bytes, result_by
 from retrieval.serving.batcher import Alive, ensure_alive
 from retrieval.serving.config import Limits
 from retrieval.serving.encoder import Encoder, cached_model
+from retrieval.serving.pages import PageRequest, next_token, page_window
 from retrieval.serving.validation import Query, QueryInput, Validator, query_modality
+from retrieval.store.attributes import Condition
 from retrieval.store.layout import CHECKPOINT_SUFFIX, list_versions, read_current, version_signature
 from retrieval.store.reader import IndexVersion
 
@@ -197,14 +199,40 @@ class Engine:
 
     async def search(self, query: QueryInput, target: Modality | None = None, k: int = 10,
                      min_score: float | None = None, source: Modality | None = None,
-                     alive: Alive | None = None) -> tuple[list[Hit], str]:
+                     alive: Alive | None = None, conditions: tuple[Condition, ...] = ()) -> tuple[list[Hit], str]:
         """Top-k hits of `target` for one query and the index version that answered. `source` is
         what a raw embedding encodes, if known (texts and image bytes are known). `alive`: see the
-        module's docstring."""
+        module's docstring. `conditions`: only items they all hold for are searched (`_allowed`)."""
         target = self.checks.validate(query, target, k, min_score, source)
         live = self.live()
+        allowed = await self._allowed(live, target, conditions)
         await self.check_reply(live.index, [(target, k)])
-        return await self._search(live, query, target, k, min_score, source, alive)
+        return await self._search(live, query, target, k, min_score, source, alive, allowed)
+
+    async def search_page(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
+                          source: Modality | None, page: PageRequest, alive: Alive | None = None,
+                          conditions: tuple[Condition, ...] = ()) -> tuple[list[Hit], str, str]:
+        """One page of a search's ranking, its version and the next page's token ("" after the last):
+        `retrieval.serving.pages`. The ranking is k deep when k is set (0: the server's max_k), and
+        never deeper than the items that can match."""
+        self.checks.check_k(page.size)
+        depth = self.checks.check_k(k) if k else self.limits.max_k
+        target = self.checks.validate(query, target, depth, min_score, source)
+        live = self.live()
+        allowed = await self._allowed(live, target, conditions)
+        depth = min(depth, live.index.count(target) if allowed is None else len(allowed))
+        offset, fetch = page_window(page, live.index.name, max(depth, 1))
+        await self.check_reply(live.index, [(target, page.size)])
+        hits, version = await self._search(live, query, target, fetch, min_score, source, alive, allowed)
+        hits = hits[offset:]
+        return hits, version, next_token(page, version, len(hits), offset, fetch, depth)
+
+    async def _allowed(self, live: Live, target: Modality, conditions: tuple[Condition, ...]) -> np.ndarray | None:
+        """The ids a filtered search may return (checked against the version's fields before any
+        encoding), or None without filters."""
+        if not conditions:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self.executor, live.index.matching, target, conditions)
 
     async def search_many(self, queries: list[Query], alive: Alive | None = None) -> list[tuple[list[Hit], str]]:
         """Several searches against one index version. All are validated, and the reply's size
@@ -233,7 +261,8 @@ class Engine:
                 task.cancel()
 
     async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
-                      source: Modality | None, alive: Alive | None) -> tuple[list[Hit], str]:
+                      source: Modality | None, alive: Alive | None,
+                      allowed: np.ndarray | None = None) -> tuple[list[Hit], str]:
         if isinstance(query, np.ndarray):
             vector = self.checks.check_embedding(query, live.index.dim)
         else:
@@ -244,13 +273,15 @@ class Engine:
         source = query_modality(query, source)
         cross_modal = source is not None and source != target
         hits = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal)
+            self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal, allowed)
         return hits, live.index.name
 
     @staticmethod
     def _lookup(index: IndexVersion, target: Modality, vector: np.ndarray, k: int, min_score: float | None,
-                cross_modal: bool) -> list[Hit]:
-        scores, ids = index.search(target, vector[None, :], k, cross_modal=cross_modal)  # cosines, ranked
+                cross_modal: bool, allowed: np.ndarray | None = None) -> list[Hit]:
+        if allowed is not None and len(allowed) == 0:
+            return []  # no item matches the filters
+        scores, ids = index.search(target, vector[None, :], k, cross_modal=cross_modal, allowed=allowed)  # ranked
         return hits_from_rows(target, scores[0], ids[0], index.metadata(target, ids[0]), min_score)
 
     def info(self) -> dict:
@@ -258,7 +289,7 @@ class Engine:
         idx = live.index
         return {"version": idx.name, "model": idx.model, "model_fingerprint": idx.fingerprint, "dim": idx.dim,
                 "image_count": idx.count("image"), "text_count": idx.count("text"),
-                "available_versions": list_versions(self.root),
+                "available_versions": list_versions(self.root), "filter_fields": sorted(idx.filter_fields),
                 "rejected_version": self._rejected[0] if self._rejected else "",
                 "rejected_reason": self._rejected[2] if self._rejected else ""}
 
