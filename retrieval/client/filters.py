@@ -55,3 +55,42 @@ def between(field: str, low: Scalar | None = None, high: Scalar | None = None) -
     if high is not None:
         bounds.max.CopyFrom(value(high))
     return pb.Filter(field=field, range=bounds)
+
+
+def _scalar(text: str) -> Scalar:
+    """A command-line value: "quoted" is a string; else a number if it parses as one, a date if it is
+    ISO 8601 (YYYY-MM-DD...), else a string."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        if len(text) >= 10 and text[4] == "-" and text[7] == "-":
+            dt.datetime.fromisoformat(text)
+            return DateValue(text)
+    except ValueError:
+        pass
+    return text
+
+
+def parse(expression: str) -> pb.Filter:
+    """A filter written as on the command line: `field=value`, `field=a|b|c` (any of), `field>=low`,
+    `field<=high`, `field=low..high` (inclusive). Raises ValueError for anything else."""
+    for op in (">=", "<="):
+        if op in expression:
+            field, _, text = expression.partition(op)
+            bound = _scalar(text)
+            return between(field.strip(), bound, None) if op == ">=" else between(field.strip(), None, bound)
+    field, sep, text = expression.partition("=")
+    if not sep or not field.strip() or not text.strip():
+        raise ValueError(f"a filter is field=value, field=a|b, field>=low, field<=high or field=low..high: "
+                         f"{expression!r}")
+    if ".." in text and not text.strip().startswith('"'):
+        low, _, high = text.partition("..")
+        return between(field.strip(), _scalar(low), _scalar(high))
+    if "|" in text:
+        return any_of(field.strip(), [_scalar(v) for v in text.split("|")])
+    return eq(field.strip(), _scalar(text))
