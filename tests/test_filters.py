@@ -9,7 +9,9 @@ import base64
 import csv
 import datetime as dt
 import json
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -270,3 +272,23 @@ def test_query_cli_filters_and_pages(client, capsys):
     assert main(["query", "--address", address, "--text", "x", "--filter", "lens=50"]) == 1
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err and "'lens'" in err
+
+
+def test_readme_filter_grpcurl_examples_work(client):
+    """The README's grpcurl lines with filters, run as written (but for the address) against this
+    index, whose fields they name; they answer what the Python client does."""
+    from google.protobuf import json_format
+
+    from retrieval.pb import retrieval_pb2 as pb
+    from test_server import grpcurl_binary  # pytest imports test modules by their base name
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [shlex.split(line) for line in readme.splitlines()
+                if line.startswith("grpcurl ") and '"filters"' in line]
+    assert len(commands) >= 2
+    for argv in commands:
+        run = subprocess.run([grpcurl_binary(), *argv[1:-2], client.address, argv[-1]], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, f"{argv}: {run.stderr}"
+        request = json_format.Parse(argv[argv.index("-d") + 1], pb.SearchRequest())
+        assert [int(r["id"]) for r in json.loads(run.stdout)["results"]] == [h.id for h in client.search(request)]
