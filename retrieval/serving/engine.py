@@ -215,7 +215,8 @@ class Engine:
         """One page of a search's ranking, its version and the next page's token ("" after the last):
         `retrieval.serving.pages`. The ranking is k deep when k is set (0: the server's max_k), and
         never deeper than the items that can match."""
-        self.checks.check_k(page.size)
+        if not 0 < page.size <= self.limits.max_k:
+            raise InvalidInputError(f"page_size must be between 1 and {self.limits.max_k}, got {page.size}")
         depth = self.checks.check_k(k) if k else self.limits.max_k
         target = self.checks.validate(query, target, depth, min_score, source)
         live = self.live()

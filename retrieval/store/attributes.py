@@ -144,5 +144,5 @@ def matching_ids(db: sqlite3.Connection, modality: str, conditions: tuple[Condit
         params += [modality, cond.field, *args]
     if not queries:
         raise InvalidInputError("no filter to apply")
-    rows = db.execute(" INTERSECT ".join(queries) + " ORDER BY id", params).fetchall()
-    return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    rows = db.execute(" INTERSECT ".join(queries), params).fetchall()
+    return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))

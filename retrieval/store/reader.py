@@ -8,6 +8,7 @@ added each item's bias (`retrieval.store.vectors`).
 """
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Collection
 from pathlib import Path
@@ -31,6 +32,8 @@ class IndexVersion:
         self.path, self.name, self.manifest, self.indexes = path, path.name, manifest, indexes
         self.dim = manifest.dim
         self._db = sqlite3.connect(f"file:{plain_file(path, META)}?mode=ro", uri=True, check_same_thread=False)
+        # the ids of recent filters: a page, and a repeated filter, cost no SQL (at most 16 arrays of ids)
+        self.matching = functools.lru_cache(maxsize=16)(self._matching)
 
     @classmethod
     def open(cls, root: str | Path, version: str | None = None, verify: bool = True) -> "IndexVersion":
@@ -120,9 +123,12 @@ class IndexVersion:
     def filter_fields(self) -> dict[str, attributes.FieldType]:
         return self.manifest.filter_fields
 
-    def matching(self, modality: Modality, conditions: tuple[attributes.Condition, ...]) -> np.ndarray:
-        """Sorted ids of `modality` items every condition holds for (InvalidInputError naming a bad one)."""
-        return attributes.matching_ids(self._db, modality, conditions, self.filter_fields)
+    def _matching(self, modality: Modality, conditions: tuple[attributes.Condition, ...]) -> np.ndarray:
+        """Sorted ids of `modality` items every condition holds for (InvalidInputError naming a bad
+        one); read-only, as `matching` caches them."""
+        ids = attributes.matching_ids(self._db, modality, conditions, self.filter_fields)
+        ids.flags.writeable = False
+        return ids
 
     def metadata(self, modality: Modality, ids: np.ndarray | list[int]) -> list[dict | None]:
         """Rows for ids, in order (None for -1 or unknown ids)."""

@@ -26,14 +26,18 @@ def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
 
 def restricted_to(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParameters:
     """Search parameters that keep only `allowed` ids, of the type the wrapped index expects
-    (IVF and HNSW reject the generic type), carrying its nprobe / efSearch."""
+    (IVF and HNSW reject the generic type), carrying its nprobe, and its efSearch divided by the
+    share of ids allowed (an HNSW walk passes over the others: its candidate list must hold as many
+    allowed ones as an unfiltered walk would)."""
     sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+        share = len(allowed) / max(1, index.ntotal)
+        ef = int(min(index.ntotal, inner.hnsw.efSearch / max(share, 1e-9)))
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef, inner.hnsw.efSearch))
     return faiss.SearchParameters(sel=sel)
 
 
