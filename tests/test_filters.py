@@ -292,3 +292,37 @@ def test_readme_filter_grpcurl_examples_work(client):
         assert run.returncode == 0, f"{argv}: {run.stderr}"
         request = json_format.Parse(argv[argv.index("-d") + 1], pb.SearchRequest())
         assert [int(r["id"]) for r in json.loads(run.stdout)["results"]] == [h.id for h in client.search(request)]
+
+
+@pytest.mark.parametrize("percent", [1, 10, 100])
+def test_search_within_an_hnsw_index_finds_the_matching_top_k(percent):
+    """On an approximate index: exact below 5% of the gallery, the IDSelector walk (efSearch scaled by
+    the share allowed) above; k results whenever k match, and the exact top k (a recall floor above)."""
+    import faiss
+
+    from retrieval.store.vectors import search_within, with_bias
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((4000, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = rng.choice(1 << 62, size=len(vecs), replace=False).astype(np.int64)
+    index = faiss.IndexIDMap2(faiss.index_factory(33, "HNSW16,Flat", faiss.METRIC_INNER_PRODUCT))
+    index.add_with_ids(with_bias(vecs, np.zeros(len(vecs), np.float32)), ids)
+    faiss.downcast_index(index.index).hnsw.efSearch = 64
+    allowed = np.sort(ids[:: 100 // percent])
+    rows = query_rows(vecs[rng.integers(0, len(vecs), 20)] + 0.3, cross_modal=False)
+    _, found = search_within(index, rows, 10, allowed)
+    assert found.shape == (20, 10) and np.isin(found, allowed).all()
+    mask = np.isin(ids, allowed)
+    truth = ids[mask][np.argsort(-(vecs[mask] @ rows[:, :-1].T).T, axis=1)[:, :10]]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())])
+    assert recall == 1.0 if percent == 1 else recall >= 0.9, recall
+
+
+def test_column_types_are_inferred_from_every_value():
+    from retrieval.store.attributes import infer_type
+
+    assert infer_type(["1", "2.5", "", "-3e2"]) == "number"
+    assert infer_type(["2012-05-01", "2012-05-01T10:00:00+02:00", ""]) == "date"
+    assert infer_type(["2012-05-01", "7"]) == "string" and infer_type(["nan"]) == "string"
+    assert infer_type([]) == "string"
