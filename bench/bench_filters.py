@@ -189,8 +189,8 @@ def report(r: dict) -> str:
         g = r[key]
         variants = [v for v in ("filtered", "selector_only") if v in g["1%"]]
         lines += [f"## {g['gallery']}: {g['items']:,} items, {g['queries']} queries", "",
-                  "| selectivity | matching | SQL ms | " + " | ".join(f"{v} search ms | {v} recall@10 (min)" for v in variants)
-                  + " | unfiltered ms |", "|---" * (3 + 2 * len(variants) + 1) + "|"]
+                  "| selectivity | matching | SQL ms | "
+                  + " | ".join(f"{v} search ms | {v} recall@10 (min)" for v in variants) + " | unfiltered ms |", "|---" * (3 + 2 * len(variants) + 1) + "|"]
         for p in SELECTIVITY:
             e = g[f"{p}%"]
             cells = [f"{e[v]['median_ms']:.3f} | {e[v]['recall_at_10']:.4f} ({e[v]['min_recall_at_10']:.2f})"
