@@ -30,6 +30,7 @@ from retrieval.embedding.querybank import QueryBank, querybank_of
 from retrieval.sphere import is_unit_norm
 
 from index_builder import faiss_index
+from index_builder.attributes import assemble
 from index_builder.encode import ShardStore, encode_images, encode_texts
 from retrieval.store.schema import read_hashes, same_metadata, write_metadata
 from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
@@ -45,6 +46,7 @@ class BuildConfig:
     out: str
     images: str | None = None
     captions: str | None = None
+    attributes: str | None = None
     dataset: str | None = None
     split: str | None = None
     uri_prefix: str = ""
@@ -213,10 +215,12 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
             image = by_key[t.image_key] if t.image_key else None
             yield t, (image.id if image else None), (image.uri if image else t.image_ref)
 
+    attrs, attr_skipped = assemble(kept_img, texts, coll.text_attrs, cfg.attributes)
+    skipped += attr_skipped
     factory_of = {m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n))
                   for m, n in (("image", len(kept_img)), ("text", len(texts)))}
     if base is not None and base.manifest.raw.get("index_factory") == factory_of \
-            and same_metadata(base.path / META, kept_img, text_rows()):
+            and same_metadata(base.path / META, kept_img, text_rows(), attrs.rows()):
         shutil.rmtree(work, ignore_errors=True)
         log.info("the index is up to date: %s already holds these %d image(s) and %d caption(s); nothing published",
                  base.name, len(kept_img), len(texts))
@@ -245,7 +249,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
         factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
         del index
-    write_metadata(tmp / META, kept_img, text_rows())
+    write_metadata(tmp / META, kept_img, text_rows(), attrs.rows())
     model_files = _copy_model_file(cfg.model, tmp)
     counts["skipped"] = len(skipped)
     manifest = {
@@ -258,6 +262,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "querybank": bank.info(),
         "num_images": len(kept_img),
         "num_texts": len(texts),
+        "filter_fields": attrs.fields,
         "index_factory": factories,
         "index_type": types,
         "recall_at_10": {m: r["recall_at_10"] for m, r in recalls.items()},

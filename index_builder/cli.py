@@ -21,6 +21,9 @@ BUILD_HELP = {
     "out": "index root: versions go to OUT/vNNNN, OUT/CURRENT names the live one",
     "images": "folder of images, searched recursively (JPEG, PNG, WebP, GIF first frame, BMP)",
     "captions": "captions file: CSV/TSV with a header or JSONL; columns text|caption, optional image, optional id",
+    "attributes": "per-image attributes file (CSV/TSV or JSONL): an image column (its path as the collection names "
+                  "it) and attribute columns a search may filter on; the captions file's extra columns are "
+                  "attributes too (README: Filters)",
     "dataset": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
     "split": "with --dataset: index only this split's images; all images when absent",
     "uri_prefix": "what results call an image: this prefix + its path relative to the image folder (the "

@@ -8,6 +8,9 @@ folders, turned into items with stable int64 ids and content hashes.
   that same pair), so unchanged captions keep their ids; its `sha256` is the hash of its text.
 - ids are the first 63 bits of sha256(kind, key): deterministic, never -1 (FAISS's "no result").
 
+Every other column of a captions file (CSV/TSV header or JSONL key) is an attribute of its caption
+(`index_builder.attributes`); empty values are absent.
+
 Structural problems (missing folder, unknown format, nothing to index) raise DatasetError;
 item-level problems (a line without text, a file that is not an image, a caption naming an image
 that is not in the collection) are skipped with a reason, and a skipped item is not indexed.
@@ -76,6 +79,7 @@ class Collection:
     texts: list[TextItem]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (item, reason)
     sources: dict = field(default_factory=dict)                    # what was read, for the manifest
+    text_attrs: dict[int, dict[str, str]] = field(default_factory=dict)   # caption id -> its extra columns
 
 
 def _is_hidden(name: str) -> bool:
@@ -108,8 +112,23 @@ def _pick(columns: list[str], wanted: tuple[str, ...]) -> str | None:
     return next((lowered[w] for w in wanted if w in lowered), None)
 
 
+KNOWN_COLUMNS = {*TEXT_COLUMNS, *IMAGE_COLUMNS, *ID_COLUMNS}
+
+
+def extra_columns(row: dict) -> dict[str, str]:
+    """A row's columns other than the known ones, as non-empty strings (its attributes)."""
+    out = {}
+    for name, value in row.items():
+        if not isinstance(name, str) or name.strip().lower() in KNOWN_COLUMNS or value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value).strip()
+        if text and not isinstance(value, (dict, list)):
+            out[name.strip()] = text
+    return out
+
+
 def read_captions_file(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Rows {text, image, id} from a CSV (with a header) or JSONL file; bad rows are skipped."""
+    """Rows {text, image, id, attrs} from a CSV (with a header) or JSONL file; bad rows are skipped."""
     if not path.is_file():
         raise DatasetError(f"captions file '{path}' does not exist")
     rows: list[dict] = []
@@ -125,7 +144,8 @@ def read_captions_file(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
             image_col, id_col = _pick(cols, IMAGE_COLUMNS), _pick(cols, ID_COLUMNS)
             for line, row in enumerate(reader, start=2):
                 rows.append({"where": f"{path.name}:{line}", "text": row.get(text_col),
-                             "image": row.get(image_col) if image_col else None, "id": row.get(id_col) if id_col else None})
+                             "image": row.get(image_col) if image_col else None,
+                             "id": row.get(id_col) if id_col else None, "attrs": extra_columns(row)})
     elif suffix in (".jsonl", ".ndjson", ".json"):
         with path.open(encoding="utf-8") as f:
             for line, raw in enumerate(f, start=1):
@@ -143,7 +163,8 @@ def read_captions_file(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
                 keys = list(obj)
                 text_k, image_k, id_k = _pick(keys, TEXT_COLUMNS), _pick(keys, IMAGE_COLUMNS), _pick(keys, ID_COLUMNS)
                 rows.append({"where": where, "text": obj.get(text_k) if text_k else None,
-                             "image": obj.get(image_k) if image_k else None, "id": obj.get(id_k) if id_k else None})
+                             "image": obj.get(image_k) if image_k else None, "id": obj.get(id_k) if id_k else None,
+                             "attrs": extra_columns(obj)})
     else:
         raise DatasetError(f"captions file '{path}' must be .csv, .tsv or .jsonl (got '{suffix or 'no suffix'}')")
     good = []
@@ -201,8 +222,10 @@ def _hash_images(paths: dict[str, Path], progress: bool,
     return items, skipped
 
 
-def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]]) -> list[TextItem]:
-    """Caption items of `rows`; `resolve(ref)` gives (image key or None, why the caption is skipped or None)."""
+def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]],
+                attrs: dict[int, dict[str, str]]) -> list[TextItem]:
+    """Caption items of `rows`, their attributes into `attrs`; `resolve(ref)` gives (image key or None,
+    why the caption is skipped or None)."""
     keys, texts = _TextKeys(), []
     for row in rows:
         image_key, problem = resolve(row["image"]) if row["image"] else (None, None)
@@ -215,6 +238,8 @@ def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]]) -> li
             continue
         texts.append(TextItem(stable_id("text", key), key, row["text"], text_sha256(row["text"]),
                               image_key, row["image"]))
+        if row.get("attrs"):
+            attrs[texts[-1].id] = row["attrs"]
     return texts
 
 
@@ -264,12 +289,13 @@ def from_files(images_dir: Path | None, captions: Path | None, progress: bool = 
             return None, f"its image '{ref}' is not in the collection"
         return key, None
 
-    texts = _make_texts(rows, resolve, skipped)
+    text_attrs: dict[int, dict[str, str]] = {}
+    texts = _make_texts(rows, resolve, skipped, text_attrs)
     images, hash_skipped = _hash_images(found, progress, uri_prefix)
     skipped += hash_skipped
     sources = {"images": str(images_dir.resolve()) if images_dir else None,
                "captions": str(captions.resolve()) if captions else None}
-    return Collection(images, texts, skipped, sources)
+    return Collection(images, texts, skipped, sources, text_attrs)
 
 
 def collect(images: str | None = None, captions: str | None = None, dataset: str | None = None,

@@ -42,6 +42,10 @@ class IndexFormatError(IndexCorruptError):
     """A published index version was written in another format (by another version of the builder)."""
 
 
+class StalePageTokenError(RetrievalError):
+    """A page token names an index version the server no longer serves: its ranking is gone."""
+
+
 class FingerprintMismatchError(RetrievalError):
     """The model loaded does not match the one the index was built with."""
 

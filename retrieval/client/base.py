@@ -70,13 +70,16 @@ def composed_query(terms: Sequence[TermValue], combine: str = "geodesic") -> pb.
 def search_request(text: str | None = None, image: bytes | str | Path | None = None, embedding=None,
                    target: str | None = None, k: int = 10, min_score: float | None = None,
                    embedding_modality: str | None = None, *, item: ItemRef | None = None,
+                   filters: Sequence[pb.Filter] = (), page_size: int = 0, page_token: str = "",
                    terms: Sequence[TermValue] | None = None, combine: str = "geodesic",
                    max_angle_deg: float | None = None, diversity: float | None = None,
                    dedup_angle_deg: float | None = None) -> pb.SearchRequest:
     """One query: exactly one of text, image (bytes or a path), embedding, item (more like this) or
     terms (a composed query, see `composed_query`); `embedding_modality` ("text" or "image", what the
     embedding encodes) makes it rank as that query would. `max_angle_deg`: a spherical cap;
-    `diversity`: MMR's lambda in [0, 1]; `dedup_angle_deg`: drop near-duplicates of better results."""
+    `diversity`: MMR's lambda in [0, 1]; `dedup_angle_deg`: drop near-duplicates of better results. `filters` (`retrieval.client.filters`)
+    must all hold; `page_size` asks for pages (k then bounds the whole ranking, 0 for the server's
+    maximum), `page_token` for the page after the one that gave it."""
     if sum(x is not None for x in (text, image, embedding, item, terms)) != 1:
         raise ValueError("give exactly one of text, image, embedding, item or terms")
     if terms is not None:
@@ -85,7 +88,8 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
         query = query_message(image if isinstance(image, (bytes, bytearray)) else Path(image))
     else:
         query = query_message(next(x for x in (text, item, embedding) if x is not None), embedding_modality)
-    req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k)
+    req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k, filters=list(filters), page_size=page_size,
+                           page_token=page_token)
     for name, value in (("min_score", min_score), ("max_angle_deg", max_angle_deg), ("diversity", diversity),
                         ("dedup_angle_deg", dedup_angle_deg)):
         if value is not None:
@@ -146,6 +150,10 @@ class ClientBase:
     @staticmethod
     def _search_call(request: pb.SearchRequest) -> Call:
         return Call("Search", request, hits_of)
+
+    @staticmethod
+    def _search_page_call(request: pb.SearchRequest) -> Call:
+        return Call("Search", request, lambda resp: (hits_of(resp), resp.next_page_token))
 
     @staticmethod
     def _batch_search_call(requests: Sequence[pb.SearchRequest]) -> Call:

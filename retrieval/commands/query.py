@@ -9,8 +9,9 @@ import sys
 
 import grpc
 
-from retrieval.client import DEFAULT_ADDRESS, RetrievalClient
-from retrieval.hits import Hit
+from retrieval.client import DEFAULT_ADDRESS, RetrievalClient, search_request
+from retrieval.client import filters as F
+from retrieval.hits import Hit, ItemRef
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,11 +42,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--diversity", type=float, default=None, help="MMR re-ranking in [0, 1] (0: relevance alone)")
     p.add_argument("--dedup-angle", type=float, default=None,
                    help="drop results within this many degrees of a better one")
+    p.add_argument("--filter", dest="filters", action="append", default=[], type=_filter, metavar="EXPR",
+                   help="only items whose stored attribute matches (repeatable, all must hold): field=value, "
+                        "field=a|b|c, field>=low, field<=high, field=low..high; a value is a number or an ISO date "
+                        "when it parses as one, \"quoted\" to force a string")
+    p.add_argument("--page-size", type=int, default=0, help="results per page (then --k bounds the whole ranking, "
+                                                            "0 for the server's maximum); prints the next page's token")
+    p.add_argument("--page-token", default="", help="the token a previous page printed: its next page")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--token", default=os.environ.get("RETRIEVAL_TOKEN"), help="bearer token [env RETRIEVAL_TOKEN]")
     p.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect over TLS")
     p.set_defaults(func=run)
+
+
+def _filter(text: str):
+    try:
+        return F.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_results(results: list[Hit]) -> str:
@@ -83,20 +98,25 @@ def run(args: argparse.Namespace) -> int:
                 _walk(client, args)
                 return 0
             if args.like is not None:
-                results = client.more_like_this(args.like, args.gallery, k=args.k, target=args.target, **options)
+                query: dict = {"item": ItemRef(args.like, args.gallery)}
             elif len(texts) > 1 or weights or args.minus:
                 terms = [(t, weights[i] if i < len(weights) else 1.0) for i, t in enumerate(texts)]
-                results = client.search_composed(terms + [(t, -1.0) for t in args.minus], target=args.target,
-                                                 k=args.k, combine=args.combine, **options)
+                query = {"terms": terms + [(t, -1.0) for t in args.minus], "combine": args.combine}
             elif texts:
-                results = client.search_text(texts[0], k=args.k, target=args.target, **options)
+                query = {"text": texts[0]}
             else:
                 try:
-                    data = open(args.image, "rb").read()
+                    query = {"image": open(args.image, "rb").read()}
                 except OSError as e:
                     print(f"retrieval query: error: cannot read {args.image}: {e.strerror}", file=sys.stderr)
                     return 2
-                results = client.search_image(data, k=args.k, target=args.target, **options)
+            request = search_request(**query, k=args.k, target=args.target, filters=args.filters,
+                                     page_size=args.page_size, page_token=args.page_token, **options)
+            if args.page_size or args.page_token:
+                results, token = client.search_page(request)
+                print(f"next page: --page-token {token}" if token else "(last page)", file=sys.stderr)
+            else:
+                results = client.search(request)
     except grpc.RpcError as e:
         print(f"retrieval query: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

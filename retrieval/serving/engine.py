@@ -34,6 +34,8 @@ from retrieval.serving.queries import NO_OPTIONS, Options, Point, resolve
 from retrieval.serving.ranking import lookup
 from retrieval.serving.validation import Query, QueryInput, Validator
 from retrieval.sphere.compose import walk_points
+from retrieval.serving.pages import PageRequest, next_token, page_window
+from retrieval.store.attributes import Condition
 from retrieval.store.layout import CHECKPOINT_SUFFIX, list_versions, read_current, version_signature
 from retrieval.store.reader import IndexVersion
 
@@ -200,14 +202,44 @@ class Engine:
 
     async def search(self, query: QueryInput, target: Modality | None = None, k: int = 10,
                      min_score: float | None = None, source: Modality | None = None,
-                     alive: Alive | None = None, options: Options = NO_OPTIONS) -> tuple[list[Hit], str]:
+                     alive: Alive | None = None, options: Options = NO_OPTIONS,
+                     conditions: tuple[Condition, ...] = ()) -> tuple[list[Hit], str]:
         """Top-k hits of `target` for one query and the index version that answered. `source` is
         what a raw embedding encodes, if known (texts and image bytes are known). `options`: a cap,
-        diversity, dedup (`retrieval.serving.queries`). `alive`: see the module's docstring."""
+        diversity, dedup (`retrieval.serving.queries`). `conditions`: only items they all hold for
+        are searched (`_allowed`). `alive`: see the module's docstring."""
         target = self.checks.validate(query, target, k, min_score, source, options)
         live = self.live()
+        allowed = await self._allowed(live, target, conditions)
         await self.check_reply(live.index, [(target, k)])
-        return await self._search(live, query, target, k, min_score, source, options, alive)
+        return await self._search(live, query, target, k, min_score, source, options, alive, allowed)
+
+    async def search_page(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
+                          source: Modality | None, page: PageRequest, alive: Alive | None = None,
+                          conditions: tuple[Condition, ...] = (),
+                          options: Options = NO_OPTIONS) -> tuple[list[Hit], str, str]:
+        """One page of a search's ranking, its version and the next page's token ("" after the last):
+        `retrieval.serving.pages`. The ranking is k deep when k is set (0: the server's max_k), and
+        never deeper than the items that can match."""
+        if not 0 < page.size <= self.limits.max_k:
+            raise InvalidInputError(f"page_size must be between 1 and {self.limits.max_k}, got {page.size}")
+        depth = self.checks.check_k(k) if k else self.limits.max_k
+        target = self.checks.validate(query, target, depth, min_score, source, options)
+        live = self.live()
+        allowed = await self._allowed(live, target, conditions)
+        depth = min(depth, live.index.count(target) if allowed is None else len(allowed))
+        offset, fetch = page_window(page, live.index.name, max(depth, 1))
+        await self.check_reply(live.index, [(target, page.size)])
+        hits, version = await self._search(live, query, target, fetch, min_score, source, options, alive, allowed)
+        hits = hits[offset:]
+        return hits, version, next_token(page, version, len(hits), offset, fetch, depth)
+
+    async def _allowed(self, live: Live, target: Modality, conditions: tuple[Condition, ...]) -> np.ndarray | None:
+        """The ids a filtered search may return (checked against the version's fields before any
+        encoding), or None without filters."""
+        if not conditions:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self.executor, live.index.matching, target, conditions)
 
     async def search_many(self, queries: list[Query], alive: Alive | None = None) -> list[tuple[list[Hit], str]]:
         """Several searches against one index version. All are validated, and the reply's size
@@ -243,18 +275,19 @@ class Engine:
         return point
 
     async def _rank(self, live: Live, point: Point, target: Modality, k: int, min_score: float | None,
-                    options: Options) -> list[Hit]:
+                    options: Options, allowed: np.ndarray | None = None) -> list[Hit]:
         # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
         # and queries of unknown modality by the plain cosine
         cross_modal = point.modality is not None and point.modality != target
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, lookup, live.index, target, point, k, min_score, cross_modal, options,
-            self.limits.rerank_pool)
+            self.limits.rerank_pool, allowed)
 
     async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
-                      source: Modality | None, options: Options, alive: Alive | None) -> tuple[list[Hit], str]:
+                      source: Modality | None, options: Options, alive: Alive | None,
+                      allowed: np.ndarray | None = None) -> tuple[list[Hit], str]:
         point = await self._resolve(live, query, source, alive)
-        return await self._rank(live, point, target, k, min_score, options), live.index.name
+        return await self._rank(live, point, target, k, min_score, options, allowed), live.index.name
 
     async def walk(self, start: tuple[QueryInput, Modality | None], end: tuple[QueryInput, Modality | None],
                    target: Modality | None, steps: int, k: int,
@@ -293,7 +326,7 @@ class Engine:
         idx = live.index
         return {"version": idx.name, "model": idx.model, "model_fingerprint": idx.fingerprint, "dim": idx.dim,
                 "image_count": idx.count("image"), "text_count": idx.count("text"),
-                "available_versions": list_versions(self.root),
+                "available_versions": list_versions(self.root), "filter_fields": sorted(idx.filter_fields),
                 "rejected_version": self._rejected[0] if self._rejected else "",
                 "rejected_reason": self._rejected[2] if self._rejected else ""}
 

@@ -19,27 +19,38 @@ from retrieval.store.reader import IndexVersion
 
 
 def candidates(index: IndexVersion, target: Modality, point: Point, want: int, cross_modal: bool,
-               max_angle_deg: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `want` (cosines, ids) best first by the search's ranking, excluded ids left out."""
+               max_angle_deg: float | None, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `want` (cosines, ids) best first by the search's ranking, excluded ids left out, and
+    only `allowed` ids when given (a filter's matches: searched inside FAISS, or, for a cap, the
+    cap's exact set intersected with them)."""
     exclude = np.fromiter(point.exclude.get(target, ()), np.int64)
+    if allowed is not None:
+        allowed = allowed[~np.isin(allowed, exclude)]
+        if len(allowed) == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
     if max_angle_deg is not None:
         floor = float(np.cos(np.radians(max_angle_deg)))
         cos, ids = index.within(target, point.vector, floor - 1e-6)
         keep = in_cap(cos, max_angle_deg) & ~np.isin(ids, exclude)
+        if allowed is not None:
+            keep &= np.isin(ids, allowed)
         cos, ids = cos[keep], ids[keep].astype(np.int64)
         rank = cos + index.rows(target, ids)[:, index.dim] if cross_modal and len(ids) else cos
         order = np.lexsort((ids, -rank))[:want]  # best first, ties by id
         return cos[order], ids[order]
+    if allowed is not None:
+        scores, ids = index.search(target, point.vector[None, :], want, cross_modal=cross_modal, allowed=allowed)
+        return scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
     scores, ids = index.search(target, point.vector[None, :], want + len(exclude), cross_modal=cross_modal)
     keep = (ids[0] >= 0) & ~np.isin(ids[0], exclude)
     return scores[0][keep][:want], ids[0][keep][:want]
 
 
 def lookup(index: IndexVersion, target: Modality, point: Point, k: int, min_score: float | None,
-           cross_modal: bool, options: Options, pool: int) -> list[Hit]:
-    """The hits of one resolved query (see the module's docstring)."""
+           cross_modal: bool, options: Options, pool: int, allowed: np.ndarray | None = None) -> list[Hit]:
+    """The hits of one resolved query (see the module's docstring); `allowed`: see `candidates`."""
     cos, ids = candidates(index, target, point, max(pool, k) if options.reranks else k, cross_modal,
-                          options.max_angle_deg)
+                          options.max_angle_deg, allowed)
     if options.reranks and len(ids):
         rows = index.rows(target, ids)
         relevance = cos + rows[:, index.dim] if cross_modal else cos

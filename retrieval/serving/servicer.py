@@ -20,6 +20,7 @@ from retrieval.serving.engine import Engine
 from retrieval.serving.queries import Composed, ItemRef, Options, Term
 from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
+from retrieval.serving.filtering import conditions, page_request
 from retrieval.serving.status import cancelled_status, status_for
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["RetrievalService"]
@@ -136,7 +137,13 @@ class RetrievalServicer:
     @_rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         *args, options = _query_args(request)
-        hits, version = await self.engine.search(*args, alive=_alive(context), options=options)
+        where, page = conditions(request.filters), page_request(request)
+        if page is not None:
+            hits, version, token = await self.engine.search_page(*args, page, _alive(context), where, options)
+            response = _response(hits, version)
+            response.next_page_token = token
+            return response
+        hits, version = await self.engine.search(*args, alive=_alive(context), options=options, conditions=where)
         return _response(hits, version)
 
     @_rpc
@@ -149,6 +156,8 @@ class RetrievalServicer:
         queries = []
         for i, r in enumerate(request.requests):
             try:
+                if len(r.filters) or r.page_size or r.page_token:
+                    raise InvalidInputError("filters and pages are served by Search, not BatchSearch")
                 queries.append(_query_args(r))
             except InvalidInputError as e:
                 raise BatchItemError(i, e) from e

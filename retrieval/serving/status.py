@@ -14,7 +14,7 @@ import grpc
 
 from retrieval.errors import (BatchItemError, DeadlineExceededError, FingerprintMismatchError, IndexCorruptError,
                               IndexUnavailableError, InvalidInputError, ModelError, NotFoundError,
-                              RetrievalError, UnauthenticatedError)
+                              RetrievalError, StalePageTokenError, UnauthenticatedError)
 from retrieval.store.layout import VERSION_RE
 
 log = logging.getLogger("retrieval.serving.server")
@@ -27,10 +27,12 @@ STATUS_FOR: dict[type[RetrievalError], grpc.StatusCode] = {
     IndexCorruptError: grpc.StatusCode.FAILED_PRECONDITION,
     FingerprintMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
+    StalePageTokenError: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 # not logged
 CLIENT_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
+QUIET = (StalePageTokenError,)  # FAILED_PRECONDITION of a client's own making: not logged either
 
 INTERNAL_MESSAGE = "internal server error (details are in the server log)"
 
@@ -43,7 +45,7 @@ def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, s
         return code, f"requests[{exc.position}]: {message}"
     for cls in type(exc).__mro__:
         if cls in STATUS_FOR:
-            if STATUS_FOR[cls] not in CLIENT_ERRORS:
+            if STATUS_FOR[cls] not in CLIENT_ERRORS and not isinstance(exc, QUIET):
                 log.warning("%s: %s: %s", method, type(exc).__name__, exc)
             return STATUS_FOR[cls], client_message(str(exc))
     if isinstance(exc, RetrievalError):

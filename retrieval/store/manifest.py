@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from retrieval.errors import IndexCorruptError, IndexFormatError
+from retrieval.store.attributes import FIELD_TYPES, FieldType
 from retrieval.store.layout import FORMAT, MANIFEST, is_plain_name
 
 
@@ -19,6 +20,7 @@ class Manifest:
     dim: int
     files: dict[str, str]   # plain file name -> sha256
     raw: dict[str, Any]
+    filter_fields: dict[str, FieldType] = field(default_factory=dict)   # stored attributes: name -> type
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
@@ -41,7 +43,13 @@ class Manifest:
             if not is_plain_name(name) or not isinstance(digest, str):
                 raise IndexCorruptError(f"{where}: field 'files' must map plain file names in the version directory "
                                         f"to sha256 strings; {name!r}: {digest!r} is not one")
-        return cls(fmt, _field(doc, "model", str, where), _field(doc, "fingerprint", str, where), dim, files, doc)
+        fields = doc.get("filter_fields", {})
+        if not isinstance(fields, dict) or not all(isinstance(k, str) and k and v in FIELD_TYPES
+                                                   for k, v in fields.items()):
+            raise IndexCorruptError(f"{where}: field 'filter_fields' must map attribute names to one of "
+                                    f"{', '.join(FIELD_TYPES)}")
+        return cls(fmt, _field(doc, "model", str, where), _field(doc, "fingerprint", str, where), dim, files, doc,
+                   dict(fields))
 
 
 _TYPE_NAMES = {str: "a non-empty string", int: "an integer", dict: "an object"}

@@ -8,6 +8,7 @@ added each item's bias (`retrieval.store.vectors`).
 """
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Collection
 from pathlib import Path
@@ -17,11 +18,11 @@ import numpy as np
 
 from retrieval.errors import IndexCorruptError, IndexUnavailableError, InvalidInputError
 from retrieval.hits import Modality
-from retrieval.store import schema
+from retrieval.store import attributes, schema
 from retrieval.store.layout import (CHECKPOINT_SUFFIX, CURRENT, INDEX_FILES, MANIFEST, META, is_checkpoint_name,
                                     is_plain_name, open_plain, plain_file, read_current, sha256_file, version_dir)
 from retrieval.store.manifest import Manifest
-from retrieval.store.vectors import query_rows, reconstruct, restricted_to
+from retrieval.store.vectors import query_rows, reconstruct, search_within
 
 
 class IndexVersion:
@@ -31,6 +32,8 @@ class IndexVersion:
         self.path, self.name, self.manifest, self.indexes = path, path.name, manifest, indexes
         self.dim = manifest.dim
         self._db = sqlite3.connect(f"file:{plain_file(path, META)}?mode=ro", uri=True, check_same_thread=False)
+        # the ids of recent filters: a page, and a repeated filter, cost no SQL (at most 16 arrays of ids)
+        self.matching = functools.lru_cache(maxsize=16)(self._matching)
 
     @classmethod
     def open(cls, root: str | Path, version: str | None = None, verify: bool = True) -> "IndexVersion":
@@ -98,16 +101,19 @@ class IndexVersion:
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of `modality` for unit query rows (B, D): (cosines (B, k), ids (B, k)); id -1 pads
         when fewer than k items exist. `cross_modal` ranks by cosine + the inverted softmax's bias
-        (queries of the other modality); `allowed` restricts the search to those ids.
-        Thread-safe (FAISS search and reconstruction are read-only)."""
+        (queries of the other modality); `allowed` restricts the search to those ids (`search_within`:
+        min(k, len(allowed)) results). Thread-safe (FAISS search and reconstruction are read-only)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InvalidInputError(f"query vectors must have shape (B, {self.dim}), got {queries.shape}")
         if k <= 0:
             raise InvalidInputError(f"k must be positive, got {k}")
         index = self.indexes[modality]
-        params = None if allowed is None else restricted_to(index, allowed)
-        scores, ids = index.search(query_rows(queries, cross_modal), min(k, max(1, self.count(modality))), params=params)
+        rows = query_rows(queries, cross_modal)
+        if allowed is None:
+            scores, ids = index.search(rows, min(k, max(1, self.count(modality))))
+        else:
+            scores, ids = search_within(index, rows, k, allowed)
         if cross_modal:
             found = ids >= 0
             scores[found] -= reconstruct(index, ids[found])[:, self.dim]   # back to the cosine
@@ -128,6 +134,17 @@ class IndexVersion:
         row = query_rows(np.asarray(query, np.float32)[None], cross_modal=False)
         _, cosines, ids = self.indexes[modality].range_search(row, float(min_cosine))
         return cosines, ids
+
+    @property
+    def filter_fields(self) -> dict[str, attributes.FieldType]:
+        return self.manifest.filter_fields
+
+    def _matching(self, modality: Modality, conditions: tuple[attributes.Condition, ...]) -> np.ndarray:
+        """Sorted ids of `modality` items every condition holds for (InvalidInputError naming a bad
+        one); read-only, as `matching` caches them."""
+        ids = attributes.matching_ids(self._db, modality, conditions, self.filter_fields)
+        ids.flags.writeable = False
+        return ids
 
     def metadata(self, modality: Modality, ids: np.ndarray | list[int]) -> list[dict | None]:
         """Rows for ids, in order (None for -1 or unknown ids)."""

@@ -1,5 +1,8 @@
 """The metadata database of a version (`meta.sqlite`): its schema, written by the builder and read by
-`IndexVersion`: `images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`."""
+`IndexVersion`: `images(id, uri, sha256)`, `texts(id, caption, image_id, image_uri, sha256)` and the items' stored
+attributes, one row per item and field, `attributes(modality, id, field, str_value, num_value)`
+(strings in str_value; numbers and dates, as POSIX seconds, in num_value: `retrieval.store.attributes`),
+indexed for filters by (modality, field, value)."""
 from __future__ import annotations
 
 import sqlite3
@@ -29,7 +32,12 @@ SCHEMA = """
 CREATE TABLE images (id INTEGER PRIMARY KEY, uri TEXT NOT NULL, sha256 TEXT NOT NULL);
 CREATE TABLE texts (id INTEGER PRIMARY KEY, caption TEXT NOT NULL, image_id INTEGER, image_uri TEXT, sha256 TEXT NOT NULL);
 CREATE INDEX texts_image_id ON texts (image_id);
+CREATE TABLE attributes (modality TEXT NOT NULL, id INTEGER NOT NULL, field TEXT NOT NULL, str_value TEXT,
+                         num_value REAL);
+CREATE INDEX attributes_str ON attributes (modality, field, str_value, id);
+CREATE INDEX attributes_num ON attributes (modality, field, num_value, id);
 """
+AttributeRow = tuple[str, int, str, "str | None", "float | None"]   # (modality, id, field, str_value, num_value)
 
 
 def image_rows(images: Iterable[ImageItem]) -> Iterator[tuple]:
@@ -42,26 +50,30 @@ def text_rows(texts: Iterable[tuple[TextItem, int | None, str | None]]) -> Itera
 
 
 def write_metadata(path: Path, images: Iterable[ImageItem], texts: Iterable[tuple[TextItem, int | None, str | None]],
-                   chunk: int = 10_000) -> None:
+                   attributes: Iterable[AttributeRow] = (), chunk: int = 10_000) -> None:
     """`texts` yields (item, image id or None, image uri or None)."""
     db = sqlite3.connect(path)
     try:
         db.executescript(SCHEMA)
         _insert(db, "INSERT INTO images VALUES (?, ?, ?)", image_rows(images), chunk)
         _insert(db, "INSERT INTO texts VALUES (?, ?, ?, ?, ?)", text_rows(texts), chunk)
+        _insert(db, "INSERT INTO attributes VALUES (?, ?, ?, ?, ?)", attributes, chunk)
         db.commit()
     finally:
         db.close()
 
 
-def same_metadata(path: Path, images: Iterable[ImageItem],
-                  texts: Iterable[tuple[TextItem, int | None, str | None]]) -> bool:
+def same_metadata(path: Path, images: Iterable[ImageItem], texts: Iterable[tuple[TextItem, int | None, str | None]],
+                  attributes: Iterable[AttributeRow] = ()) -> bool:
     """Whether a published version's database holds exactly these rows (what write_metadata would write)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return all(set(db.execute(f"SELECT {cols} FROM {table}")) == set(rows) for table, cols, rows in (
-            (TABLES["image"], ", ".join(COLUMNS["image"]), image_rows(images)),
-            (TABLES["text"], ", ".join(COLUMNS["text"]), text_rows(texts))))
+        has_attributes = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'attributes'").fetchone() is not None
+        stored = set(db.execute("SELECT * FROM attributes")) if has_attributes else set()
+        return stored == set(attributes) and all(
+            set(db.execute(f"SELECT {cols} FROM {table}")) == set(rows) for table, cols, rows in (
+                (TABLES["image"], ", ".join(COLUMNS["image"]), image_rows(images)),
+                (TABLES["text"], ", ".join(COLUMNS["text"]), text_rows(texts))))
     finally:
         db.close()
 

@@ -26,12 +26,58 @@ def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
 
 def restricted_to(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParameters:
     """Search parameters that keep only `allowed` ids, of the type the wrapped index expects
-    (IVF and HNSW reject the generic type), carrying its nprobe / efSearch."""
+    (IVF and HNSW reject the generic type), carrying its nprobe, and its efSearch divided by the
+    share of ids allowed (an HNSW walk passes over the others: its candidate list must hold as many
+    allowed ones as an unfiltered walk would)."""
     sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, np.int64))
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+        share = len(allowed) / max(1, index.ntotal)
+        ef = int(min(index.ntotal, inner.hnsw.efSearch / max(share, 1e-9)))
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef, inner.hnsw.efSearch))
     return faiss.SearchParameters(sel=sel)
+
+
+# Below this share of the gallery, a filtered search over an approximate index (HNSW, IVF) is an exact
+# search over the matching items' vectors: a graph walk or a few probed lists find too few of them
+# (bench/bench_filters.py measures both sides of it).
+EXACT_BELOW = 0.05
+
+
+def _is_flat(index: faiss.Index) -> bool:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    return isinstance(inner, faiss.IndexFlat)
+
+
+def exact_within(index: faiss.Index, rows: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product of (B, D+1) query rows over the stored vectors of `allowed` ids
+    only: (scores (B, k), ids (B, k)), k at most len(allowed)."""
+    allowed = np.ascontiguousarray(allowed, np.int64)
+    k = min(k, len(allowed))
+    scores = rows @ reconstruct(index, allowed).T                         # (B, n)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(allowed) else np.tile(np.arange(k), (len(rows), 1))
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return (np.take_along_axis(top_scores, order, axis=1).astype(np.float32),
+            allowed[np.take_along_axis(top, order, axis=1)])
+
+
+def search_within(index: faiss.Index, rows: np.ndarray, k: int, allowed: np.ndarray,
+                  exact_below: float = EXACT_BELOW) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among `allowed` ids only, never by fetching more and dropping: FAISS searches with an
+    IDSelector over them (exact for Flat indexes), except that an approximate index answers by exact
+    search when the allowed ids are under `exact_below` of the gallery, or when its selective search
+    found fewer than min(k, allowed) of them. So k results come back whenever k items match.
+    IDSelectorBatch (a hash set) rather than a bitmap or range: ids are 63-bit content hashes."""
+    k = min(k, len(allowed))
+    if k == 0:
+        return np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
+    if not _is_flat(index) and len(allowed) < exact_below * index.ntotal:
+        return exact_within(index, rows, k, allowed)
+    scores, ids = index.search(rows, k, params=restricted_to(index, allowed))
+    if not _is_flat(index) and (ids < 0).any():
+        return exact_within(index, rows, k, allowed)
+    return scores, ids
