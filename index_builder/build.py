@@ -32,6 +32,7 @@ from retrieval.sphere import is_unit_norm
 from index_builder import faiss_index
 from index_builder.attributes import assemble
 from index_builder.encode import ShardStore, encode_images, encode_texts
+from index_builder.geometry import version_geometry
 from retrieval.store.schema import read_hashes, same_metadata, write_metadata
 from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
 from index_builder.sources import Collection, collect, stable_id
@@ -250,6 +251,8 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
         del index
     write_metadata(tmp / META, kept_img, text_rows(), attrs.rows())
+    geometry = version_geometry(mods["image"].blocks, mods["image"].count, mods["text"].blocks, mods["text"].count,
+                                {t.id: image_id for t, image_id, _ in text_rows() if image_id is not None})
     model_files = _copy_model_file(cfg.model, tmp)
     counts["skipped"] = len(skipped)
     manifest = {
@@ -267,6 +270,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "index_type": types,
         "recall_at_10": {m: r["recall_at_10"] for m, r in recalls.items()},
         "recall": recalls,
+        "geometry": geometry,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": None,
         "sources": coll.sources,

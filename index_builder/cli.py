@@ -5,6 +5,7 @@ an index root, or garbage-collect old ones. `index-builder COMMAND --help` expla
     index-builder build --out indexes --images photos/ --captions captions.jsonl --incremental
     index-builder list indexes
     index-builder gc indexes --keep 2
+    index-builder audit indexes                  # near duplicates, mismatched captions, outliers
 """
 from __future__ import annotations
 
@@ -118,6 +119,33 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from index_builder.audit import AuditConfig, audit, render
+    from retrieval.store.reader import IndexVersion
+
+    cfg = AuditConfig(near_duplicate_angle=args.near_duplicate_angle)
+    cfg.validate()
+    version = IndexVersion.open(args.root, args.version)
+    try:
+        report = audit(version, cfg)
+    finally:
+        version.close()
+    # a version is immutable and checksummed: its audit goes beside it, under ROOT/audits/
+    default = Path(args.root) / "audits" / report["version"]
+    json_path = Path(args.json) if args.json else default.with_suffix(".json")
+    report_path = Path(args.report) if args.report else default.with_suffix(".md")
+    for path, text in ((json_path, json.dumps(report, indent=2) + "\n"), (report_path, render(report))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    c = report["counts"]
+    print(f"audited {report['version']}: {c['near_duplicate_groups']} near-duplicate group(s), "
+          f"{c['mismatched_captions']} mismatched caption(s), {c['outlier_images']} outlier image(s); "
+          f"evidence in {json_path}, report in {report_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from index_builder.build import BuildConfig
 
@@ -144,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", action="store_true", help="also remove encoded shards of unfinished builds")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_gc)
+
+    from index_builder.audit import DEFAULT_NEAR_DUPLICATE_ANGLE
+    p = sub.add_parser("audit", help="flag near-duplicate images, captions that do not fit their image and outlier "
+                                     "images of a published version, with the evidence")
+    p.add_argument("root", help="index root")
+    p.add_argument("--version", help="version to audit (default: the current one)")
+    p.add_argument("--near-duplicate-angle", type=float, default=DEFAULT_NEAR_DUPLICATE_ANGLE, metavar="DEG",
+                   help="images within this angle of each other are near duplicates (default: %(default)s, measured "
+                        "on Flickr8k: bench/results/audit.md)")
+    p.add_argument("--json", metavar="FILE", help="where the JSON evidence goes (default: ROOT/audits/VERSION.json)")
+    p.add_argument("--report", metavar="FILE", help="where the readable report goes (default: ROOT/audits/VERSION.md)")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

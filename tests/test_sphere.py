@@ -26,9 +26,9 @@ def test_angles_and_slerp():
     np.testing.assert_allclose(sphere.slerp(a, a, 0.3), a, atol=1e-6)  # tiny angle falls back to lerp
 
 
-def test_spherical_mean_of_symmetric_points_is_their_axis():
+def test_karcher_mean_of_symmetric_points_is_their_axis():
     pts = unit([[1, 1, 0], [1, -1, 0], [1, 0, 1], [1, 0, -1]])
-    np.testing.assert_allclose(sphere.spherical_mean(pts), [1, 0, 0], atol=1e-5)
+    np.testing.assert_allclose(sphere.karcher_mean(pts), [1, 0, 0], atol=1e-5)
 
 
 def test_uniformity_alignment_gap_on_known_configurations():

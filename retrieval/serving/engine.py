@@ -328,5 +328,6 @@ class Engine:
                 "image_count": idx.count("image"), "text_count": idx.count("text"),
                 "available_versions": list_versions(self.root), "filter_fields": sorted(idx.filter_fields),
                 "rejected_version": self._rejected[0] if self._rejected else "",
-                "rejected_reason": self._rejected[2] if self._rejected else ""}
+                "rejected_reason": self._rejected[2] if self._rejected else "",
+                "geometry": idx.manifest.geometry}  # None for versions built before geometry was measured
 

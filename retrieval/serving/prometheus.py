@@ -38,6 +38,10 @@ class ServerMetrics:
                                   registry=self.registry)
         self.rejected_version = Gauge("retrieval_index_rejected_version", "number of the last refused index version "
                                       "(0: none since the last swap; GetIndexInfo says why)", registry=self.registry)
+        self.geometry = Gauge("retrieval_index_geometry", "the served version's geometry as measured when it was "
+                              "built (alignment, uniformity_image, uniformity_text, modality_gap, hubness_image, "
+                              "hubness_text, ...); absent for versions built before it was measured",
+                              ["metric"], registry=self.registry)
         self._register_standard_collectors()
         self._http: ThreadingWSGIServer | None = None
 
@@ -65,6 +69,9 @@ class ServerMetrics:
             self.index_items.labels(modality).set(index.count(modality))
         self.swaps.inc()
         self.rejected_version.set(0)
+        self.geometry.clear()  # the previous version's metrics do not describe this one
+        for metric, value in (index.manifest.geometry or {}).items():
+            self.geometry.labels(metric).set(value)
 
     def observe_rejection(self, version: str, reason: str) -> None:
         self.rejections.inc()

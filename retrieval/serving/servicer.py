@@ -177,7 +177,13 @@ class RetrievalServicer:
 
     @_rpc
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context) -> pb.IndexInfo:
-        return pb.IndexInfo(**self.engine.info())
+        info = self.engine.info()
+        geometry = info.pop("geometry")
+        reply = pb.IndexInfo(**info)
+        if geometry is not None:  # left unset for a version built before the builder measured it
+            fields = pb.Geometry.DESCRIPTOR.fields_by_name
+            reply.geometry.CopyFrom(pb.Geometry(**{k: v for k, v in geometry.items() if k in fields}))
+        return reply
 
     async def Walk(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WalkStep]:
         """Streams the path's steps; an error (before or between steps) ends the stream with its

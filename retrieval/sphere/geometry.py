@@ -5,6 +5,8 @@ numpy in, numpy out (float32 where vectors are returned). Torch code normalizes 
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
 from retrieval.errors import InvalidInputError
@@ -46,15 +48,53 @@ def alignment(x: np.ndarray, y: np.ndarray) -> float:
 
 def uniformity(x: np.ndarray, t: float = 2.0, max_points: int = 4000) -> float:
     """Wang & Isola (2020): log E exp(-t ||x_i - x_j||^2) over distinct pairs. Lower is better."""
-    x = np.asarray(x[:max_points], dtype=np.float64)
-    sq = np.clip(2.0 - 2.0 * (x @ x.T), 0.0, None)  # ||a-b||^2 = 2 - 2 a.b on the sphere
-    iu = np.triu_indices(len(x), k=1)
-    return float(np.log(np.mean(np.exp(-t * sq[iu]))))
+    x = np.asarray(x[:max_points], dtype=np.float32)
+    n = len(x)
+    sq = np.clip(2.0 - 2.0 * (x @ x.T).astype(np.float64), 0.0, None)  # ||a-b||^2 = 2 - 2 a.b on the sphere
+    kernel = np.exp(-t * sq)
+    # the mean over i != j of a symmetric matrix, without materializing the pairs' indices
+    return float(np.log((kernel.sum() - np.trace(kernel)) / (n * (n - 1))))
 
 
 def modality_gap(image_vectors: np.ndarray, text_vectors: np.ndarray) -> float:
     """Liang et al. (2022): || mean(image vectors) - mean(text vectors) ||."""
     return float(np.linalg.norm(image_vectors.mean(axis=0) - text_vectors.mean(axis=0)))
+
+
+def skewness(x: np.ndarray) -> float:
+    """Third standardized moment E[(x - mean)^3] / std^3 (0 for a constant sample)."""
+    x = np.asarray(x, dtype=np.float64)
+    std = x.std()
+    return 0.0 if std == 0 else float(np.mean((x - x.mean()) ** 3) / std ** 3)
+
+
+def k_occurrence(queries: np.ndarray, gallery_blocks: Iterable[np.ndarray], k: int = 10,
+                 chunk: int = 1024) -> np.ndarray:
+    """N_k of every gallery item: how many of the unit `queries` (Q, D) have it among their k nearest
+    by cosine. The gallery streams as blocks of unit rows (n, D), so only the queries' running top k
+    and one (chunk, n) score tile are in memory; counts come back in the gallery's stream order."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    total = 0
+    for block in gallery_blocks:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        for start in range(0, len(queries), chunk):
+            rows = slice(start, start + chunk)
+            s = np.hstack([best_s[rows], queries[rows] @ block.T])
+            i = np.hstack([best_i[rows], np.broadcast_to(np.arange(total, total + len(block)), (len(s), len(block)))])
+            keep = np.argpartition(-s, k - 1, axis=1)[:, :k] if s.shape[1] > k else np.argsort(-s, axis=1)
+            best_s[rows], best_i[rows] = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+        total += len(block)
+    found = best_i[best_i >= 0]
+    return np.bincount(found, minlength=total)
+
+
+def hubness(queries: np.ndarray, gallery_blocks: Iterable[np.ndarray], k: int = 10) -> float:
+    """Radovanovic et al. (2010): the skew of the k-occurrence distribution of the gallery under
+    these queries. Near 0: every item is found about equally often; large and positive: a few hubs
+    are among the nearest neighbours of many queries while many items are nobody's."""
+    return skewness(k_occurrence(queries, gallery_blocks, k))
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:

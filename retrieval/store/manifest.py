@@ -22,6 +22,17 @@ class Manifest:
     raw: dict[str, Any]
     filter_fields: dict[str, FieldType] = field(default_factory=dict)   # stored attributes: name -> type
 
+    @property
+    def geometry(self) -> dict[str, float] | None:
+        """The sphere's geometry measured when the version was built (`index_builder.geometry`): the
+        metrics that are numbers (alignment, uniformity_image, uniformity_text, modality_gap,
+        hubness_image, hubness_text, ...); None for a version built before the builder measured it."""
+        doc = self.raw.get("geometry")
+        if not isinstance(doc, dict):
+            return None
+        return {k: float(v) for k, v in doc.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("k", "pairs")}
+
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
         """Parse and check; one IndexCorruptError naming the field for a missing or mistyped one
