@@ -21,8 +21,22 @@ _MODALITY = {pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text", pb.MODALITY_U
 
 
 def hits_of(resp: pb.SearchResponse) -> list[Hit]:
-    return [Hit(r.id, r.score, r.angle_deg, _MODALITY[r.modality], r.uri, r.caption, r.image_id, r.image_uri)
+    return [Hit(r.id, r.score, r.angle_deg, _MODALITY[r.modality], r.uri, r.caption, r.image_id, r.image_uri,
+                r.match_probability if r.HasField("match_probability") else None)
             for r in resp.results]
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """A search's whole reply: its results, the index version that answered, and whether
+    `min_probability` was set and no result reached it."""
+    hits: list[Hit]
+    index_version: str
+    no_confident_match: bool
+
+
+def answer_of(resp: pb.SearchResponse) -> SearchAnswer:
+    return SearchAnswer(hits_of(resp), resp.index_version, resp.no_confident_match)
 
 
 def image_bytes(image: bytes | str | Path) -> bytes:
@@ -31,9 +45,10 @@ def image_bytes(image: bytes | str | Path) -> bytes:
 
 def search_request(text: str | None = None, image: bytes | str | Path | None = None, embedding=None,
                    target: str | None = None, k: int = 10, min_score: float | None = None,
-                   embedding_modality: str | None = None) -> pb.SearchRequest:
+                   embedding_modality: str | None = None, min_probability: float | None = None) -> pb.SearchRequest:
     """One query: exactly one of text, image (bytes or a path) or embedding; `embedding_modality`
-    ("text" or "image", what the embedding encodes) makes it rank as that query would."""
+    ("text" or "image", what the embedding encodes) makes it rank as that query would;
+    `min_probability` drops text <-> image results less likely to match (calibrated models)."""
     if sum(x is not None for x in (text, image, embedding)) != 1:
         raise ValueError("give exactly one of text, image or embedding")
     if text is not None:
@@ -46,6 +61,8 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
     req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k)
     if min_score is not None:
         req.min_score = min_score
+    if min_probability is not None:
+        req.min_probability = min_probability
     return req
 
 
@@ -82,6 +99,10 @@ class ClientBase:
     @staticmethod
     def _search_call(request: pb.SearchRequest) -> Call:
         return Call("Search", request, hits_of)
+
+    @staticmethod
+    def _search_answer_call(request: pb.SearchRequest) -> Call:
+        return Call("Search", request, answer_of)
 
     @staticmethod
     def _batch_search_call(requests: Sequence[pb.SearchRequest]) -> Call:

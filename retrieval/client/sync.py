@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import grpc
 import numpy as np
 
-from retrieval.client.base import Call, ClientBase, search_request
+from retrieval.client.base import Call, ClientBase, SearchAnswer, search_request
 from retrieval.hits import Hit
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.pb import retrieval_pb2_grpc as pb_grpc
@@ -31,18 +31,27 @@ class RetrievalClient(ClientBase):
         return self._send(self._search_call(request), timeout)
 
     def search_text(self, text: str, k: int = 10, target: str | None = None, min_score: float | None = None,
-                    timeout: float | None = None) -> list[Hit]:
-        return self.search(search_request(text=text, target=target, k=k, min_score=min_score), timeout)
+                    timeout: float | None = None,
+                    min_probability: float | None = None) -> list[Hit]:
+        return self.search(search_request(text=text, target=target, k=k, min_score=min_score,
+                                          min_probability=min_probability), timeout)
 
     def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
-                     min_score: float | None = None, timeout: float | None = None) -> list[Hit]:
-        return self.search(search_request(image=image, target=target, k=k, min_score=min_score), timeout)
+                     min_score: float | None = None, timeout: float | None = None,
+                    min_probability: float | None = None) -> list[Hit]:
+        return self.search(search_request(image=image, target=target, k=k, min_score=min_score,
+                                          min_probability=min_probability), timeout)
 
     def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
-                         timeout: float | None = None, modality: str | None = None) -> list[Hit]:
+                         timeout: float | None = None, modality: str | None = None,
+                         min_probability: float | None = None) -> list[Hit]:
         """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
         return self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
-                                          embedding_modality=modality), timeout)
+                                          embedding_modality=modality, min_probability=min_probability), timeout)
+
+    def search_with_info(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchAnswer:
+        """`search` with the whole reply: the results, the index version, no_confident_match."""
+        return self._send(self._search_answer_call(request), timeout)
 
     def batch_search(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[list[Hit]]:
         return self._send(self._batch_search_call(requests), timeout)

@@ -22,12 +22,14 @@ from typing import Callable
 
 import numpy as np
 
+from retrieval.embedding.calibration import Calibration, direction_of
 from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.embedding.factory import list_models
 from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
                               RetrievalError)
 from retrieval.hits import Hit, Modality, hits_from_rows, reply_bytes, result_bytes
 from retrieval.serving.batcher import Alive, ensure_alive
+from retrieval.serving.confidence import applicable, calibrated_hits
 from retrieval.serving.config import Limits
 from retrieval.serving.encoder import Encoder, cached_model
 from retrieval.serving.validation import Query, QueryInput, Validator, query_modality
@@ -197,14 +199,15 @@ class Engine:
 
     async def search(self, query: QueryInput, target: Modality | None = None, k: int = 10,
                      min_score: float | None = None, source: Modality | None = None,
-                     alive: Alive | None = None) -> tuple[list[Hit], str]:
+                     min_probability: float | None = None, alive: Alive | None = None) -> tuple[list[Hit], str]:
         """Top-k hits of `target` for one query and the index version that answered. `source` is
-        what a raw embedding encodes, if known (texts and image bytes are known). `alive`: see the
-        module's docstring."""
-        target = self.checks.validate(query, target, k, min_score, source)
+        what a raw embedding encodes, if known (texts and image bytes are known). Text <-> image
+        hits of a calibrated model carry match probabilities; `min_probability` drops those below
+        it (`retrieval.serving.confidence`). `alive`: see the module's docstring."""
+        target = self.checks.validate(query, target, k, min_score, source, min_probability)
         live = self.live()
         await self.check_reply(live.index, [(target, k)])
-        return await self._search(live, query, target, k, min_score, source, alive)
+        return await self._search(live, query, target, k, min_score, source, min_probability, alive=alive)
 
     async def search_many(self, queries: list[Query], alive: Alive | None = None) -> list[tuple[list[Hit], str]]:
         """Several searches against one index version. All are validated, and the reply's size
@@ -221,7 +224,7 @@ class Engine:
 
         async def one(i: int, target: Modality, query: Query):
             try:
-                return await self._search(live, query[0], target, *query[2:], alive)
+                return await self._search(live, query[0], target, *query[2:], alive=alive)
             except Exception as e:  # noqa: BLE001 - named by its position, mapped to a status by the caller
                 raise BatchItemError(i, e) from e
 
@@ -233,7 +236,8 @@ class Engine:
                 task.cancel()
 
     async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
-                      source: Modality | None, alive: Alive | None) -> tuple[list[Hit], str]:
+                      source: Modality | None, min_probability: float | None = None, *,
+                      alive: Alive | None) -> tuple[list[Hit], str]:
         if isinstance(query, np.ndarray):
             vector = self.checks.check_embedding(query, live.index.dim)
         else:
@@ -243,13 +247,19 @@ class Engine:
         # and embeddings of unknown modality by the plain cosine
         source = query_modality(query, source)
         cross_modal = source is not None and source != target
+        calibration = applicable(live.encoder.calibrations.get(direction_of(source, target)) if cross_modal else None,
+                                 min_probability)
         hits = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal)
+            self.executor, self._lookup, live.index, target, vector, k, min_score, cross_modal, calibration,
+            min_probability)
         return hits, live.index.name
 
     @staticmethod
     def _lookup(index: IndexVersion, target: Modality, vector: np.ndarray, k: int, min_score: float | None,
-                cross_modal: bool) -> list[Hit]:
+                cross_modal: bool, calibration: Calibration | None = None,
+                min_probability: float | None = None) -> list[Hit]:
+        if calibration is not None:
+            return calibrated_hits(index, target, vector, k, min_score, calibration, min_probability)
         scores, ids = index.search(target, vector[None, :], k, cross_modal=cross_modal)  # cosines, ranked
         return hits_from_rows(target, scores[0], ids[0], index.metadata(target, ids[0]), min_score)
 
@@ -258,7 +268,7 @@ class Engine:
         idx = live.index
         return {"version": idx.name, "model": idx.model, "model_fingerprint": idx.fingerprint, "dim": idx.dim,
                 "image_count": idx.count("image"), "text_count": idx.count("text"),
-                "available_versions": list_versions(self.root),
+                "available_versions": list_versions(self.root), "calibrated": bool(live.encoder.calibrations),
                 "rejected_version": self._rejected[0] if self._rejected else "",
                 "rejected_reason": self._rejected[2] if self._rejected else ""}
 

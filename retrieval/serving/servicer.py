@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from retrieval.serving.batcher import Alive
 from retrieval.hits import Hit
+from retrieval.serving.confidence import no_confident_match
 from retrieval.serving.engine import Engine
 from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.pb import retrieval_pb2 as pb
@@ -82,14 +83,16 @@ def _query_args(req: pb.SearchRequest) -> tuple:
     if source not in _MODALITY_IN:
         raise InvalidInputError(f"unknown embedding modality {source}")
     return (query, _MODALITY_IN[req.target], req.k, (req.min_score if req.HasField("min_score") else None),
-            _MODALITY_IN[source])
+            _MODALITY_IN[source], (req.min_probability if req.HasField("min_probability") else None))
 
 
-def _response(hits: list[Hit], version: str) -> pb.SearchResponse:
-    return pb.SearchResponse(index_version=version, results=[
-        pb.SearchResult(id=h.id, score=h.score, angle_deg=h.angle_deg, modality=_MODALITY_OUT[h.modality],
-                        uri=h.uri, caption=h.caption, image_id=h.image_id, image_uri=h.image_uri)
-        for h in hits])
+def _response(hits: list[Hit], version: str, min_probability: float | None = None) -> pb.SearchResponse:
+    return pb.SearchResponse(index_version=version, no_confident_match=no_confident_match(hits, min_probability),
+                             results=[pb.SearchResult(id=h.id, score=h.score, angle_deg=h.angle_deg,
+                                                      modality=_MODALITY_OUT[h.modality], uri=h.uri, caption=h.caption,
+                                                      image_id=h.image_id, image_uri=h.image_uri,
+                                                      match_probability=h.match_probability)
+                                      for h in hits])
 
 
 class RetrievalServicer:
@@ -98,8 +101,9 @@ class RetrievalServicer:
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
-        hits, version = await self.engine.search(*_query_args(request), alive=_alive(context))
-        return _response(hits, version)
+        args = _query_args(request)
+        hits, version = await self.engine.search(*args, alive=_alive(context))
+        return _response(hits, version, args[-1])
 
     @_rpc
     async def BatchSearch(self, request: pb.BatchSearchRequest, context) -> pb.BatchSearchResponse:
@@ -115,7 +119,7 @@ class RetrievalServicer:
             except InvalidInputError as e:
                 raise BatchItemError(i, e) from e
         answers = await self.engine.search_many(queries, alive=_alive(context))
-        return pb.BatchSearchResponse(responses=[_response(h, v) for h, v in answers])
+        return pb.BatchSearchResponse(responses=[_response(h, v, q[-1]) for (h, v), q in zip(answers, queries)])
 
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:

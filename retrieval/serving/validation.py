@@ -1,4 +1,4 @@
-"""What a request may ask, checked before any work: texts, k, embeddings, min_score, target
+"""What a request may ask, checked before any work: texts, k, embeddings, min_score, min_probability, target
 galleries; and which modality a query is of (decided here once)."""
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import numpy as np
 from retrieval.errors import InvalidInputError
 from retrieval.hits import Modality
 from retrieval.serving.config import Limits
+from retrieval.serving.confidence import check_min_probability
 from retrieval.sphere import l2_normalize
 
 QueryInput = Union[str, bytes, np.ndarray]  # text, image file bytes, or a raw embedding
-Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None]]  # search's arguments
+# search's arguments: query, target, k, min_score, source (, min_probability)
+Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None], Union[float, None]]
 
 
 def query_modality(query: QueryInput, declared: Modality | None = None) -> Modality | None:
@@ -62,10 +64,11 @@ class Validator:
         return min_score
 
     def validate(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
-                 source: Modality | None = None) -> Modality:
+                 source: Modality | None = None, min_probability: float | None = None) -> Modality:
         """Checks what can be checked before any work; returns the gallery to search."""
         self.check_k(k)
         self.check_min_score(min_score)
+        check_min_probability(min_probability)
         if target not in (None, "image", "text"):
             raise InvalidInputError(f"unknown target modality {target!r}")
         if source not in (None, "image", "text"):

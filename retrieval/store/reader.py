@@ -100,6 +100,13 @@ class IndexVersion:
         when fewer than k items exist. `cross_modal` ranks by cosine + the inverted softmax's bias
         (queries of the other modality); `allowed` restricts the search to those ids.
         Thread-safe (FAISS search and reconstruction are read-only)."""
+        scores, _, ids = self.search_with_bias(modality, queries, k, cross_modal, allowed)
+        return scores, ids
+
+    def search_with_bias(self, modality: Modality, queries: np.ndarray, k: int, cross_modal: bool = True,
+                         allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`search`, also returning each hit's inverted-softmax bias (B, k) (zero for padding, and
+        when not `cross_modal`, which ranks by the plain cosine)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InvalidInputError(f"query vectors must have shape (B, {self.dim}), got {queries.shape}")
@@ -108,10 +115,12 @@ class IndexVersion:
         index = self.indexes[modality]
         params = None if allowed is None else restricted_to(index, allowed)
         scores, ids = index.search(query_rows(queries, cross_modal), min(k, max(1, self.count(modality))), params=params)
+        bias = np.zeros_like(scores)
         if cross_modal:
             found = ids >= 0
-            scores[found] -= reconstruct(index, ids[found])[:, self.dim]   # back to the cosine
-        return scores, ids
+            bias[found] = reconstruct(index, ids[found])[:, self.dim]
+            scores[found] -= bias[found]   # back to the cosine
+        return scores, bias, ids
 
     def metadata(self, modality: Modality, ids: np.ndarray | list[int]) -> list[dict | None]:
         """Rows for ids, in order (None for -1 or unknown ids)."""
