@@ -274,7 +274,8 @@ def report(r: dict) -> str:
               f"**{v['ece']:.3f}** |" for d, v in c.items()]
     lines += ["", "![reliability](confidence_reliability.png)", "",
               "## No good match: true match removed for half the queries (AUROC, present vs absent)", "",
-              "| direction | queries | absent | top-1 probability | top-1 cosine (baseline) |", "| --- | --- | --- | --- | --- |"]
+              "| direction | queries | absent | top-1 probability | top-1 cosine (baseline) |",
+              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {d} | {v['queries']} | {v['absent']} | **{v['auroc_top1_probability']:.3f}** | "
               f"{v['auroc_top1_cosine']:.3f} |" for d, v in n.items()]
     lines += ["", f"Out-of-domain text queries ({o['out_of_domain_queries']} sentences about spreadsheets, galaxies, "

@@ -1,5 +1,6 @@
-"""`retrieval`: train the heads, calibrate their match probabilities, evaluate on a caption dataset, serve the index over gRPC,
-query a server, or run the self-contained demo. `retrieval SUBCOMMAND --help` explains each."""
+"""`retrieval`: train the heads, calibrate their match probabilities, evaluate on a caption dataset,
+serve the index over gRPC, query a server, or run the self-contained demo. `retrieval SUBCOMMAND --help`
+explains each."""
 from __future__ import annotations
 
 import logging

@@ -172,3 +172,18 @@ def test_min_probability_without_probabilities_is_invalid_argument(client):
     with pytest.raises(grpc.RpcError) as e:
         client.search_text(QUERY, k=3, target="text", min_probability=0.5)
     assert e.value.code() == INVALID and "calibrated" in e.value.details()
+
+
+def test_query_cli_prints_probabilities_and_no_confident_match(server, capsys):
+    import json
+
+    from retrieval.cli import main
+
+    address = server[0].address
+    assert main(["query", "--address", address, "--text", QUERY, "--k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 3 and all(0 <= r["match_probability"] <= 1 for r in out)
+    assert main(["query", "--address", address, "--text", QUERY, "--k", "3", "--min-probability", "1"]) == 0
+    assert capsys.readouterr().out.startswith("(no confident match")
+    assert main(["query", "--address", address, "--text", QUERY, "--min-probability", "2"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err

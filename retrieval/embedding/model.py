@@ -139,7 +139,8 @@ class SphereModel(nn.Module):
             self.clear_querybank()
         self.set_calibration({key.removeprefix("calibration_"): state[key] for key in CALIBRATION_KEYS if key in state})
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS + CALIBRATION_KEYS]
+        missing = [k for k in missing
+                   if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS + CALIBRATION_KEYS]
         if missing or unexpected:
             raise ModelError(f"the trained heads do not fit model '{self.name}': missing {missing}, unexpected "
                              f"{unexpected} (written by another version of this project? retrain them)")

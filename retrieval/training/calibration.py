@@ -39,7 +39,10 @@ def direction_data(direction: str, image_vecs: np.ndarray, text_vecs: np.ndarray
     else:
         queries, gallery, modality = image_vecs, text_vecs, "text"
     cos, bias, ids = ranked_candidates(queries, gallery, bank.bias(gallery, modality), top_k)
-    labels = (ids == caption_image[:, None]) if direction == "t2i" else (caption_image[ids] == np.arange(len(ids))[:, None])
+    if direction == "t2i":
+        labels = ids == caption_image[:, None]                          # the caption's own image
+    else:
+        labels = caption_image[ids] == np.arange(len(ids))[:, None]     # one of the image's captions
     center = l2_normalize(gallery.astype(np.float64).mean(0, keepdims=True))[0]
     return queries, cos, bias, labels, center
 
