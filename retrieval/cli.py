@@ -1,5 +1,6 @@
-"""`retrieval`: train the heads, evaluate on a caption dataset, serve the index over gRPC,
-query a server, or run the self-contained demo. `retrieval SUBCOMMAND --help` explains each."""
+"""`retrieval`: train the heads, calibrate their match probabilities, evaluate on a caption dataset,
+serve the index over gRPC, query a server, or run the self-contained demo. `retrieval SUBCOMMAND --help`
+explains each."""
 from __future__ import annotations
 
 import logging
@@ -18,12 +19,12 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def build_parser() -> OneLineErrorParser:
-    from retrieval.commands import demo, evaluate, health, query, serve, train
+    from retrieval.commands import calibrate, demo, evaluate, health, query, serve, train
 
     parser = OneLineErrorParser(prog="retrieval", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (train, evaluate, serve, query, health, demo):
+    for command in (train, calibrate, evaluate, serve, query, health, demo):
         command.add_parser(sub)
     return parser
 

@@ -106,3 +106,18 @@ def test_augmented_views_do_not_depend_on_workers_or_batch_size(flickr_mini, def
     rng_before = torch.get_rng_state()
     encode_image_files(model, paths, crops, project=False, seed=7, workers=0, progress=False)
     assert torch.equal(torch.get_rng_state(), rng_before), "the caller's RNG must be left untouched"
+
+
+def test_retrieval_calibrate_writes_the_file_train_wrote(trained, flickr_mini, tmp_path):
+    """train fits the calibration on its dev split after the query bank; `retrieval calibrate` on the
+    same heads and split fits the same one (deterministic), so it rewrites model.safetensors byte for
+    byte: calibrating the shipped heads gives the file a training run would write."""
+    from retrieval.cli import main
+
+    cfg, model, summary = trained
+    assert set(model.calibration()) == {"t2i", "i2t"}
+    assert load_checkpoint(summary["checkpoint"])["metrics"]["calibration"]["split"] == "dev"
+    out = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", "--model", summary["checkpoint"], "--data", str(flickr_mini), "--split", "dev",
+                 "--out", str(out), "--cache-dir", cfg.cache_dir, "--workers", "0"]) == 0
+    assert out.read_bytes() == Path(summary["checkpoint"]).read_bytes()

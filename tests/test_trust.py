@@ -280,7 +280,7 @@ def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_ther
     with ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv, \
             RetrievalClient(srv.address, timeout=60) as client:
         info = client.index_info()
-        assert (info.version, info.model, info.model_fingerprint) == ("v0001", "model.safetensors", "b0131c82b27480cc")
+        assert (info.version, info.model, info.model_fingerprint) == ("v0001", "model.safetensors", "7590283e66e90215")
         assert len(client.search_text("a cat", k=2)) == 2
 
 

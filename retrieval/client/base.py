@@ -21,8 +21,22 @@ _MODALITY = {pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text", pb.MODALITY_U
 
 
 def hits_of(resp: pb.SearchResponse) -> list[Hit]:
-    return [Hit(r.id, r.score, r.angle_deg, _MODALITY[r.modality], r.uri, r.caption, r.image_id, r.image_uri)
+    return [Hit(r.id, r.score, r.angle_deg, _MODALITY[r.modality], r.uri, r.caption, r.image_id, r.image_uri,
+                r.match_probability if r.HasField("match_probability") else None)
             for r in resp.results]
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """A search's whole reply: its results, the index version that answered, and whether
+    `min_probability` was set and no result reached it."""
+    hits: list[Hit]
+    index_version: str
+    no_confident_match: bool
+
+
+def answer_of(resp: pb.SearchResponse) -> SearchAnswer:
+    return SearchAnswer(hits_of(resp), resp.index_version, resp.no_confident_match)
 
 
 def image_bytes(image: bytes | str | Path) -> bytes:
@@ -73,13 +87,14 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
                    filters: Sequence[pb.Filter] = (), page_size: int = 0, page_token: str = "",
                    terms: Sequence[TermValue] | None = None, combine: str = "geodesic",
                    max_angle_deg: float | None = None, diversity: float | None = None,
-                   dedup_angle_deg: float | None = None) -> pb.SearchRequest:
+                   dedup_angle_deg: float | None = None, min_probability: float | None = None) -> pb.SearchRequest:
     """One query: exactly one of text, image (bytes or a path), embedding, item (more like this) or
     terms (a composed query, see `composed_query`); `embedding_modality` ("text" or "image", what the
     embedding encodes) makes it rank as that query would. `max_angle_deg`: a spherical cap;
     `diversity`: MMR's lambda in [0, 1]; `dedup_angle_deg`: drop near-duplicates of better results. `filters` (`retrieval.client.filters`)
     must all hold; `page_size` asks for pages (k then bounds the whole ranking, 0 for the server's
-    maximum), `page_token` for the page after the one that gave it."""
+    maximum), `page_token` for the page after the one that gave it. `min_probability` drops text <->
+    image results less likely to match (calibrated models)."""
     if sum(x is not None for x in (text, image, embedding, item, terms)) != 1:
         raise ValueError("give exactly one of text, image, embedding, item or terms")
     if terms is not None:
@@ -91,7 +106,7 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
     req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k, filters=list(filters), page_size=page_size,
                            page_token=page_token)
     for name, value in (("min_score", min_score), ("max_angle_deg", max_angle_deg), ("diversity", diversity),
-                        ("dedup_angle_deg", dedup_angle_deg)):
+                        ("dedup_angle_deg", dedup_angle_deg), ("min_probability", min_probability)):
         if value is not None:
             setattr(req, name, value)
     return req
@@ -154,6 +169,10 @@ class ClientBase:
     @staticmethod
     def _search_page_call(request: pb.SearchRequest) -> Call:
         return Call("Search", request, lambda resp: (hits_of(resp), resp.next_page_token))
+
+    @staticmethod
+    def _search_answer_call(request: pb.SearchRequest) -> Call:
+        return Call("Search", request, answer_of)
 
     @staticmethod
     def _batch_search_call(requests: Sequence[pb.SearchRequest]) -> Call:

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 import grpc
 import numpy as np
 
-from retrieval.client.base import Call, ClientBase, TermValue, WalkStep, search_request
+from retrieval.client.base import Call, ClientBase, SearchAnswer, TermValue, WalkStep, search_request
 from retrieval.hits import Hit, ItemRef
 from retrieval.pb import retrieval_pb2 as pb
 from retrieval.pb import retrieval_pb2_grpc as pb_grpc
@@ -33,55 +33,64 @@ class RetrievalClient(ClientBase):
     def search_text(self, text: str, k: int = 10, target: str | None = None, min_score: float | None = None,
                     timeout: float | None = None, *, max_angle_deg: float | None = None,
                     diversity: float | None = None, dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = ()) -> list[Hit]:
+        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
         return self.search(search_request(text=text, target=target, k=k, min_score=min_score,
                                           max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters), timeout)
+                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
+                                          min_probability=min_probability), timeout)
 
     def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
                      min_score: float | None = None, timeout: float | None = None, *,
                      max_angle_deg: float | None = None, diversity: float | None = None,
                      dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = ()) -> list[Hit]:
+        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
         return self.search(search_request(image=image, target=target, k=k, min_score=min_score,
                                           max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters), timeout)
+                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
+                                          min_probability=min_probability), timeout)
 
     def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
                          timeout: float | None = None, modality: str | None = None, *,
                          max_angle_deg: float | None = None, diversity: float | None = None,
                          dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = ()) -> list[Hit]:
+        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
         """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
         return self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
                                           embedding_modality=modality, max_angle_deg=max_angle_deg,
-                                          diversity=diversity, dedup_angle_deg=dedup_angle_deg, filters=filters), timeout)
+                                          diversity=diversity, dedup_angle_deg=dedup_angle_deg, filters=filters,
+                                          min_probability=min_probability), timeout)
 
     def search_composed(self, terms: Sequence[TermValue], target: str | None = None, k: int = 10,
                         combine: str = "geodesic", min_score: float | None = None, timeout: float | None = None,
                         *, max_angle_deg: float | None = None, diversity: float | None = None,
                         dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = ()) -> list[Hit]:
+        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
         """A composed query: terms are values (weight 1) or (value, weight); a str is a text, bytes or a
         Path an image, an array an embedding, an ItemRef a stored item; weights < 0 push the query away."""
         return self.search(search_request(terms=terms, combine=combine, target=target, k=k, min_score=min_score,
                                           max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters), timeout)
+                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
+                                          min_probability=min_probability), timeout)
 
     def more_like_this(self, item_id: int, gallery: str, k: int = 10, target: str | None = None,
                        min_score: float | None = None, timeout: float | None = None, *,
                        max_angle_deg: float | None = None, diversity: float | None = None,
                        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = ()) -> list[Hit]:
+        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
         """The nearest items to a stored one (of `gallery`; by default in that gallery), without it."""
         return self.search(search_request(item=ItemRef(item_id, gallery), target=target, k=k, min_score=min_score,
                                           max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters), timeout)
+                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
+                                          min_probability=min_probability), timeout)
 
     def search_page(self, request: pb.SearchRequest, timeout: float | None = None) -> tuple[list[Hit], str]:
         """One page of a paged search (request.page_size set): its hits and the next page's token, "" after
         the last; set request.page_token to it for the next page."""
         return self._send(self._search_page_call(request), timeout)
+
+    def search_with_info(self, request: pb.SearchRequest, timeout: float | None = None) -> SearchAnswer:
+        """`search` with the whole reply: the results, the index version, no_confident_match."""
+        return self._send(self._search_answer_call(request), timeout)
 
     def batch_search(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[list[Hit]]:
         return self._send(self._batch_search_call(requests), timeout)

@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--page-size", type=int, default=0, help="results per page (then --k bounds the whole ranking, "
                                                             "0 for the server's maximum); prints the next page's token")
     p.add_argument("--page-token", default="", help="the token a previous page printed: its next page")
+    p.add_argument("--min-probability", type=float, default=None,
+                   help="drop text<->image results whose calibrated match probability is lower (0 to 1); "
+                        "says so when none is left")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--token", default=os.environ.get("RETRIEVAL_TOKEN"), help="bearer token [env RETRIEVAL_TOKEN]")
@@ -69,7 +72,8 @@ def format_results(results: list[Hit]) -> str:
     lines = []
     for rank, r in enumerate(results, 1):
         what = r.uri if r.modality == "image" else f"{r.caption!r}  [{r.image_uri}]"
-        lines.append(f"{rank:>3}. cos {r.score:+.4f}  {r.angle_deg:6.2f}°  #{r.id}  {what}")
+        prob = "" if r.match_probability is None else f"  p {r.match_probability:.2f}"
+        lines.append(f"{rank:>3}. cos {r.score:+.4f}  {r.angle_deg:6.2f}°{prob}  #{r.id}  {what}")
     return "\n".join(lines)
 
 
@@ -116,9 +120,17 @@ def run(args: argparse.Namespace) -> int:
                 results, token = client.search_page(request)
                 print(f"next page: --page-token {token}" if token else "(last page)", file=sys.stderr)
             else:
-                results = client.search(request)
+                answer = client.search_with_info(request)
+                results = answer.hits
+                if answer.no_confident_match:
+                    print("no confident match: no result reached --min-probability", file=sys.stderr)
     except grpc.RpcError as e:
         print(f"retrieval query: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    print(json.dumps([r.to_dict() for r in results], indent=2) if args.json else format_results(results))
+    results = answer.hits
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(format_results(results) if not answer.no_confident_match else
+              f"(no confident match: no result reaches match probability {args.min_probability:g})")
     return 0

@@ -21,6 +21,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
+from retrieval.embedding.model import CALIBRATION_KEYS
 from retrieval.errors import ModelError
 
 FORMAT = "retrieval-sphere-checkpoint/2"  # /2: safetensors + JSON (/1 was a torch pickle)
@@ -37,7 +38,7 @@ def save_checkpoint(path: str | Path, model, half: bool = False, **extra: Any) -
     path = Path(path)
     heads = model.head_state_dict()
     if half:
-        heads = {k: v.half() if v.is_floating_point() else v for k, v in heads.items()}
+        heads = {k: v.half() if _halved(k, v) else v for k, v in heads.items()}
     tensors = {k: v.contiguous() for k, v in heads.items()}
     document = {"format": FORMAT, "name": model.name, "config": model.config.to_dict(), "fingerprint": model.fingerprint(),
                 **{k: _pack(v, tensors, f"{_STATE}{k}") for k, v in extra.items()}}
@@ -88,8 +89,14 @@ def round_heads_to_half(model) -> None:
     """Round the trained tensors to float16 precision in place, so the model in memory equals
     what a `half=True` checkpoint loads back (and their fingerprints agree)."""
     for key, value in model.head_state_dict().items():
-        if value.is_floating_point():
+        if _halved(key, value):
             model.state_dict()[key].copy_(value.half().float())
+
+
+def _halved(key: str, value: torch.Tensor) -> bool:
+    """Whether a `half` checkpoint stores this tensor in float16: every floating tensor but the
+    calibrations, whose coefficients keep full precision (a few dozen numbers)."""
+    return value.is_floating_point() and key not in CALIBRATION_KEYS
 
 
 # Nested state as JSON plus named tensors. Hand-written: safetensors stores flat {name: tensor}

@@ -22,6 +22,7 @@ from retrieval.errors import ModelError
 
 
 QUERYBANK_KEYS = ("text_bank", "image_bank", "querybank_beta")
+CALIBRATION_KEYS = ("calibration_t2i", "calibration_i2t")  # float64, stored at full precision
 
 
 class ProjectionHead(nn.Module):
@@ -61,6 +62,9 @@ class SphereModel(nn.Module):
         self.register_buffer("text_bank", torch.zeros(0, self.embed_dim))
         self.register_buffer("image_bank", torch.zeros(0, self.embed_dim))
         self.register_buffer("querybank_beta", torch.tensor(0.0))
+        # match-probability calibrators per direction, packed (`retrieval.embedding.calibration`); empty: none
+        for key in CALIBRATION_KEYS:
+            self.register_buffer(key, torch.zeros(0, dtype=torch.float64))
         for p in list(self.image_tower.parameters()) + list(self.text_tower.parameters()):
             p.requires_grad_(False)
 
@@ -94,6 +98,7 @@ class SphereModel(nn.Module):
         self.image_center.zero_()
         self.text_center.zero_()
         self.clear_querybank()
+        self.set_calibration({})
 
     def clear_querybank(self) -> None:
         """No correction: empty banks, beta 0 (plain cosine ranking)."""
@@ -108,6 +113,19 @@ class SphereModel(nn.Module):
             setattr(self, name, bank.detach().float().clone().to(self.text_center.device))
         self.querybank_beta.fill_(float(beta))
 
+    @torch.no_grad()
+    def set_calibration(self, packed: dict[str, torch.Tensor]) -> None:
+        """Packed calibrators by direction ('t2i', 'i2t'); a direction left out has none."""
+        for key in CALIBRATION_KEYS:
+            value = packed.get(key.removeprefix("calibration_"))
+            setattr(self, key, torch.zeros(0, dtype=torch.float64) if value is None else
+                    torch.as_tensor(value, dtype=torch.float64).reshape(-1).clone())
+
+    def calibration(self) -> dict[str, torch.Tensor]:
+        """The packed calibrators this model carries, by direction."""
+        return {key.removeprefix("calibration_"): getattr(self, key) for key in CALIBRATION_KEYS
+                if len(getattr(self, key))}
+
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained part (heads, temperature, centers): what checkpoints and the package ship."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))}
@@ -119,19 +137,23 @@ class SphereModel(nn.Module):
             self.set_querybank(state["text_bank"], state["image_bank"], float(state.get("querybank_beta", 0.0)))
         else:
             self.clear_querybank()
+        self.set_calibration({key.removeprefix("calibration_"): state[key] for key in CALIBRATION_KEYS if key in state})
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS]
+        missing = [k for k in missing
+                   if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS + CALIBRATION_KEYS]
         if missing or unexpected:
             raise ModelError(f"the trained heads do not fit model '{self.name}': missing {missing}, unexpected "
                              f"{unexpected} (written by another version of this project? retrain them)")
 
     def fingerprint(self) -> str:
         """sha256 over the name and every tensor (towers included): equal iff embeddings and
-        rankings are equal. Without a query bank, its empty buffers are left out, so heads from
-        before banks existed keep the fingerprint their checkpoints and indexes recorded."""
+        rankings (and match probabilities) are equal. Without a query bank or a calibration, their
+        empty buffers are left out, so heads from before they existed keep the fingerprint their
+        checkpoints and indexes recorded."""
         state = self.state_dict()
         if float(self.querybank_beta) == 0 and not len(self.text_bank) and not len(self.image_bank):
             state = {k: v for k, v in state.items() if k not in QUERYBANK_KEYS}
+        state = {k: v for k, v in state.items() if k not in CALIBRATION_KEYS or len(v)}
         return state_fingerprint(self.name, state)
 
 

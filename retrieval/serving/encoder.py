@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from retrieval.embedding.calibration import calibrations_of
 from retrieval.encoding.bulk import input_size
 from retrieval.encoding.images import load_image, split_transform
 from retrieval.serving.batcher import Alive, MicroBatcher, ensure_alive
@@ -36,6 +37,7 @@ class Encoder:
         # per batch on the model's device (uint8 pixels are a quarter of the bytes to move there)
         self.prepare_pixels, self.finish_batch = split_transform(self.preprocess)
         self.fingerprint = self.model.fingerprint()
+        self.calibrations = calibrations_of(self.model)  # match probabilities by direction ('t2i', 'i2t')
         self.dim = int(self.model.embed_dim)
         self.device = next(self.model.parameters()).device  # inputs go there, vectors come back to the CPU
         self.image_size = input_size(self.model, self.preprocess)

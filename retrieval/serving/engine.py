@@ -22,12 +22,14 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
+from retrieval.embedding.calibration import direction_of
 from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.embedding.factory import list_models
 from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
                               RetrievalError)
 from retrieval.hits import Hit, Modality, reply_bytes, result_bytes
 from retrieval.serving.batcher import Alive, ensure_alive
+from retrieval.serving.confidence import applicable
 from retrieval.serving.config import Limits
 from retrieval.serving.encoder import Encoder, cached_model
 from retrieval.serving.queries import NO_OPTIONS, Options, Point, resolve
@@ -279,9 +281,11 @@ class Engine:
         # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
         # and queries of unknown modality by the plain cosine
         cross_modal = point.modality is not None and point.modality != target
+        calibration = live.encoder.calibrations.get(direction_of(point.modality, target)) if cross_modal else None
+        calibration = applicable(calibration, options.min_probability)  # match probabilities of this search
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, lookup, live.index, target, point, k, min_score, cross_modal, options,
-            self.limits.rerank_pool, allowed)
+            self.limits.rerank_pool, allowed, calibration)
 
     async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
                       source: Modality | None, options: Options, alive: Alive | None,
@@ -327,6 +331,7 @@ class Engine:
         return {"version": idx.name, "model": idx.model, "model_fingerprint": idx.fingerprint, "dim": idx.dim,
                 "image_count": idx.count("image"), "text_count": idx.count("text"),
                 "available_versions": list_versions(self.root), "filter_fields": sorted(idx.filter_fields),
+                "calibrated": bool(live.encoder.calibrations),
                 "rejected_version": self._rejected[0] if self._rejected else "",
                 "rejected_reason": self._rejected[2] if self._rejected else "",
                 "geometry": idx.manifest.geometry}  # None for versions built before geometry was measured

@@ -26,6 +26,7 @@ from retrieval.errors import InvalidInputError, NotFoundError
 from retrieval.hits import ItemRef, Modality
 from retrieval.sphere.compose import check_weights, compose_geodesic, compose_linear
 from retrieval.store.reader import IndexVersion
+from retrieval.serving.confidence import check_min_probability
 
 Combine = Literal["geodesic", "linear"]
 
@@ -55,10 +56,12 @@ class Composed:
 
 @dataclass(frozen=True)
 class Options:
-    """How a result list is shaped: a spherical cap (degrees), MMR's lambda, the dedup angle."""
+    """How a result list is shaped: a spherical cap (degrees), MMR's lambda, the dedup angle, and
+    the least match probability a text <-> image result must have (`retrieval.serving.confidence`)."""
     max_angle_deg: float | None = None
     diversity: float | None = None
     dedup_angle_deg: float | None = None
+    min_probability: float | None = None
 
     def check(self) -> "Options":
         for name in ("max_angle_deg", "dedup_angle_deg"):
@@ -67,6 +70,7 @@ class Options:
                 raise InvalidInputError(f"{name} is an angle and must lie in [0, 180] degrees, got {v}")
         if self.diversity is not None and not (math.isfinite(self.diversity) and 0 <= self.diversity <= 1):
             raise InvalidInputError(f"diversity must lie in [0, 1], got {self.diversity}")
+        check_min_probability(self.min_probability)
         return self
 
     @property

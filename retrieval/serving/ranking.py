@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from retrieval.embedding.calibration import Calibration
 from retrieval.hits import Hit, Modality, hits_from_rows
 from retrieval.serving.queries import Options, Point
 from retrieval.sphere.compose import in_cap, mmr
@@ -47,13 +48,27 @@ def candidates(index: IndexVersion, target: Modality, point: Point, want: int, c
 
 
 def lookup(index: IndexVersion, target: Modality, point: Point, k: int, min_score: float | None,
-           cross_modal: bool, options: Options, pool: int, allowed: np.ndarray | None = None) -> list[Hit]:
-    """The hits of one resolved query (see the module's docstring); `allowed`: see `candidates`."""
-    cos, ids = candidates(index, target, point, max(pool, k) if options.reranks else k, cross_modal,
+           cross_modal: bool, options: Options, pool: int, allowed: np.ndarray | None = None,
+           calibration: Calibration | None = None) -> list[Hit]:
+    """The hits of one resolved query (see the module's docstring); `allowed`: see `candidates`.
+    With a `calibration`, each hit carries its match probability, scored over the ranked candidates
+    before any re-ranking (the calibrator's margin features need the next results: at least its
+    top_k), and hits under `options.min_probability` are dropped."""
+    want = max(pool, k) if options.reranks else k
+    cos, ids = candidates(index, target, point, max(want, calibration.top_k) if calibration else want, cross_modal,
                           options.max_angle_deg, allowed)
+    probs = None
+    if calibration is not None and len(ids):
+        bias = index.rows(target, ids)[:, index.dim]
+        probs = calibration.match_probability(point.vector[None, :], cos[None, :], bias[None, :])[0]
+    picks = np.arange(min(k, len(ids)))
     if options.reranks and len(ids):
+        cos, ids = cos[:want], ids[:want]
         rows = index.rows(target, ids)
         relevance = cos + rows[:, index.dim] if cross_modal else cos
         picks = mmr(relevance, rows[:, :index.dim], k, options.diversity or 0.0, options.dedup_angle_deg)
-        cos, ids = cos[picks], ids[picks]
-    return hits_from_rows(target, cos, ids, index.metadata(target, ids), min_score)
+    cos, ids = cos[picks], ids[picks]
+    hits = hits_from_rows(target, cos, ids, index.metadata(target, ids), min_score,
+                          None if probs is None else probs[picks])
+    floor = options.min_probability
+    return hits if floor is None else [h for h in hits if h.match_probability is not None and h.match_probability >= floor]

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from retrieval.serving.batcher import Alive
 from retrieval.hits import Hit
+from retrieval.serving.confidence import no_confident_match
 from retrieval.serving.engine import Engine
 from retrieval.serving.queries import Composed, ItemRef, Options, Term
 from retrieval.errors import BatchItemError, InvalidInputError
@@ -117,17 +118,21 @@ def _optional(req: Message, name: str) -> float | None:
 
 def _query_args(req: pb.SearchRequest) -> tuple:
     query, source = _query(req.query)
-    options = Options(_optional(req, "max_angle_deg"), _optional(req, "diversity"), _optional(req, "dedup_angle_deg"))
+    options = Options(_optional(req, "max_angle_deg"), _optional(req, "diversity"), _optional(req, "dedup_angle_deg"),
+                      _optional(req, "min_probability"))
     return (query, _modality(req.target, "target"), req.k, _optional(req, "min_score"), source, options)
 
 
 def _results(hits: list[Hit]) -> list[pb.SearchResult]:
     return [pb.SearchResult(id=h.id, score=h.score, angle_deg=h.angle_deg, modality=_MODALITY_OUT[h.modality],
-                            uri=h.uri, caption=h.caption, image_id=h.image_id, image_uri=h.image_uri) for h in hits]
+                            uri=h.uri, caption=h.caption, image_id=h.image_id, image_uri=h.image_uri,
+                            match_probability=h.match_probability) for h in hits]
 
 
-def _response(hits: list[Hit], version: str) -> pb.SearchResponse:
-    return pb.SearchResponse(index_version=version, results=_results(hits))
+def _response(hits: list[Hit], version: str, options: Options | None = None) -> pb.SearchResponse:
+    min_probability = options.min_probability if options is not None else None
+    return pb.SearchResponse(index_version=version, results=_results(hits),
+                             no_confident_match=no_confident_match(hits, min_probability))
 
 
 class RetrievalServicer:
@@ -140,11 +145,11 @@ class RetrievalServicer:
         where, page = conditions(request.filters), page_request(request)
         if page is not None:
             hits, version, token = await self.engine.search_page(*args, page, _alive(context), where, options)
-            response = _response(hits, version)
+            response = _response(hits, version, options)
             response.next_page_token = token
             return response
         hits, version = await self.engine.search(*args, alive=_alive(context), options=options, conditions=where)
-        return _response(hits, version)
+        return _response(hits, version, options)
 
     @_rpc
     async def BatchSearch(self, request: pb.BatchSearchRequest, context) -> pb.BatchSearchResponse:
@@ -162,7 +167,7 @@ class RetrievalServicer:
             except InvalidInputError as e:
                 raise BatchItemError(i, e) from e
         answers = await self.engine.search_many(queries, alive=_alive(context))
-        return pb.BatchSearchResponse(responses=[_response(h, v) for h, v in answers])
+        return pb.BatchSearchResponse(responses=[_response(h, v, q[-1]) for (h, v), q in zip(answers, queries)])
 
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:

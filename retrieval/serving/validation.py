@@ -1,5 +1,5 @@
-"""What a request may ask, checked before any work: texts, k, embeddings, min_score, target
-galleries, composed queries and items, caps and diversity; and which modality a query is of
+"""What a request may ask, checked before any work: texts, k, embeddings, min_score, min_probability,
+target galleries, composed queries and items, caps and diversity; and which modality a query is of
 (decided here once)."""
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ image with one random view and one random caption of its own. Loss: symmetric In
 (open_clip's ClipLoss) with a learnable temperature clamped at 100, or SigLIP's.
 Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable.
 Last, the best heads get the inverted softmax's query banks (random training captions and
-images) with its beta chosen on dev (`retrieval.embedding.querybank`).
+images) with its beta chosen on dev (`retrieval.embedding.querybank`), then the match-probability
+calibrators fitted on dev (`retrieval.training.calibration`).
 Outputs in OUT, safetensors checkpoints (`retrieval.embedding.checkpoint`): last.safetensors (resume
 state), best.safetensors (best dev epoch), model.safetensors (best heads in float16: the file to
 ship as retrieval/embedding/weights/NAME.safetensors or to pass to create_model).
@@ -32,6 +33,7 @@ from retrieval.embedding.factory import image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import encode_image_files, encode_texts
 from retrieval.progress import meter
 from retrieval.training.feature_cache import FeatureCache
+from retrieval.training.calibration import calibrate_model
 from retrieval.training.querybank_fit import fit_querybank
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,16 @@ def fit_querybank_on(model, tr: SplitFeatures, dev: SplitFeatures, cfg: TrainCon
                                  dev.dataset.caption_image, cfg.querybank_size, cfg.seed)
     model.set_querybank(torch.from_numpy(bank.text), torch.from_numpy(bank.image), bank.beta)
     return report
+
+
+@torch.no_grad()
+def calibrate_on(model, dev: SplitFeatures, split: str) -> dict:
+    """The match-probability calibrators fitted on a held-out split through the model's final
+    projections and query bank (what `retrieval calibrate` also runs, so both write the same)."""
+    model.eval()
+    report = calibrate_model(model, model.project_image(dev.image[0]).numpy(), model.project_text(dev.text).numpy(),
+                             dev.dataset.caption_image)
+    return {"split": split, **report}
 
 
 def make_loss(kind: str):
@@ -253,6 +265,7 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     if cfg.querybank_size > 0:
         metrics["querybank"] = fit_querybank_on(model, tr, dev, cfg)
         round_heads_to_half(model)  # the banks too, as the float16 file stores them
+    metrics["calibration"] = calibrate_on(model, dev, cfg.dev_split)
     save_checkpoint(final, model, half=True, data=data_info, metrics=metrics, train_config=asdict(cfg))
     model.eval()
     summary = {"best_dev_R@1_mean": best, "querybank": metrics.get("querybank"), "epochs": cfg.epochs,
