@@ -101,7 +101,8 @@ def test_full_finetune_tunes_both_towers(data, tiny, tmp_path):
     model, _, _ = create_model(tiny)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
     summary = finetune(_cfg(data, tiny, tmp_path, finetune="full", epochs=2), model)
-    changed = {k.split(".")[0] for k, v in model.net.state_dict().items() if not torch.equal(v, before[k].half().float())}
+    changed = {k.split(".")[0] for k, v in model.net.state_dict().items()
+               if not torch.equal(v, before[k].half().float())}
     assert {"visual", "transformer"} <= changed
     assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
 
@@ -129,3 +130,12 @@ def test_an_index_built_with_the_tuned_model_serves(lit_run, data, tmp_path):
         assert hits[0].score == pytest.approx(1.0, abs=1e-3)
         found = c.search_text("a dog runs through the grass", k=5)
         assert len(found) == 5 and all(np.isfinite(h.score) for h in found)
+
+
+def test_the_train_command_takes_finetuning_defaults_unless_a_flag_sets_them(tiny):
+    from retrieval.cli import build_parser
+    from retrieval.commands.train import finetune_config
+
+    args = build_parser().parse_args(["train", "--model", tiny, "--data", "d", "--finetune", "full", "--lr", "3e-4"])
+    cfg = finetune_config(args)
+    assert (cfg.finetune, cfg.lr, cfg.epochs, cfg.batch_size, cfg.out) == ("full", 3e-4, 5, 64, "runs/finetune")

@@ -97,7 +97,8 @@ def dev_metrics(model: OpenClipEncoder, dev: CaptionDataset, cfg: FinetuneConfig
     return out
 
 
-def _batch_pixels(paths: list[str], idx: torch.Tensor, transform, size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+def _batch_pixels(paths: list[str], idx: torch.Tensor, transform, size: int,
+                  seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """A batch's images with fresh random crops (seeded per epoch and item); the mask of those that decoded."""
     with torch.random.fork_rng(devices=[]):  # the loader reseeds torch's RNG per item in this process
         _, pixels, errors = next(image_loader([paths[i] for i in idx.tolist()], transform, size, len(idx), 0, seed))
