@@ -41,13 +41,17 @@ class OpenClipEncoder(nn.Module):
         self.config = {"open_clip": arch, "pretrained": pretrained, "embed_dim": self.embed_dim}
         self.eval()
 
+    # Inputs go to the model's device and the unit vectors come back on the inputs' device, so bulk
+    # encoding (CPU batches) works for a model on a GPU too.
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net.encode_image(pixels).float(), dim=-1)
+        device = self.net.logit_scale.device
+        return F.normalize(self.net.encode_image(pixels.to(device)).float(), dim=-1).to(pixels.device)
 
     @torch.inference_mode()
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net.encode_text(token_ids).float(), dim=-1)
+        device = self.net.logit_scale.device
+        return F.normalize(self.net.encode_text(token_ids.to(device)).float(), dim=-1).to(token_ids.device)
 
     def fingerprint(self) -> str:
         return state_fingerprint(f"open_clip:{self.arch}", self.net.state_dict())

@@ -171,7 +171,7 @@ def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
                 else:
                     pixels, ok = _batch_pixels(paths, idx, train_tf, size, cfg.seed + 7919 * epoch + b)
                     zi = F.normalize(model.net.encode_image(pixels[ok].to(device)), dim=-1)
-                zt = F.normalize(model.net.encode_text(ids[torch.from_numpy(ok)]), dim=-1)
+                zt = F.normalize(model.net.encode_text(ids[torch.from_numpy(ok).to(device)]), dim=-1)
                 loss = loss_fn(zi, zt, model.net.logit_scale.exp())
                 optimizer_step(model.net, loss, opt, sched, cfg.max_logit_scale)
                 losses.append(loss.item())
