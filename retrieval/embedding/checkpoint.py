@@ -40,7 +40,7 @@ def save_checkpoint(path: str | Path, model, half: bool = False, **extra: Any) -
     if half:
         heads = {k: v.half() if _halved(k, v) else v for k, v in heads.items()}
     tensors = {k: v.contiguous() for k, v in heads.items()}
-    document = {"format": FORMAT, "name": model.name, "config": model.config.to_dict(), "fingerprint": model.fingerprint(),
+    document = {"format": FORMAT, "name": model.name, "config": _config_dict(model.config), "fingerprint": model.fingerprint(),
                 **{k: _pack(v, tensors, f"{_STATE}{k}") for k, v in extra.items()}}
     blob = safetensors.torch.save(tensors, metadata={_METADATA_KEY: json.dumps(document)})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +54,11 @@ def save_checkpoint(path: str | Path, model, half: bool = False, **extra: Any) -
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A SphereModel's typed ModelConfig, or an open_clip model's plain dict."""
+    return config if isinstance(config, dict) else config.to_dict()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

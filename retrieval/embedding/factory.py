@@ -86,6 +86,9 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
 
     if name_or_checkpoint.endswith((".pt", ".pth", SUFFIX)) or Path(name_or_checkpoint).is_file():
         model = checkpoint_model(name_or_checkpoint)
+        if not isinstance(model, SphereModel):  # a fine-tuned open_clip model
+            model = to_device(model, device).eval()
+            return model, model.preprocess, model.tokenizer
     else:
         config = get_model_config(name_or_checkpoint)
         model = build_sphere_model(name_or_checkpoint, config)
@@ -99,12 +102,17 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
     return model, image_preprocess(model), text_tokenizer(model)
 
 
-def checkpoint_model(path: str | Path) -> SphereModel:
+def checkpoint_model(path: str | Path) -> torch.nn.Module:
     """The model a checkpoint file describes, with its trained heads. Its text model must be one a
     registered config uses: a checkpoint is data, and a free-form spec would import a module or
     read a folder that the file chose (the image tower's variant is checked against the packaged
-    ones when it is built)."""
+    ones when it is built). A fine-tuned open_clip checkpoint names an architecture of open_clip's
+    own registry (`retrieval.embedding.open_clip_model.open_clip_checkpoint_model`)."""
     ckpt = load_checkpoint(path)
+    from retrieval.embedding.open_clip_model import is_open_clip_checkpoint, open_clip_checkpoint_model
+
+    if is_open_clip_checkpoint(ckpt["config"]):
+        return open_clip_checkpoint_model(str(path), ckpt)
     config = ModelConfig.from_dict(ckpt["config"], source=f"checkpoint '{path}': config")
     text_model = config.text_tower.model
     registered = {get_model_config(name).text_tower.model for name in list_models()}
