@@ -1,0 +1,170 @@
+"""Index builds on a Ray cluster (`index-builder build --ray`), against the single-process builder.
+
+A two-node cluster (one CPU each) runs on loopback for the module (`ray.cluster_utils.Cluster`,
+Ray's own multi-node test cluster: its nodes are this process's children and stop with it). On a
+small real Flickr8k cut with one corrupt image, a Ray build gives the single-process build's
+vectors bit for bit (both run each forward pass on one thread) and its counts and bad-file
+report; a driver killed mid-encode leaves shards that the rerun reuses instead of encoding again;
+and `--ray` without Ray installed is one clear error.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_mini_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed: pip install '.[ray]' (the dev extra has it)")
+SHARD = 16  # items per shard: two forward passes of 8 images
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> Path:
+    """24 real images with their captions, and one corrupt image with a caption of its own."""
+    root = make_mini_dataset(tmp_path_factory.mktemp("ray_mini"), {"train": 16, "test": 8})
+    (root / "images" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with (root / "captions.csv").open("a") as f:
+        f.write("zz_corrupt.jpg,a picture that does not decode\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node of one CPU each on this machine; yields the head's address."""
+    if not HAVE_RAY:
+        pytest.skip("Ray is not installed")
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "object_store_memory": 200 * 1024 * 1024, "include_dashboard": False}
+    nodes = Cluster(initialize_head=True, connect=False, head_node_args=node)
+    try:
+        nodes.add_node(**node)
+        nodes.wait_for_nodes()
+        yield nodes.address
+    finally:
+        nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(mini, default_model, tmp_path_factory) -> Path:
+    """The single-process build, each forward pass on one thread (as each Ray actor has one CPU)."""
+    from index_builder.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("single") / "index"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build(BuildConfig(out=str(out), dataset=str(mini), shard_size=SHARD, workers=0, progress=False),
+              loaded=default_model)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def published(root: Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(manifest, {modality: (ids, stored vectors) sorted by id}) of the current version."""
+    from retrieval.store.reader import INDEX_FILES, MANIFEST, read_current, reconstruct
+
+    version = root / read_current(root)
+    vectors = {}
+    for modality, name in INDEX_FILES.items():
+        index = faiss.read_index(str(version / name))
+        ids = np.sort(faiss.vector_to_array(faiss.downcast_index(index).id_map))
+        vectors[modality] = (ids, reconstruct(index, ids))
+    return json.loads((version / MANIFEST).read_text()), vectors
+
+
+def assert_same_index(root: Path, reference: Path) -> dict:
+    """The two builds' stored vectors are equal bit for bit, under the same ids; returns root's manifest."""
+    manifest, vectors = published(root)
+    expected_manifest, expected = published(reference)
+    for modality, (ids, vecs) in expected.items():
+        assert len(ids) > 0
+        assert np.array_equal(vectors[modality][0], ids), f"{modality}: different ids"
+        assert vectors[modality][1].tobytes() == vecs.tobytes(), f"{modality}: vectors differ"
+    for key in ("num_images", "num_texts", "fingerprint", "index_factory"):
+        assert manifest[key] == expected_manifest[key], key
+    assert manifest["report"]["skipped"] == expected_manifest["report"]["skipped"]
+    return manifest
+
+
+@needs_ray
+@pytest.mark.dataset
+def test_ray_build_matches_single_process_build(mini, cluster, reference, default_model, tmp_path, monkeypatch):
+    from index_builder.build import BuildConfig, build
+
+    monkeypatch.setenv("RAY_ADDRESS", cluster)
+    out = tmp_path / "index"
+    build(BuildConfig(out=str(out), dataset=str(mini), shard_size=SHARD, progress=False, ray="auto"),
+          loaded=default_model)
+    manifest = assert_same_index(out, reference)
+    expected, _ = published(reference)
+    assert manifest["report"]["counts"] == expected["report"]["counts"]
+    assert [s["item"] for s in manifest["report"]["skipped"]] == ["zz_corrupt.jpg"]
+    assert manifest["report"]["config"]["ray"] == "auto"
+
+
+@needs_ray
+@pytest.mark.dataset
+def test_killed_ray_build_resumes_from_its_shards(mini, cluster, reference, default_model, tmp_path):
+    from index_builder.build import BuildConfig, build
+
+    out = tmp_path / "index"
+    env = {**os.environ, "RAY_ADDRESS": cluster,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # shards of one forward pass (8 images), so that most are still to come when the first appears
+    argv = [sys.executable, "-m", "index_builder", "-q", "build", "--out", str(out), "--dataset", str(mini),
+            "--shard-size", "8", "--no-progress", "--ray", "auto"]
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    try:
+        while not list(out.glob(".work-*/images/shard-*.npz")):
+            assert driver.poll() is None, f"the build ended before it could be killed:\n{driver.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no shard written in 300 s"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)  # the driver, mid-encode
+    finally:
+        driver.kill()
+        driver.wait()
+    assert not (out / "CURRENT").exists(), "the killed build published nothing"
+    written: set[str] = set()  # items in the shards the killed build left (its actors may still add some)
+    for path in out.glob(".work-*/images/shard-*.npz"):
+        with np.load(path) as z:
+            written.update(z["sha"].tolist() + z["bad_sha"].tolist())
+    assert written
+
+    manifest = build(BuildConfig(out=str(out), dataset=str(mini), shard_size=8, progress=False, ray=cluster),
+                     loaded=default_model)
+    counts = manifest["report"]["counts"]
+    expected = published(reference)[0]["report"]["counts"]
+    good, bad = expected["images_encoded"], expected["images_skipped"]
+    assert counts["images_resumed"] >= len(written), "every item in a finished shard is reused"
+    # and the rest encoded once: resumed + encoded now = all, less the bad files found now (not counted as encoded)
+    assert good <= counts["images_resumed"] + counts["images_encoded"] <= good + bad
+    assert counts["images_encoded"] < good
+    assert_same_index(out, reference)
+
+
+def test_ray_flag_without_ray_is_one_clear_error(mini, tmp_path, monkeypatch, capsys):
+    from index_builder.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without Ray installed
+    monkeypatch.delitem(sys.modules, "index_builder.ray_encode", raising=False)
+    assert main(["build", "--out", str(tmp_path / "index"), "--dataset", str(mini), "--ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--ray needs Ray Data, which is not installed" in err and "pip install" in err
+    assert not (tmp_path / "index").exists(), "nothing was started"
