@@ -51,13 +51,14 @@ try:
     from ray.data import ActorPoolStrategy
 except ImportError as e:  # the one clear error of `--ray` without Ray, before any work is done
     raise DatasetError(f"--ray needs Ray Data, which is not installed ({e}); "
-                       "install it with pip install 'ray[data]>=2.9' (the project's [ray] extra)") from None
+                       "install it with pip install 'ray[data]>=2.10' (the project's [ray] extra)") from None
 
 from index_builder.encode import EncodeStats, ShardStore, encode_pixels
 
 log = logging.getLogger(__name__)
 
 LOCAL = "local"  # `--ray` without an address: a Ray instance started in this process, stopped after the build
+JOIN_TIMEOUT_S = 300  # how long a cluster without CPUs or GPUs gets for a worker node to join
 
 
 class RayEncoder:
@@ -72,13 +73,28 @@ class RayEncoder:
                 ray.init(address=LOCAL, include_dashboard=False)
             else:
                 ray.init(address=address)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise DatasetError(f"--ray {address}: cannot connect to a Ray cluster: {e}") from None
+        except (ConnectionError, RuntimeError, ValueError) as e:  # the first line: Ray may append a traceback
+            raise DatasetError(f"--ray {address}: cannot connect to a Ray cluster: {_first_line(e)}") from None
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        resources = ray.cluster_resources()
-        self.gpus, self.cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+        self.gpus, self.cpus = self._compute(address)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         log.info("ray: connected to %s: %d node(s), %d CPU(s), %d GPU(s)", address, nodes, self.cpus, self.gpus)
+
+    @staticmethod
+    def _compute(address: str) -> tuple[int, int]:
+        """(GPUs, CPUs) of the cluster, once it has any: a head that only coordinates (no CPUs,
+        as in docker-compose.yml) may be up before its first worker node has joined."""
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while True:
+            resources = ray.cluster_resources()
+            gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+            if gpus or cpus:
+                return gpus, cpus
+            if time.monotonic() > deadline:
+                raise DatasetError(f"--ray {address}: the cluster has no CPU or GPU to encode on "
+                                   f"(no worker node joined in {JOIN_TIMEOUT_S} s)")
+            log.info("ray: the cluster has no CPU or GPU yet; waiting for a worker node to join")
+            time.sleep(5)
 
     def close(self) -> None:
         ray.shutdown()
@@ -238,5 +254,8 @@ def _user_error(error: BaseException) -> RetrievalError:
         if isinstance(seen, RetrievalError) and not isinstance(seen, ray.exceptions.RayError):
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
-    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    return RetrievalError(f"encoding on Ray failed: {first.strip()} (finished shards are kept: a rerun resumes)")
+    return RetrievalError(f"encoding on Ray failed: {_first_line(error)} (finished shards are kept: a rerun resumes)")
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -6,12 +6,20 @@ small real Flickr8k cut with one corrupt image, a Ray build gives the single-pro
 vectors bit for bit (both run each forward pass on one thread) and its counts and bad-file
 report; a driver killed mid-encode leaves shards that the rerun reuses instead of encoding again;
 and `--ray` without Ray installed is one clear error.
+
+Ray on Linux binds every node to the machine's network address, never to loopback; as root, the
+cluster runs in a network namespace of its own whose only interface is loopback (`loopback_only`),
+so its traffic stays on 127.0.0.1.
 """
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import importlib.util
 import json
 import os
+import socket
+import struct
 import signal
 import subprocess
 import sys
@@ -42,14 +50,38 @@ def mini(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def loopback_only():
+    """This thread (and the processes and threads it starts) in a new network namespace whose
+    only interface, loopback, is up; back to the original one afterwards. Needs CAP_SYS_ADMIN
+    (root): without it, nothing changes. Yields the address nodes should bind to."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+            yield None
+            return
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # ip link set lo up
+            flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 0)))[1]  # SIOCGIFFLAGS
+            fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))  # SIOCSIFFLAGS, IFF_UP
+        try:
+            yield "127.0.0.1"
+        finally:
+            assert libc.setns(original, 0x40000000) == 0, f"setns: errno {ctypes.get_errno()}"
+    finally:
+        os.close(original)
+
+
+@pytest.fixture(scope="module")
+def cluster(loopback_only):
     """A head and a worker node of one CPU each on this machine; yields the head's address."""
     if not HAVE_RAY:
         pytest.skip("Ray is not installed")
     from ray.cluster_utils import Cluster
 
-    node = {"num_cpus": 1, "object_store_memory": 200 * 1024 * 1024, "include_dashboard": False}
-    nodes = Cluster(initialize_head=True, connect=False, head_node_args=node)
+    node = {"num_cpus": 1, "object_store_memory": 200 * 1024 * 1024}
+    if loopback_only:
+        node["node_ip_address"] = loopback_only
+    nodes = Cluster(initialize_head=True, connect=False, head_node_args={**node, "include_dashboard": False})
     try:
         nodes.add_node(**node)
         nodes.wait_for_nodes()
