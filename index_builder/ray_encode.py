@@ -25,7 +25,10 @@ work directory, so resume, incremental builds, bad-file reports and the manifest
   them as one shard (temporary name, fsync, rename) before it returns, so a killed worker or
   driver leaves only complete shards, which the rerun reuses. The actors write them rather than a
   separate write stage: no vectors cross the cluster, and no write task waits for a CPU the actors
-  hold. Captions are encoded on the cluster too (bench/results/ray.md measures both ways).
+  hold.
+- Captions are encoded on the cluster too, not in the driver: on 2 one-CPU nodes their stage took
+  65 s against the driver's 74 s (bench/results/ray.md), and on a real cluster the driver's cores
+  would cap it while the actors scale with the nodes and their GPUs.
 - The index root (its work directory), the images and a checkpoint given by path must be on a
   filesystem every node sees at the same path (NFS, or an object store mounted with s3fs or
   gcsfuse): a folder of images or the work directory that a node cannot see fails the build with
@@ -75,7 +78,9 @@ class RayEncoder:
                 ray.init(address=address)
         except (ConnectionError, RuntimeError, ValueError) as e:  # the first line: Ray may append a traceback
             raise DatasetError(f"--ray {address}: cannot connect to a Ray cluster: {_first_line(e)}") from None
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = progress
+        context.raise_original_map_exception = True  # a task's own error reaches the driver (see _user_error)
         self.gpus, self.cpus = self._compute(address)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         log.info("ray: connected to %s: %d node(s), %d CPU(s), %d GPU(s)", address, nodes, self.cpus, self.gpus)
@@ -153,9 +158,7 @@ class RayEncoder:
                 stats.shards.append(str(shard["shard"]))
                 log.info("ray: %s from %s: %d %s(s), %d failed; %d of %d done", shard["shard"], shard["node"],
                          shard["items"], modality, shard["failed"], stats.items + stats.failed, total)
-        except RetrievalError:
-            raise
-        except Exception as e:  # a failure anywhere in the cluster: the user's error, or one line
+        except Exception as e:  # a failure anywhere in the cluster: the typed error a task raised, or one line
             raise _user_error(e) from None
         stats.seconds = time.perf_counter() - start
         log.info("ray: encoded %d %s(s) (%d failed) into %d shard(s) in %.1fs (%.1f/s)", stats.items, modality,
@@ -201,6 +204,14 @@ class _Encoder:
     number, and a retried call rewrites its own shard. Returns one row: {shard, items, failed, node}."""
 
     def __init__(self, model: str, fingerprint: str, modality: str, directory: str, first: int):
+        self.node, self.modality, self.first = ray.util.get_node_ip_address(), modality, first
+        self.problem: RetrievalError | None = None
+        try:
+            self._load(model, fingerprint, Path(directory))
+        except RetrievalError as e:  # raised by the first call: Ray reports a call's error, not a constructor's
+            self.problem = e
+
+    def _load(self, model: str, fingerprint: str, directory: Path) -> None:
         import torch
 
         from retrieval.embedding.factory import create_model
@@ -210,20 +221,21 @@ class _Encoder:
         if self.device.type == "cpu":  # the CPUs Ray gave this actor (one: as the builder's streams on 2 cores)
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.model, preprocess, self.tokenizer = create_model(model)
-        self.node = ray.util.get_node_ip_address()
         if self.model.fingerprint() != fingerprint:
             raise FingerprintMismatchError(
                 f"model '{model}' on Ray node {self.node} has fingerprint {self.model.fingerprint()}, not the "
                 f"driver's {fingerprint}: every node needs the same model")
         self.model.to(self.device)
         self.per_batch = split_transform(preprocess)[1]
-        self.modality, self.dim, self.first = modality, int(self.model.embed_dim), first
-        _require_visible([Path(directory)])  # never shards into a node-local folder the driver cannot see
-        self.store = ShardStore(Path(directory), self.dim)
+        self.dim = int(self.model.embed_dim)
+        _require_visible([directory])  # never shards into a node-local folder the driver cannot see
+        self.store = ShardStore(directory, self.dim)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        if self.problem is not None:
+            raise self.problem
         shas: list[str] = []
         vectors: list[np.ndarray] = []
         bad: dict[str, str] = {}
@@ -245,14 +257,15 @@ class _Encoder:
 
 
 def _user_error(error: BaseException) -> RetrievalError:
-    """The RetrievalError a task raised (Ray wraps it, with the remote traceback), else one line
-    saying what failed."""
+    """The RetrievalError raised here or by a task, as one line (Ray wraps a task's error in a
+    RayTaskError that is also an instance of it, with the remote traceback as its message, and Ray
+    Data appends advice to the original's), else one line saying what failed."""
     seen: BaseException | None = error
     for _ in range(10):
         if seen is None:
             break
         if isinstance(seen, RetrievalError) and not isinstance(seen, ray.exceptions.RayError):
-            return seen
+            return type(seen)(_first_line(seen))
         seen = getattr(seen, "cause", None) or seen.__cause__
     return RetrievalError(f"encoding on Ray failed: {_first_line(error)} (finished shards are kept: a rerun resumes)")
 

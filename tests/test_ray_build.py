@@ -5,7 +5,8 @@ Ray's own multi-node test cluster: its nodes are this process's children and sto
 small real Flickr8k cut with one corrupt image, a Ray build gives the single-process build's
 vectors bit for bit (both run each forward pass on one thread) and its counts and bad-file
 report; a driver killed mid-encode leaves shards that the rerun reuses instead of encoding again;
-and `--ray` without Ray installed is one clear error.
+workers whose model is not the driver's fail the build with one typed error; and `--ray` without
+Ray installed is one clear error.
 
 Ray on Linux binds every node to the machine's network address, never to loopback; as root, the
 cluster runs in a network namespace of its own whose only interface is loopback (`loopback_only`),
@@ -188,6 +189,28 @@ def test_killed_ray_build_resumes_from_its_shards(mini, cluster, reference, defa
     assert good <= counts["images_resumed"] + counts["images_encoded"] <= good + bad
     assert counts["images_encoded"] < good
     assert_same_index(out, reference)
+
+
+@needs_ray
+@pytest.mark.dataset
+def test_ray_workers_refuse_a_model_other_than_the_drivers(mini, cluster, default_model, tmp_path):
+    """Vectors of two models never share a work directory: an actor whose model differs from the
+    driver's (here the driver's is changed in memory) fails the build with one typed error."""
+    import copy
+
+    from index_builder.build import BuildConfig, build
+    from retrieval.errors import FingerprintMismatchError
+
+    model, preprocess, tokenizer = default_model
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    out = tmp_path / "index"
+    with pytest.raises(FingerprintMismatchError, match="every node needs the same model") as raised:
+        build(BuildConfig(out=str(out), dataset=str(mini), progress=False, ray=cluster),
+              loaded=(changed, preprocess, tokenizer))
+    assert len(str(raised.value).splitlines()) == 1
+    assert not list(out.glob(".work-*/*/shard-*.npz"))
 
 
 def test_ray_flag_without_ray_is_one_clear_error(mini, tmp_path, monkeypatch, capsys):
