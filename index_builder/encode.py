@@ -72,12 +72,17 @@ class ShardStore:
                 path.unlink(missing_ok=True)
         return done, {k: v for k, v in failed.items() if k not in done}
 
-    def write(self, shas: Sequence[str], vectors: np.ndarray, bad: dict[str, str]) -> Path:
+    def next_number(self) -> int:
+        existing = self.shard_paths()
+        return int(SHARD_RE.match(existing[-1].name).group(1)) + 1 if existing else 1
+
+    def write(self, shas: Sequence[str], vectors: np.ndarray, bad: dict[str, str], number: int | None = None) -> Path:
+        """Write one shard atomically; `number` (default: the next one) lets several writers
+        (`index_builder.ray_encode`) each take their own."""
         vectors = np.asarray(vectors, np.float32).reshape(len(shas), self.dim)
         if len(shas) and not is_unit_norm(vectors):
             raise RetrievalError("the model returned vectors that are not unit norm; refusing to store them")
-        existing = self.shard_paths()
-        number = int(SHARD_RE.match(existing[-1].name).group(1)) + 1 if existing else 1
+        number = self.next_number() if number is None else number
         path = self.dir / f"shard-{number:06d}.npz"
         tmp = self.dir / f"shard-{number:06d}.tmp.npz"
         np.savez(tmp, sha=np.array(list(shas), dtype="U64"), vectors=vectors,
@@ -133,6 +138,17 @@ class _ShardWriter:
         self.shas, self.vecs, self.bad = [], [], {}
 
 
+def encode_pixels(model, shas: Sequence[str], pixels: torch.Tensor, errors: Sequence[str],
+                  dim: int) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """One batch through the image encoder: (shas of the good rows, their vectors (n, D), {sha:
+    reason} of the rows that did not decode; their placeholders are not run through the model)."""
+    ok = [j for j, e in enumerate(errors) if not e]
+    vecs = np.zeros((0, dim), np.float32)
+    if ok:
+        vecs = model.encode_image(pixels if len(ok) == len(errors) else pixels[ok]).float().cpu().numpy()
+    return [shas[j] for j in ok], vecs, {sha: e for sha, e in zip(shas, errors) if e}
+
+
 def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence[tuple[str, Path]], *,
                   batch_size: int = IMAGE_BATCH, workers: int | None = None, streams: int | None = None,
                   shard_size: int = 2048, progress: bool = True) -> EncodeStats:
@@ -152,14 +168,8 @@ def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence
     loader = image_loader([p for _, p in todo], preprocess, size, batch_size, workers)
 
     def encode(batch: tuple[torch.Tensor, torch.Tensor, list[str]]) -> tuple[list[str], np.ndarray, dict[str, str]]:
-        """(shas of the good rows, their vectors (n, D), {sha: reason} of the bad ones)."""
         idx, pixels, errors = batch
-        ok = [j for j, e in enumerate(errors) if not e]
-        shas = [todo[r][0] for r in idx.tolist()]
-        vecs = np.zeros((0, store.dim), np.float32)
-        if ok:
-            vecs = model.encode_image(pixels if len(ok) == len(errors) else pixels[ok]).float().numpy()
-        return [shas[j] for j in ok], vecs, {sha: e for sha, e in zip(shas, errors) if e}
+        return encode_pixels(model, [todo[r][0] for r in idx.tolist()], pixels, errors, store.dim)
 
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()

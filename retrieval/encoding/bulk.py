@@ -57,13 +57,20 @@ def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: i
     None picks `default_workers()`. The transform's per-batch tail (`split_transform`) runs here,
     on whole batches.
     `seed`: per-item seeding of random transforms (see ImageFileDataset)."""
-    per_image, per_batch = split_transform(transform)
-    with torch.random.fork_rng(devices=[]):  # a random transform draws here too (CPU RNG only)
-        placeholder = torch.zeros_like(per_image(Image.new("RGB", (image_size, image_size))))
-    dataset = ImageFileDataset(paths, per_image, image_size, placeholder, seed)
+    dataset, per_batch = image_dataset(paths, transform, image_size, seed)
     workers = default_workers() if workers is None else workers
     for idx, pixels, errors in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         yield idx, per_batch(pixels), errors
+
+
+def image_dataset(paths: Sequence[str | Path], transform: Callable, image_size: int,
+                  seed: int | None = None) -> tuple[ImageFileDataset, Callable[[torch.Tensor], torch.Tensor]]:
+    """(dataset of each file's per-image pixels, the transform's per-batch tail): `image_loader`'s
+    decoding, for callers that batch and place the work themselves (`index_builder.ray_encode`)."""
+    per_image, per_batch = split_transform(transform)
+    with torch.random.fork_rng(devices=[]):  # a random transform draws here too (CPU RNG only)
+        placeholder = torch.zeros_like(per_image(Image.new("RGB", (image_size, image_size))))
+    return ImageFileDataset(paths, per_image, image_size, placeholder, seed), per_batch
 
 
 def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, *, project: bool = True,
