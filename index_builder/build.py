@@ -22,12 +22,12 @@ import numpy as np
 from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
 from retrieval.embedding.factory import DEFAULT_MODEL
 from retrieval.encoding.bulk import IMAGE_BATCH, default_workers
-from retrieval.store.reader import (FORMAT, INDEX_FILES, MANIFEST, META, IndexVersion, query_rows, read_current, reconstruct,
-                             sha256_file, with_bias)
+from retrieval.store.reader import (FORMAT, INDEX_FILES, MANIFEST, META, STORAGE_MEMORY, STORAGE_MMAP, IndexVersion,
+                                    query_rows, read_current, reconstruct, sha256_file, with_bias)
 from retrieval.embedding.querybank import QueryBank, querybank_of
 from retrieval.sphere import is_unit_norm
 
-from index_builder import faiss_index
+from index_builder import faiss_index, ivf_ondisk
 from index_builder.encode import ShardStore, encode_images, encode_texts
 from index_builder.metadata import read_hashes, write_metadata
 from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
@@ -47,6 +47,7 @@ class BuildConfig:
     split: str | None = None
     model: str = DEFAULT_MODEL
     index_factory: str | None = None
+    on_disk: bool = False
     incremental: bool = False
     keep: int = 3
     shard_size: int = 4096
@@ -118,6 +119,7 @@ def _reusable(base: IndexVersion | None, modality: str, table: str) -> dict[int,
         return {}
     hashes = read_hashes(base.path / META, table)
     probe = np.asarray(list(hashes)[:64], np.int64)
+    faiss_index.allow_reconstruct(base.indexes[modality])
     try:
         ok = is_unit_norm(reconstruct(base.indexes[modality], probe)[:, :-1])
     except RuntimeError:
@@ -150,6 +152,8 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
         fingerprint, dim = model.fingerprint(), int(model.embed_dim)
         if cfg.index_factory:
             faiss_index.make_index(dim + 1, cfg.index_factory)  # a bad factory string fails now, not after encoding
+            if cfg.on_disk:
+                ivf_ondisk.check_factory(cfg.index_factory, dim + 1)
         base = _base_version(root, cfg, fingerprint)
         try:
             return _build_locked(cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers, started)
@@ -211,20 +215,30 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     }
     name = next_version(root)
     tmp = new_temp_dir(root)
-    factories, recalls, types = {}, {}, {}
+    factories, recalls, types, storage, index_files = {}, {}, {}, {}, []
     bank = querybank_of(model)
     for modality, mod in mods.items():
-        other = mods["text" if modality == "image" else "image"]
-        factory = "Flat" if mod.count == 0 else (cfg.index_factory or faiss_index.choose_factory(mod.count))
-        log.info("building the %s index (%s) over %d vectors", modality, factory, mod.count)
+        other_name = "text" if modality == "image" else "image"
+        other = mods[other_name]
+        on_disk = mod.count > 0 and ivf_ondisk.wanted(cfg.on_disk, mod.count, cfg.index_factory, dim + 1)
+        factory = "Flat" if not mod.count else cfg.index_factory or faiss_index.choose_factory(mod.count, ivf=on_disk)
+        log.info("building the %s index (%s%s) over %d vectors", modality, factory, ", on disk" * on_disk, mod.count)
         stored = _with_bias(mod.blocks, bank, modality)
-        index = faiss_index.build_index(stored, mod.count, dim + 1, factory)
-        source = other if other.count else mod
-        queries = faiss_index.sample(source.blocks, source.count, cfg.recall_queries) if source.count else np.zeros((0, dim), np.float32)
-        recall = faiss_index.recall_at_10(index, stored, query_rows(queries, cross_modal=bool(other.count)))
-        recall["query_source"] = ("text" if modality == "image" else "image") if other.count else f"{modality} (in-collection sample)"
-        faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
-        factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
+        if on_disk:
+            index, files = ivf_ondisk.build(stored, mod.count, dim + 1, factory, tmp, Path(INDEX_FILES[modality]).stem,
+                                            work / f"ivf-{modality}")
+        else:
+            index, files = faiss_index.build_index(stored, mod.count, dim + 1, factory), [INDEX_FILES[modality]]
+            faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
+        recall = faiss_index.recall_at_10(index, stored, {   # what cross-modal queries get, and in-collection ones
+            "cross_modal": _query_sample(other, cfg.recall_queries, True),
+            "same_modal": _query_sample(mod, cfg.recall_queries, False)})
+        recall["cross_modal"]["query_source"] = other_name
+        recall["same_modal"]["query_source"] = f"{modality} (in-collection sample)"
+        headline = recall["cross_modal"] if other.count else recall["same_modal"]
+        factories[modality], types[modality] = factory, faiss_index.describe(index)
+        recalls[modality] = {**headline, **recall}
+        storage[modality], index_files = STORAGE_MMAP if on_disk else STORAGE_MEMORY, index_files + files
         del index
 
     def text_rows():
@@ -246,6 +260,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "num_texts": len(texts),
         "index_factory": factories,
         "index_type": types,
+        "storage": storage,
         "recall_at_10": {m: r["recall_at_10"] for m, r in recalls.items()},
         "recall": recalls,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -257,7 +272,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
                               "captions_per_second": round(txt_stats.per_second, 2),
                               "workers": workers, "streams": img_stats.streams, "shards_written": len(img_stats.shards) + len(txt_stats.shards)},
                    "config": asdict(cfg)},
-        "files": {f: sha256_file(tmp / f) for f in sorted([*INDEX_FILES.values(), META])},
+        "files": {f: sha256_file(tmp / f) for f in sorted([*index_files, META])},
     }
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -279,6 +294,13 @@ def _with_bias(blocks, bank: QueryBank, modality: str):
             assert len(biases[i]) == len(ids), "blocks must come in the same order on every pass"
             yield ids, with_bias(vecs, biases[i])
     return stored
+
+
+def _query_sample(mod: _Modality, want: int, cross_modal: bool) -> np.ndarray:
+    """About `want` query rows spread over the modality's items ([q, 1] for cross-modal, else [q, 0])."""
+    if not mod.count:
+        return np.zeros((0, 0), np.float32)
+    return query_rows(faiss_index.sample(mod.blocks, mod.count, want), cross_modal=cross_modal)
 
 
 def _model_spec(name: str) -> str:

@@ -8,6 +8,11 @@ Layout under an index root (written by `index_builder.publish`):
     ROOT/v0007/texts.faiss    the same for captions
     ROOT/v0007/meta.sqlite    tables `images(id, uri, sha256)` and `texts(id, caption, image_id, image_uri, sha256)`
 
+An index the manifest's `storage` marks "mmap" (built on disk, `index_builder.ivf_ondisk`) is a bare
+IVF index whose inverted lists live in `images.ivfdata` beside it, memory-mapped rather than read
+into RAM, with its biases in a side table (`images.ids.npy`, `images.bias.npy`:
+`retrieval.store.bias_table`); "memory" (the default) is read whole.
+
 Each stored vector is a unit embedding g (D) plus its inverted-softmax bias b_g as coordinate D+1
 (`retrieval.embedding.querybank`; 0 for models without a query bank). A cross-modal query q searches with
 [q, 1], so the index ranks by cos(q, g) + b_g; any other with [q, 0], the plain cosine. Search
@@ -28,6 +33,7 @@ import faiss
 import numpy as np
 
 from retrieval.errors import IndexCorruptError, IndexFormatError, IndexUnavailableError, InvalidInputError
+from retrieval.store.bias_table import BiasTable
 
 FORMAT = "sphere-index/2"   # /2: vectors carry the inverted-softmax bias as coordinate D+1
 CURRENT = "CURRENT"
@@ -35,6 +41,7 @@ MANIFEST = "manifest.json"
 META = "meta.sqlite"
 INDEX_FILES = {"image": "images.faiss", "text": "texts.faiss"}
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+STORAGE_MEMORY, STORAGE_MMAP = "memory", "mmap"
 Modality = Literal["image", "text"]
 
 
@@ -92,6 +99,29 @@ def restricted_to(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParame
     return faiss.SearchParameters(sel=sel)
 
 
+def read_index_file(path: Path, storage: str = STORAGE_MEMORY) -> faiss.Index:
+    """Read an index file; with STORAGE_MMAP, map its on-disk inverted lists read-only from the data
+    file named in it, looked up next to the index file (the version directory may have been renamed
+    or mounted elsewhere since the build). That is what faiss's IO_FLAG_ONDISK_SAME_DIR does, but
+    it also prints to stdout; so the lists are read without their data, then mapped here."""
+    try:
+        if storage != STORAGE_MMAP:
+            return faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+        ivf = faiss.try_extract_index_ivf(index)
+        lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+        if not isinstance(lists, faiss.OnDiskInvertedLists):
+            raise IndexCorruptError(f"{path} is marked memory-mapped but has no on-disk inverted lists")
+        data = path.parent / Path(lists.filename).name
+        if not data.is_file() or data.stat().st_size < lists.totsize:
+            raise IndexCorruptError(f"{data}, the inverted lists of {path}, is missing or shorter than the index says")
+        lists.filename = str(data)
+        lists.do_mmap()
+        return index
+    except RuntimeError as e:  # faiss reports a missing or unreadable file this way
+        raise IndexCorruptError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,8 +133,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 class IndexVersion:
     """One published version, opened read-only: FAISS search plus SQLite metadata."""
 
-    def __init__(self, path: Path, manifest: dict, indexes: dict[str, faiss.Index]):
+    def __init__(self, path: Path, manifest: dict, indexes: dict[str, faiss.Index],
+                 bias_tables: dict[str, BiasTable] | None = None):
         self.path, self.name, self.manifest, self.indexes = path, path.name, manifest, indexes
+        self.bias_tables = bias_tables or {}
         self.dim = int(manifest["dim"])
         self._db = sqlite3.connect(f"file:{path / META}?mode=ro", uri=True, check_same_thread=False)
 
@@ -127,20 +159,20 @@ class IndexVersion:
             for name, digest in manifest.get("files", {}).items():
                 if not (path / name).is_file() or sha256_file(path / name) != digest:
                     raise IndexCorruptError(f"{path / name} is missing or does not match its checksum in the manifest")
-        indexes = {}
+        indexes, bias_tables = {}, {}
         for modality, filename in INDEX_FILES.items():
-            try:
-                index = faiss.read_index(str(path / filename))
-            except RuntimeError as e:  # faiss reports a missing or unreadable file this way
-                raise IndexCorruptError(f"cannot read {path / filename}: {str(e).splitlines()[0]}") from e
+            storage = manifest.get("storage", {}).get(modality, STORAGE_MEMORY)
+            index = read_index_file(path / filename, storage)
             if index.d != int(manifest["dim"]) + 1:
                 raise IndexCorruptError(f"{path / filename} has dimension {index.d}, the manifest's embedding "
                                         f"dimension {manifest['dim']} plus its bias coordinate is {int(manifest['dim']) + 1}")
             ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None:
+            if storage == STORAGE_MMAP:
+                bias_tables[modality] = BiasTable(path, Path(filename).stem)
+            elif ivf is not None:
                 ivf.make_direct_map()  # reconstruct by id (the bias of each hit), made before any search
             indexes[modality] = index
-        return cls(path, manifest, indexes)
+        return cls(path, manifest, indexes, bias_tables)
 
     @property
     def model(self) -> str:
@@ -169,7 +201,9 @@ class IndexVersion:
         scores, ids = index.search(query_rows(queries, cross_modal), min(k, max(1, self.count(modality))), params=params)
         if cross_modal:
             found = ids >= 0
-            scores[found] -= reconstruct(index, ids[found])[:, self.dim]   # back to the cosine
+            table = self.bias_tables.get(modality)
+            bias = table.lookup(ids[found]) if table else reconstruct(index, ids[found])[:, self.dim]
+            scores[found] -= bias   # back to the cosine
         return scores, ids
 
     def metadata(self, modality: Modality, ids: np.ndarray | list[int]) -> list[dict | None]:
