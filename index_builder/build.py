@@ -225,8 +225,9 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         log.info("building the %s index (%s%s) over %d vectors", modality, factory, ", on disk" * on_disk, mod.count)
         stored = _with_bias(mod.blocks, bank, modality)
         if on_disk:
-            index, files = ivf_ondisk.build(stored, mod.count, dim + 1, factory, tmp, Path(INDEX_FILES[modality]).stem,
-                                            work / f"ivf-{modality}")
+            built = ivf_ondisk.build(stored, mod.count, dim + 1, factory, tmp, Path(INDEX_FILES[modality]).stem,
+                                     work / f"ivf-{modality}")
+            index, files = built.index, built.files
         else:
             index, files = faiss_index.build_index(stored, mod.count, dim + 1, factory), [INDEX_FILES[modality]]
             faiss.write_index(index, str(tmp / INDEX_FILES[modality]))

@@ -25,6 +25,8 @@ import logging
 import os
 import shutil
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -138,17 +140,31 @@ def _chunks(blocks: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Itera
         yield np.concatenate(ids_buf), np.concatenate(rows_buf)
 
 
+@dataclass
+class OnDiskIndex:
+    index: faiss.Index           # opened as a server opens it: memory-mapped
+    files: list[str]             # names of the files written in the output directory
+    seconds: dict[str, float]    # train, add, merge
+
+
 def build(blocks: faiss_index.Blocks, n: int, dim: int, factory: str, out_dir: Path, stem: str, work: Path,
-          mapper: Mapper = map, block_rows: int = ADD_BLOCK) -> tuple[faiss.Index, list[str]]:
+          mapper: Mapper = map, block_rows: int = ADD_BLOCK) -> OnDiskIndex:
     """Train on an even sample of the stream, add it block by block through `mapper`, merge into
-    out_dir/{stem}.faiss + {stem}.ivfdata, and write the bias side table; returns the index (opened
-    as a server opens it: memory-mapped) and the names of the files written in out_dir.
+    out_dir/{stem}.faiss + {stem}.ivfdata, and write the bias side table.
     `work` holds the empty index and the block files until the merge is done."""
     if work.exists():
         shutil.rmtree(work)   # blocks of an interrupted build: their ids may not match this one's
     work.mkdir(parents=True)
     empty = work / "empty.faiss"
+    clock = [time.perf_counter()]
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        clock.append(time.perf_counter())
+        seconds[name] = round(clock[-1] - clock[-2], 2)
+
     empty.write_bytes(train_empty(faiss_index.sample(blocks, n, faiss_index.MAX_TRAIN), factory))
+    lap("train")
     all_ids: list[np.ndarray] = []
     biases: list[np.ndarray] = []
 
@@ -160,10 +176,13 @@ def build(blocks: faiss_index.Blocks, n: int, dim: int, factory: str, out_dir: P
 
     block_files = list(mapper(add_job, jobs()))
     faiss_index.check_count(sum(len(i) for i in all_ids), n)
+    lap("add")
     index_name, data_name = f"{stem}.faiss", f"{stem}.ivfdata"
     log.info("merging %d block(s) of the %s index on disk into %s", len(block_files), factory, out_dir / data_name)
     merge(empty, block_files, out_dir / index_name, out_dir / data_name)
     shutil.rmtree(work)
     ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
     side = write_bias_table(out_dir, stem, ids, np.concatenate(biases) if biases else np.zeros(0, np.float32))
-    return read_index_file(out_dir / index_name, STORAGE_MMAP), [index_name, data_name, *side]
+    lap("merge")
+    log.info("on-disk %s index of %d vectors: %s seconds", factory, n, seconds)
+    return OnDiskIndex(read_index_file(out_dir / index_name, STORAGE_MMAP), [index_name, data_name, *side], seconds)

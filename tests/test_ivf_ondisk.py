@@ -43,10 +43,10 @@ def gallery():
 
 
 def _build(blocks, out: Path, **kw) -> list[str]:
-    index, files = ivf_ondisk.build(blocks, N, D + 1, FACTORY, out, "images", out.parent / f"work-{out.name}",
-                                    block_rows=6000, **kw)
-    del index
-    return files
+    built = ivf_ondisk.build(blocks, N, D + 1, FACTORY, out, "images", out.parent / f"work-{out.name}",
+                             block_rows=6000, **kw)
+    assert set(built.seconds) == {"train", "add", "merge"}
+    return built.files
 
 
 def _sha(path: Path) -> str:
