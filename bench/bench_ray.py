@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def render(r: dict) -> str:
     c = r["comparison"]
-    single, ray_runs = r["runs"]["single"], r["runs"]["ray"]
+    single = r["runs"]["single"]
 
     def med(kind: str, key: str) -> float:
         return statistics.median(run["encode"][key] for run in r["runs"][kind])

@@ -23,13 +23,14 @@ import numpy as np
 from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
 from retrieval.embedding.factory import DEFAULT_MODEL
 from retrieval.encoding.bulk import IMAGE_BATCH, default_workers
-from retrieval.store.layout import FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, read_current, sha256_file
+from retrieval.store.layout import (FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, STORAGE_MEMORY, STORAGE_MMAP,
+                                    read_current, sha256_file)
 from retrieval.store.reader import IndexVersion
 from retrieval.store.vectors import query_rows, reconstruct, with_bias
 from retrieval.embedding.querybank import QueryBank, querybank_of
 from retrieval.sphere import is_unit_norm
 
-from index_builder import faiss_index
+from index_builder import faiss_index, ivf_ondisk
 from index_builder.attributes import assemble
 from index_builder.encode import ShardStore, encode_images, encode_texts
 from index_builder.geometry import version_geometry
@@ -53,6 +54,7 @@ class BuildConfig:
     uri_prefix: str = ""
     model: str = DEFAULT_MODEL
     index_factory: str | None = None
+    on_disk: bool = False
     incremental: bool = False
     keep: int = 3
     shard_size: int = 4096
@@ -127,6 +129,7 @@ def _reusable(base: IndexVersion | None, modality: str, table: str) -> dict[int,
         return {}
     hashes = read_hashes(base.path / META, table)
     probe = np.asarray(list(hashes)[:64], np.int64)
+    faiss_index.allow_reconstruct(base.indexes[modality])
     try:
         ok = is_unit_norm(reconstruct(base.indexes[modality], probe)[:, :-1])
     except RuntimeError:
@@ -159,6 +162,8 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
         fingerprint, dim = model.fingerprint(), int(model.embed_dim)
         if cfg.index_factory:
             faiss_index.make_index(dim + 1, cfg.index_factory)  # a bad factory string fails now, not after encoding
+            if cfg.on_disk:
+                ivf_ondisk.check_factory(cfg.index_factory, dim + 1)
         base = _base_version(root, cfg, fingerprint)
         ray = None
         try:
@@ -231,8 +236,10 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
 
     attrs, attr_skipped = assemble(kept_img, texts, coll.text_attrs, cfg.attributes)
     skipped += attr_skipped
-    factory_of = {m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n))
-                  for m, n in (("image", len(kept_img)), ("text", len(texts)))}
+    counts_of = {"image": len(kept_img), "text": len(texts)}
+    on_disk_of = {m: n > 0 and ivf_ondisk.wanted(cfg.on_disk, n, cfg.index_factory, dim + 1) for m, n in counts_of.items()}
+    factory_of = {m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n, ivf=on_disk_of[m]))
+                  for m, n in counts_of.items()}
     if base is not None and base.manifest.raw.get("index_factory") == factory_of \
             and same_metadata(base.path / META, kept_img, text_rows(), attrs.rows()):
         shutil.rmtree(work, ignore_errors=True)
@@ -248,20 +255,30 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     }
     name = next_version(root)
     tmp = new_temp_dir(root)
-    factories, recalls, types = {}, {}, {}
+    factories, recalls, types, storage, index_files = {}, {}, {}, {}, []
     bank = querybank_of(model)
     for modality, mod in mods.items():
-        other = mods["text" if modality == "image" else "image"]
-        factory = factory_of[modality]
-        log.info("building the %s index (%s) over %d vectors", modality, factory, mod.count)
+        other_name = "text" if modality == "image" else "image"
+        other = mods[other_name]
+        on_disk, factory = on_disk_of[modality], factory_of[modality]
+        log.info("building the %s index (%s%s) over %d vectors", modality, factory, ", on disk" * on_disk, mod.count)
         stored = _with_bias(mod.blocks, bank, modality)
-        index = faiss_index.build_index(stored, mod.count, dim + 1, factory)
-        source = other if other.count else mod
-        queries = faiss_index.sample(source.blocks, source.count, cfg.recall_queries) if source.count else np.zeros((0, dim), np.float32)
-        recall = faiss_index.recall_at_10(index, stored, query_rows(queries, cross_modal=bool(other.count)))
-        recall["query_source"] = ("text" if modality == "image" else "image") if other.count else f"{modality} (in-collection sample)"
-        faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
-        factories[modality], recalls[modality], types[modality] = factory, recall, faiss_index.describe(index)
+        if on_disk:
+            built = ivf_ondisk.build(stored, mod.count, dim + 1, factory, tmp, Path(INDEX_FILES[modality]).stem,
+                                     work / f"ivf-{modality}")
+            index, files = built.index, built.files
+        else:
+            index, files = faiss_index.build_index(stored, mod.count, dim + 1, factory), [INDEX_FILES[modality]]
+            faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
+        recall = faiss_index.recall_at_10(index, stored, {   # what cross-modal queries get, and in-collection ones
+            "cross_modal": _query_sample(other, cfg.recall_queries, True),
+            "same_modal": _query_sample(mod, cfg.recall_queries, False)})
+        recall["cross_modal"]["query_source"] = other_name
+        recall["same_modal"]["query_source"] = f"{modality} (in-collection sample)"
+        headline = recall["cross_modal"] if other.count else recall["same_modal"]
+        factories[modality], types[modality] = factory, faiss_index.describe(index)
+        recalls[modality] = {**headline, **recall}
+        storage[modality], index_files = STORAGE_MMAP if on_disk else STORAGE_MEMORY, index_files + files
         del index
     write_metadata(tmp / META, kept_img, text_rows(), attrs.rows())
     geometry = version_geometry(mods["image"].blocks, mods["image"].count, mods["text"].blocks, mods["text"].count,
@@ -281,6 +298,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "filter_fields": attrs.fields,
         "index_factory": factories,
         "index_type": types,
+        "storage": storage,
         "recall_at_10": {m: r["recall_at_10"] for m, r in recalls.items()},
         "recall": recalls,
         "geometry": geometry,
@@ -293,7 +311,7 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
                               "captions_per_second": round(txt_stats.per_second, 2),
                               "workers": workers, "streams": img_stats.streams, "shards_written": len(img_stats.shards) + len(txt_stats.shards)},
                    "config": asdict(cfg)},
-        "files": {f: sha256_file(tmp / f) for f in sorted([*INDEX_FILES.values(), META, *model_files])},
+        "files": {f: sha256_file(tmp / f) for f in sorted([*index_files, META, *model_files])},
     }
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -326,6 +344,13 @@ def _copy_model_file(name: str, version_dir: Path) -> list[str]:
     return [MODEL_FILE]
 
 
+def _query_sample(mod: _Modality, want: int, cross_modal: bool) -> np.ndarray:
+    """About `want` query rows spread over the modality's items ([q, 1] for cross-modal, else [q, 0])."""
+    if not mod.count:
+        return np.zeros((0, 0), np.float32)
+    return query_rows(faiss_index.sample(mod.blocks, mod.count, want), cross_modal=cross_modal)
+
+
 def _need(items) -> dict[str, list[int]]:
     need: dict[str, list[int]] = {}
     for it in items:
@@ -336,3 +361,10 @@ def _need(items) -> dict[str, list[int]]:
 def stable_image_id(key: str) -> int:
     """The id an image with this collection key gets (relative path under --images / dataset images/)."""
     return stable_id("image", key)
+
+
+def _model_spec(name: str) -> str:
+    """What create_model needs on another machine or process to give the same model back: a
+    checkpoint as an absolute path (on a shared filesystem, for a cluster), any other name as is."""
+    path = Path(name)
+    return str(path.resolve()) if not name.startswith("open_clip:") and path.is_file() else name

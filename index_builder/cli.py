@@ -32,6 +32,8 @@ BUILD_HELP = {
     "model": "registered model name or checkpoint path (what `retrieval` create_model accepts)",
     "index_factory": "FAISS factory string for both indexes, e.g. Flat, HNSW32,Flat, IVF1024,Flat "
                      "(when absent: Flat up to 100k vectors, then HNSW, then IVF)",
+    "on_disk": "build IVF indexes in blocks merged on disk (images.ivfdata beside images.faiss) and serve them "
+               "memory-mapped; automatic above 2M items. Without --index-factory, picks IVF at any size",
     "incremental": "encode only new or changed items on top of the current version, drop deleted ones; "
                    "when nothing changed, publish nothing",
     "keep": "versions to keep after publishing (the current one is never removed)",

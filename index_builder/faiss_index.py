@@ -36,25 +36,27 @@ def faiss_error(e: Exception) -> str:
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", lines[0]).strip()
 
 
-def choose_factory(n: int) -> str:
-    """Flat (exact) for small collections, HNSW for medium, IVF for large."""
-    if n <= EXACT_MAX:
+def choose_factory(n: int, ivf: bool = False) -> str:
+    """Flat (exact) for small collections, HNSW for medium, IVF for large (or whenever `ivf`)."""
+    if n <= EXACT_MAX and not ivf:
         return "Flat"
-    if n <= HNSW_MAX:
+    if n <= HNSW_MAX and not ivf:
         return "HNSW32,Flat"
     nlist = 1 << int(round(np.log2(4 * np.sqrt(n))))
     return f"IVF{nlist},Flat"
 
 
-def make_index(dim: int, factory: str) -> faiss.Index:
+def make_index(dim: int, factory: str, id_map: bool = True) -> faiss.Index:
+    """The empty index, wrapped in IDMap2 unless `id_map` is False (IVF indexes that keep the ids in
+    their own inverted lists: `index_builder.ivf_ondisk`)."""
     inner = factory[len("IDMap2,"):] if factory.startswith("IDMap2,") else factory
     try:
-        index = faiss.index_factory(dim, f"IDMap2,{inner}", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, f"IDMap2,{inner}" if id_map else inner, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise DatasetError(f"invalid --index-factory '{factory}' for {dim}-dimensional vectors (the embedding plus "
                            f"its inverted-softmax bias): {faiss_error(e)}; for PQ, rotate to a dimension it divides "
                            f"first, e.g. 'OPQ32_{dim - 1},IVF1024,PQ32'") from e
-    sub = faiss.downcast_index(index.index)
+    sub = faiss.downcast_index(index.index) if id_map else index
     if isinstance(sub, faiss.IndexHNSW):
         sub.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         sub.hnsw.efSearch = HNSW_EF_SEARCH
@@ -81,34 +83,49 @@ def build_index(blocks: Blocks, n: int, dim: int, factory: str) -> faiss.Index:
     each g must be unit norm."""
     index = make_index(dim, factory)
     if not index.is_trained:
-        train = sample(blocks, n, MAX_TRAIN)
-        if len(train) == 0:
-            raise DatasetError(f"index factory '{factory}' needs training vectors, and there are none")
-        log.info("training %s on %d vectors", factory, len(train))
-        try:
-            index.train(train)
-        except RuntimeError as e:
-            raise DatasetError(f"cannot train '{factory}' on {len(train)} vectors: {faiss_error(e)}") from e
+        train(index, sample(blocks, n, MAX_TRAIN), factory)
     added = 0
     for ids, vecs in blocks():
-        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-        if not is_unit_norm(vecs[:, :-1]):
-            raise RetrievalError("refusing to index embeddings that are not unit norm")
-        index.add_with_ids(vecs, np.ascontiguousarray(ids, dtype=np.int64))
+        index.add_with_ids(checked_rows(vecs), np.ascontiguousarray(ids, dtype=np.int64))
         added += len(ids)
-    if added != n:
-        raise RetrievalError(f"expected {n} vectors for the index, found {added} (work directory out of sync?)")
+    check_count(added, n)
     return index
 
 
-def recall_at_10(index: faiss.Index, blocks: Blocks, queries: np.ndarray, k: int = 10) -> dict:
-    """Mean |approximate top-k ∩ exact top-k| / k over the queries; exact search streams the
-    blocks through `faiss.contrib.exhaustive_search.knn_ground_truth`."""
+def train(index: faiss.Index, rows: np.ndarray, factory: str) -> None:
+    if len(rows) == 0:
+        raise DatasetError(f"index factory '{factory}' needs training vectors, and there are none")
+    log.info("training %s on %d vectors", factory, len(rows))
+    try:
+        index.train(rows)
+    except RuntimeError as e:
+        raise DatasetError(f"cannot train '{factory}' on {len(rows)} vectors: {faiss_error(e)}") from e
+
+
+def checked_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows [g, b_g] as float32, refused unless every g is unit norm."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if not is_unit_norm(rows[:, :-1]):
+        raise RetrievalError("refusing to index embeddings that are not unit norm")
+    return rows
+
+
+def check_count(added: int, n: int) -> None:
+    if added != n:
+        raise RetrievalError(f"expected {n} vectors for the index, found {added} (work directory out of sync?)")
+
+
+def recall_at_10(index: faiss.Index, blocks: Blocks, queries: dict[str, np.ndarray], k: int = 10) -> dict[str, dict]:
+    """For each named set of query rows (e.g. cross-modal [q, 1] and same-modal [q, 0]): mean
+    |approximate top-k ∩ exact top-k| / k. Exact search streams the blocks once for all the sets
+    through `faiss.contrib.exhaustive_search.knn_ground_truth`."""
     n = int(index.ntotal)
-    if n == 0 or len(queries) == 0:
-        return {"recall_at_10": None, "queries": 0}
+    names = [name for name, q in queries.items() if len(q)]
+    empty = {"recall_at_10": None, "queries": 0}
+    if n == 0 or not names:
+        return {name: dict(empty) for name in queries}
     k = min(k, n)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = np.ascontiguousarray(np.concatenate([queries[name] for name in names]), dtype=np.float32)
     ids: list[np.ndarray] = []
 
     def vectors() -> Iterable[np.ndarray]:
@@ -117,14 +134,27 @@ def recall_at_10(index: faiss.Index, blocks: Blocks, queries: np.ndarray, k: int
             yield np.ascontiguousarray(vecs, dtype=np.float32)
 
     start = time.perf_counter()
-    _, positions = knn_ground_truth(queries, vectors(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    _, positions = knn_ground_truth(rows, vectors(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
     exact = np.concatenate(ids)[positions]
-    _, found = index.search(queries, k)
-    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact)]
-    recall = float(np.mean(hits) / k)
-    log.info("recall@%d against exact search: %.4f over %d queries (%.1fs)", k, recall, len(queries),
-             time.perf_counter() - start)
-    return {"recall_at_10": recall, "queries": int(len(queries)), "k": k}
+    _, found = index.search(rows, k)
+    hits = np.asarray([len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact)])
+    out, at = {name: dict(empty) for name in queries}, 0
+    for name in names:
+        count = len(queries[name])
+        out[name] = {"recall_at_10": float(np.mean(hits[at:at + count]) / k), "queries": count, "k": k}
+        at += count
+        log.info("recall@%d against exact search, %s queries: %.4f over %d", k, name, out[name]["recall_at_10"], count)
+    log.info("recall check took %.1fs", time.perf_counter() - start)
+    return out
+
+
+def allow_reconstruct(index: faiss.Index) -> None:
+    """Let a bare IVF index (built on disk, its ids in its lists) give back vectors by id, through a
+    hash-table direct map (RAM per item: for the builder's incremental reuse, not for serving).
+    IDMap2-wrapped indexes already can (`retrieval.store.reader` makes their direct map)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if not isinstance(index, faiss.IndexIDMap2) and ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
 
 def describe(index: faiss.Index) -> str:

@@ -28,6 +28,9 @@ INDEX_FILES = {"image": "images.faiss", "text": "texts.faiss"}
 MODEL_FILE = "model.safetensors"  # where the builder copies a checkpoint-file model
 CHECKPOINT_SUFFIX = ".safetensors"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+# How an index file is read (the manifest's `storage`, per modality): whole into RAM, or, for an IVF
+# index built on disk, its inverted lists memory-mapped from the `.ivfdata` file beside it
+STORAGE_MEMORY, STORAGE_MMAP = "memory", "mmap"
 
 
 def version_name(number: int) -> str:

@@ -5,6 +5,11 @@ it. A version is data, never code: its manifest is checked against a typed schem
 (`retrieval.store.layout`), and its model is a registered name or a safetensors checkpoint inside
 the version (`IndexVersion.model_source`). Searches report the cosine, whether or not the ranking
 added each item's bias (`retrieval.store.vectors`).
+
+An index the manifest's `storage` marks "mmap" (built on disk, `index_builder.ivf_ondisk`) is a bare
+IVF index whose inverted lists live in `images.ivfdata` beside it, memory-mapped rather than read
+into RAM, with its biases in a side table (`retrieval.store.bias_table`); "memory" (the default) is
+read whole.
 """
 from __future__ import annotations
 
@@ -19,17 +24,47 @@ import numpy as np
 from retrieval.errors import IndexCorruptError, IndexUnavailableError, InvalidInputError
 from retrieval.hits import Modality
 from retrieval.store import attributes, schema
-from retrieval.store.layout import (CHECKPOINT_SUFFIX, CURRENT, INDEX_FILES, MANIFEST, META, is_checkpoint_name,
+from retrieval.store.layout import (CHECKPOINT_SUFFIX, CURRENT, INDEX_FILES, MANIFEST, META, STORAGE_MEMORY,
+                                    STORAGE_MMAP, is_checkpoint_name,
                                     is_plain_name, open_plain, plain_file, read_current, sha256_file, version_dir)
 from retrieval.store.manifest import Manifest
 from retrieval.store.vectors import query_rows, reconstruct, search_within
+from retrieval.store.bias_table import BiasTable
+
+
+def read_index_file(path: Path, storage: str = STORAGE_MEMORY) -> faiss.Index:
+    """Read an index file; with STORAGE_MMAP, map its on-disk inverted lists read-only from the data
+    file named in it, looked up next to the index file (the version directory may have been renamed
+    or mounted elsewhere since the build). That is what faiss's IO_FLAG_ONDISK_SAME_DIR does, but
+    it also prints to stdout; so the lists are read without their data, then mapped here. Messages
+    name the file as VERSION/NAME (no host paths)."""
+    shown = f"{path.parent.name}/{path.name}"
+    try:
+        if storage != STORAGE_MMAP:
+            return faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+        ivf = faiss.try_extract_index_ivf(index)
+        lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+        if not isinstance(lists, faiss.OnDiskInvertedLists):
+            raise IndexCorruptError(f"{shown} is marked memory-mapped but has no on-disk inverted lists")
+        data = plain_file(path.parent, Path(lists.filename).name)
+        if data.stat().st_size < lists.totsize:
+            raise IndexCorruptError(f"{path.parent.name}/{data.name}, the inverted lists of {shown}, is shorter than "
+                                    f"the index says")
+        lists.filename = str(data)
+        lists.do_mmap()
+        return index
+    except RuntimeError as e:  # faiss reports a missing or unreadable file this way
+        raise IndexCorruptError(f"cannot read {shown}: {str(e).splitlines()[0]}") from e
 
 
 class IndexVersion:
     """One published version, opened read-only: FAISS search plus SQLite metadata."""
 
-    def __init__(self, path: Path, manifest: Manifest, indexes: dict[str, faiss.Index]):
+    def __init__(self, path: Path, manifest: Manifest, indexes: dict[str, faiss.Index],
+                 bias_tables: dict[str, BiasTable] | None = None):
         self.path, self.name, self.manifest, self.indexes = path, path.name, manifest, indexes
+        self.bias_tables = bias_tables or {}
         self.dim = manifest.dim
         self._db = sqlite3.connect(f"file:{plain_file(path, META)}?mode=ro", uri=True, check_same_thread=False)
         # the ids of recent filters: a page, and a repeated filter, cost no SQL (at most 16 arrays of ids)
@@ -56,20 +91,20 @@ class IndexVersion:
             for name, digest in manifest.files.items():
                 if sha256_file(plain_file(path, name)) != digest:
                     raise IndexCorruptError(f"{version}/{name} does not match its checksum in the manifest")
-        indexes = {}
+        indexes, bias_tables = {}, {}
         for modality, filename in INDEX_FILES.items():
-            try:
-                index = faiss.read_index(str(plain_file(path, filename)))
-            except RuntimeError as e:  # faiss reports an unreadable file this way
-                raise IndexCorruptError(f"cannot read {version}/{filename}: {str(e).splitlines()[0]}") from e
+            storage = manifest.raw.get("storage", {}).get(modality, STORAGE_MEMORY)
+            index = read_index_file(plain_file(path, filename), storage)
             if index.d != manifest.dim + 1:
                 raise IndexCorruptError(f"{version}/{filename} has dimension {index.d}, the manifest's embedding "
                                         f"dimension {manifest.dim} plus its bias coordinate is {manifest.dim + 1}")
             ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None:
+            if storage == STORAGE_MMAP:
+                bias_tables[modality] = BiasTable(path, Path(filename).stem)
+            elif ivf is not None:
                 ivf.make_direct_map()  # reconstruct by id (the bias of each hit), made before any search
             indexes[modality] = index
-        return cls(path, manifest, indexes)
+        return cls(path, manifest, indexes, bias_tables)
 
     @property
     def model(self) -> str:
@@ -116,7 +151,9 @@ class IndexVersion:
             scores, ids = search_within(index, rows, k, allowed)
         if cross_modal:
             found = ids >= 0
-            scores[found] -= reconstruct(index, ids[found])[:, self.dim]   # back to the cosine
+            table = self.bias_tables.get(modality)
+            bias = table.lookup(ids[found]) if table else reconstruct(index, ids[found])[:, self.dim]
+            scores[found] -= bias   # back to the cosine
         return scores, ids
 
     def vectors(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
