@@ -49,9 +49,9 @@ BUILD_HELP = {
 }
 
 
-RAY_HELP = ("encode on a Ray cluster (pip install '.[ray]'): ADDRESS 'auto' (RAY_ADDRESS or the cluster this "
-            "machine belongs to), host:port or ray://host:port; without ADDRESS a local Ray instance started here. "
-            "The index root, images and a --model checkpoint must be on a filesystem every node shares")
+RAY_HELP = ("encode on a Ray cluster (pip install '.[ray]'), run on one of its nodes: ADDRESS 'auto' (RAY_ADDRESS "
+            "or the cluster this machine belongs to) or the head's host:port; without ADDRESS a local Ray instance "
+            "started here. The index root, images and a --model checkpoint must be on a filesystem every node shares")
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -71,6 +72,10 @@ class RayEncoder:
 
     def __init__(self, address: str, model: str, fingerprint: str, *, progress: bool = True):
         self.address, self.model, self.fingerprint = address, model, fingerprint
+        if (os.environ.get("RAY_ADDRESS", "") if address == "auto" else address).startswith("ray://"):
+            # measured with Ray 2.60: the executor needs a core worker, which a Ray Client driver has not
+            raise DatasetError(f"--ray {address}: Ray Data's executor cannot run over Ray Client (ray://); run "
+                               "the build on a node of the cluster (the head, say) with --ray auto")
         try:
             if address == LOCAL:
                 ray.init(address=LOCAL, include_dashboard=False)
