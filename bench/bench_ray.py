@@ -48,7 +48,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from retrieval.store.reader import INDEX_FILES, MANIFEST, read_current, reconstruct  # noqa: E402
+from retrieval.store.vectors import reconstruct  # noqa: E402
+
+from retrieval.store.layout import INDEX_FILES, MANIFEST, read_current
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flickr8k"
 RESULTS = REPO / "bench" / "results"

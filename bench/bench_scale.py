@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 import scale_data  # noqa: E402
 import scale_measure as measure  # noqa: E402
 from index_builder import faiss_index, ivf_ondisk  # noqa: E402
-from retrieval.store.reader import STORAGE_MEMORY, STORAGE_MMAP, read_index_file  # noqa: E402
+from retrieval.store.reader import read_index_file  # noqa: E402
+from retrieval.store.layout import STORAGE_MEMORY, STORAGE_MMAP
 
 log = logging.getLogger("bench_scale")
 RESULTS = REPO / "bench" / "results"

@@ -25,7 +25,7 @@ import numpy as np
 
 from retrieval.embedding.querybank import QueryBank
 from retrieval.sphere import l2_normalize
-from retrieval.store.reader import query_rows, with_bias
+from retrieval.store.vectors import query_rows, with_bias
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from retrieval.errors import DatasetError
 from retrieval.store.bias_table import write_bias_table
-from retrieval.store.reader import STORAGE_MMAP, read_index_file
+from retrieval.store.layout import STORAGE_MMAP
+from retrieval.store.reader import read_index_file
 
 from index_builder import faiss_index
 

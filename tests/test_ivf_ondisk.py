@@ -17,7 +17,9 @@ from index_builder.build import BuildConfig, build
 from retrieval.errors import DatasetError, IndexCorruptError
 from retrieval.sphere import l2_normalize
 from retrieval.store.bias_table import BiasTable
-from retrieval.store.reader import STORAGE_MMAP, IndexVersion, query_rows, read_index_file, with_bias
+from retrieval.store.layout import STORAGE_MMAP
+from retrieval.store.reader import IndexVersion, read_index_file
+from retrieval.store.vectors import query_rows, with_bias
 
 D = 32
 N = 20_000

@@ -109,7 +109,8 @@ def reference(mini, default_model, tmp_path_factory) -> Path:
 
 def published(root: Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(manifest, {modality: (ids, stored vectors) sorted by id}) of the current version."""
-    from retrieval.store.reader import INDEX_FILES, MANIFEST, read_current, reconstruct
+    from retrieval.store.layout import INDEX_FILES, MANIFEST, read_current
+    from retrieval.store.vectors import reconstruct
 
     version = root / read_current(root)
     vectors = {}
