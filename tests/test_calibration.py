@@ -134,7 +134,8 @@ def test_cross_modal_results_carry_the_models_probabilities(client, server, cali
     q = model.encode_text(default_model[2]([QUERY])).numpy()
     version = IndexVersion.open(root)
     try:
-        cos, bias, ids = version.search_with_bias("image", q, cal.top_k)
+        cos, ids = version.search("image", q, cal.top_k, cross_modal=True)
+        bias = version.bias("image", ids[0])[None, :]
     finally:
         version.close()
     assert [h.id for h in hits] == ids[0, :5].tolist()

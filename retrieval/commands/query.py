@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
               "one --text", file=sys.stderr)
         return 2
     options = {"min_score": args.min_score, "max_angle_deg": args.max_angle, "diversity": args.diversity,
-               "dedup_angle_deg": args.dedup_angle}
+               "dedup_angle_deg": args.dedup_angle, "min_probability": args.min_probability}
     try:
         with RetrievalClient(args.address, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca) as client:
             if args.walk_to:
@@ -116,21 +116,19 @@ def run(args: argparse.Namespace) -> int:
                     return 2
             request = search_request(**query, k=args.k, target=args.target, filters=args.filters,
                                      page_size=args.page_size, page_token=args.page_token, **options)
+            no_confident_match = False
             if args.page_size or args.page_token:
                 results, token = client.search_page(request)
                 print(f"next page: --page-token {token}" if token else "(last page)", file=sys.stderr)
             else:
                 answer = client.search_with_info(request)
-                results = answer.hits
-                if answer.no_confident_match:
-                    print("no confident match: no result reached --min-probability", file=sys.stderr)
+                results, no_confident_match = answer.hits, answer.no_confident_match
     except grpc.RpcError as e:
         print(f"retrieval query: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    results = answer.hits
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
-        print(format_results(results) if not answer.no_confident_match else
+        print(format_results(results) if not no_confident_match else
               f"(no confident match: no result reaches match probability {args.min_probability:g})")
     return 0

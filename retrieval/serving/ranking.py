@@ -36,7 +36,7 @@ def candidates(index: IndexVersion, target: Modality, point: Point, want: int, c
         if allowed is not None:
             keep &= np.isin(ids, allowed)
         cos, ids = cos[keep], ids[keep].astype(np.int64)
-        rank = cos + index.rows(target, ids)[:, index.dim] if cross_modal and len(ids) else cos
+        rank = cos + index.bias(target, ids) if cross_modal and len(ids) else cos
         order = np.lexsort((ids, -rank))[:want]  # best first, ties by id
         return cos[order], ids[order]
     if allowed is not None:
@@ -59,7 +59,7 @@ def lookup(index: IndexVersion, target: Modality, point: Point, k: int, min_scor
                           options.max_angle_deg, allowed)
     probs = None
     if calibration is not None and len(ids):
-        bias = index.rows(target, ids)[:, index.dim]
+        bias = index.bias(target, ids)
         probs = calibration.match_probability(point.vector[None, :], cos[None, :], bias[None, :])[0]
     picks = np.arange(min(k, len(ids)))
     if options.reranks and len(ids):

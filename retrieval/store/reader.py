@@ -151,9 +151,7 @@ class IndexVersion:
             scores, ids = search_within(index, rows, k, allowed)
         if cross_modal:
             found = ids >= 0
-            table = self.bias_tables.get(modality)
-            bias = table.lookup(ids[found]) if table else reconstruct(index, ids[found])[:, self.dim]
-            scores[found] -= bias   # back to the cosine
+            scores[found] -= self.bias(modality, ids[found])   # back to the cosine
         return scores, ids
 
     def vectors(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
@@ -161,8 +159,15 @@ class IndexVersion:
         return reconstruct(self.indexes[modality], ids)[:, :self.dim]
 
     def rows(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
-        """The stored rows (N, D+1) [g, b_g] of known ids."""
+        """The stored rows (N, D+1) [g, b_g] of known ids (not for memory-mapped IVF indexes, whose
+        lists are not reconstructed; their biases are in `bias`)."""
         return reconstruct(self.indexes[modality], ids)
+
+    def bias(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
+        """The inverted-softmax bias b_g (N,) of known ids: from the side table of a memory-mapped
+        index, else the stored rows' last coordinate."""
+        table = self.bias_tables.get(modality)
+        return table.lookup(ids) if table else reconstruct(self.indexes[modality], ids)[:, self.dim]
 
     def within(self, modality: Modality, query: np.ndarray, min_cosine: float) -> tuple[np.ndarray, np.ndarray]:
         """Every item whose cosine with the unit query (D,) is at least `min_cosine` (FAISS range

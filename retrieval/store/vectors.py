@@ -52,6 +52,13 @@ def _is_flat(index: faiss.Index) -> bool:
     return isinstance(inner, faiss.IndexFlat)
 
 
+def _reconstructs(index: faiss.Index) -> bool:
+    """Can the index give stored vectors back by id? Not an IVF index without its direct map (one
+    served memory-mapped from on-disk inverted lists, `retrieval.store.bias_table`)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is None or ivf.direct_map.type != faiss.DirectMap.NoMap
+
+
 def exact_within(index: faiss.Index, rows: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product of (B, D+1) query rows over the stored vectors of `allowed` ids
     only: (scores (B, k), ids (B, k)), k at most len(allowed)."""
@@ -75,9 +82,10 @@ def search_within(index: faiss.Index, rows: np.ndarray, k: int, allowed: np.ndar
     k = min(k, len(allowed))
     if k == 0:
         return np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
-    if not _is_flat(index) and len(allowed) < exact_below * index.ntotal:
+    exact_fallback = not _is_flat(index) and _reconstructs(index)  # memory-mapped IVF: the selector alone
+    if exact_fallback and len(allowed) < exact_below * index.ntotal:
         return exact_within(index, rows, k, allowed)
     scores, ids = index.search(rows, k, params=restricted_to(index, allowed))
-    if not _is_flat(index) and (ids < 0).any():
+    if exact_fallback and (ids < 0).any():
         return exact_within(index, rows, k, allowed)
     return scores, ids
