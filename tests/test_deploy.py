@@ -339,6 +339,7 @@ def test_dockerfile_contract():
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the runtime stage must run as non-root"
     env = " ".join(a for k, a in final if k == "ENV")
     assert "HF_HUB_OFFLINE=1" in env
+    assert "MALLOC_ARENA_MAX=1" in env, "worker threads' forward passes fault pages in without it (test_images.py)"
     assert any(k == "HEALTHCHECK" for k, _ in final)
     # the probe that tests/test_server.py runs against live plaintext and TLS servers
     assert healthcheck_argv() == ["retrieval", "health"]

@@ -10,6 +10,16 @@ process keeps its peak heap instead of returning up to 1 GiB of freed memory to 
 hundred MB for the default model's passes, more after a rare huge query image), which a server
 or a batch job reuses anyway. The 1 GiB covers batch 32 (with 256 MiB it page-faults again).
 
+Threads need one more setting, which only the environment can make: MALLOC_ARENA_MAX=1 when the
+process starts (the container image sets it). Each thread other than the main one allocates from
+an arena of its own, made of heaps of at most 64 MiB, and glibc unmaps such a heap as soon as it
+is empty, whatever the trim threshold: a Lite0 pass at batch 8 in a worker thread (as the
+server's executor runs them; torch's intra-op threads too) faulted in 25,000-40,000 pages on most
+passes here with the thresholds raised. With one arena, every thread's freed activations stay in
+the main heap: 0 faults per pass once it has grown. (mallopt's M_ARENA_MAX at run time is no
+substitute: a new thread still takes the arena an exited one left, or shares an existing one.)
+The price, one malloc lock for every thread, is small: tcache serves small blocks without it.
+
 PyTorch's CPU tuning guide fixes the same problem by preloading jemalloc or tcmalloc; this needs
 no preload and no extra package (why it is hand-written: `mallopt` is one libc call). Elsewhere
 than glibc it does nothing.
