@@ -14,6 +14,7 @@ The angle sweep shows, for each threshold, the planted pairs within it and the d
 (not planted) whose nearest other image is within it.
 Results: bench/results/audit.json (with the command) and audit.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,20 +50,39 @@ def prepare(cache: Path, split: str, n: int, seed: int) -> dict:
         make_mini_dataset(data, {split: n})
         n_captions = sum(1 for _ in (data / "captions.csv").open()) - 1
         dups = max(2, round(0.01 * n))
-        truth = plant(data, split, reencoded=dups // 2, cropped=dups - dups // 2, moved=round(0.02 * n_captions),
-                      seed=seed)
+        truth = plant(
+            data, split, reencoded=dups // 2, cropped=dups - dups // 2, moved=round(0.02 * n_captions), seed=seed
+        )
         (cache / "truth.json").write_text(json.dumps(truth, indent=1))
     if not (cache / "index" / "CURRENT").is_file():
-        assert index_builder(["-q", "build", "--out", str(cache / "index"), "--images", str(data / "images"),
-                              "--captions", str(data / "captions.csv"), "--no-progress"]) == 0
+        assert (
+            index_builder(
+                [
+                    "-q",
+                    "build",
+                    "--out",
+                    str(cache / "index"),
+                    "--images",
+                    str(data / "images"),
+                    "--captions",
+                    str(data / "captions.csv"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     return json.loads((cache / "truth.json").read_text())
 
 
 def pr(flagged: set, planted: set) -> dict:
     hit = len(flagged & planted)
-    return {"flagged": len(flagged), "planted": len(planted), "found": hit,
-            "precision": round(hit / len(flagged), 3) if flagged else None,
-            "recall": round(hit / len(planted), 3) if planted else None}
+    return {
+        "flagged": len(flagged),
+        "planted": len(planted),
+        "found": hit,
+        "precision": round(hit / len(flagged), 3) if flagged else None,
+        "recall": round(hit / len(planted), 3) if planted else None,
+    }
 
 
 def angle_sweep(version: IndexVersion, truth: dict) -> dict:
@@ -75,12 +95,22 @@ def angle_sweep(version: IndexVersion, truth: dict) -> dict:
     in_pair = {r for p in planted for r in p}
     nearest = np.asarray([angle_deg(cos[r, 0]) for r in range(len(uris)) if r not in in_pair])
     by_kind = {k: sorted(round(a, 2) for p, a in pair_angle.items() if planted[p] == k) for k in ("reencode", "crop")}
-    sweep = [{"angle_deg": t, "planted_pairs_within": sum(a <= t for a in pair_angle.values()),
-              "distinct_photos_with_a_neighbour_within": int((nearest <= t).sum())} for t in ANGLES]
-    return {"planted_pair_angles_deg": by_kind, "distinct_photos": len(nearest),
-            "distinct_nearest_angle_percentiles_deg": {str(q): round(float(np.percentile(nearest, q)), 2)
-                                                       for q in (0.1, 0.5, 1, 5, 25, 50)},
-            "sweep": sweep}
+    sweep = [
+        {
+            "angle_deg": t,
+            "planted_pairs_within": sum(a <= t for a in pair_angle.values()),
+            "distinct_photos_with_a_neighbour_within": int((nearest <= t).sum()),
+        }
+        for t in ANGLES
+    ]
+    return {
+        "planted_pair_angles_deg": by_kind,
+        "distinct_photos": len(nearest),
+        "distinct_nearest_angle_percentiles_deg": {
+            str(q): round(float(np.percentile(nearest, q)), 2) for q in (0.1, 0.5, 1, 5, 25, 50)
+        },
+        "sweep": sweep,
+    }
 
 
 def caption_sweep(version: IndexVersion, truth: dict, k: int) -> list[dict]:
@@ -92,38 +122,58 @@ def caption_sweep(version: IndexVersion, truth: dict, k: int) -> list[dict]:
     s = caption_scores(images, captions, np.asarray([row_of[int(m["image_id"])] for m in meta]))
     moved = {(m["caption"], m["to"]) for m in truth["moved"]}
     key = [(m["caption"], uri[int(m["image_id"])]) for m in meta]
-    return [{"caption_z": z, **pr({key[j] for j in np.flatnonzero((s.z < -z) & (s.rank > k))}, moved)}
-            for z in CAPTION_Z]
+    return [
+        {"caption_z": z, **pr({key[j] for j in np.flatnonzero((s.z < -z) & (s.rank > k))}, moved)} for z in CAPTION_Z
+    ]
 
 
 def markdown(res: dict) -> str:
     a, d, c = res["audit"], res["duplicates"], res["captions"]
     lines = [
-        "# Collection audit on Flickr8k with planted corruptions", "",
-        f"`{res['command']}`", "",
+        "# Collection audit on Flickr8k with planted corruptions",
+        "",
+        f"`{res['command']}`",
+        "",
         f"{res['collection']['images']} images ({res['collection']['planted_duplicates']} planted near-duplicate "
         f"copies: re-encoded at JPEG quality 30 or 80% crops) and {res['collection']['captions']} captions "
         f"({res['collection']['moved_captions']} moved to a random other image), seed {res['seed']}; "
         f"audited with the defaults in {a['seconds']} s. The defaults (20 degrees, caption z 3) were read off "
-        f"the sweeps below on the test split; the same run on the dev split checks them (`audit_dev.md`).", "",
-        "| flag | flagged | planted | found | precision | recall |", "| --- | --- | --- | --- | --- | --- |",
+        f"the sweeps below on the test split; the same run on the dev split checks them (`audit_dev.md`).",
+        "",
+        "| flag | flagged | planted | found | precision | recall |",
+        "| --- | --- | --- | --- | --- | --- |",
         f"| near-duplicate pairs (within {a['near_duplicate_angle']} deg) | {d['flagged']} | {d['planted']} | "
         f"{d['found']} | {d['precision']} | {d['recall']} |",
         f"| captions that do not fit their image | {c['flagged']} | {c['planted']} | {c['found']} | {c['precision']} | "
         f"{c['recall']} |",
-        f"| outlier images (no ground truth) | {a['outlier_images']} | - | - | - | - |", "",
-        "## The near-duplicate angle", "",
+        f"| outlier images (no ground truth) | {a['outlier_images']} | - | - | - | - |",
+        "",
+        "## The near-duplicate angle",
+        "",
         f"Planted pairs (degrees apart): re-encodes {res['angles']['planted_pair_angles_deg']['reencode']}, crops "
         f"{res['angles']['planted_pair_angles_deg']['crop']}. Nearest other image of the "
         f"{res['angles']['distinct_photos']} distinct photos, percentiles: "
-        + ", ".join(f"{q}%: {v}" for q, v in res["angles"]["distinct_nearest_angle_percentiles_deg"].items()) + ".", "",
-        "| threshold (deg) | planted pairs within | distinct photos with a neighbour within |", "| --- | --- | --- |"]
-    lines += [f"| {s['angle_deg']} | {s['planted_pairs_within']} | {s['distinct_photos_with_a_neighbour_within']} |"
-              for s in res["angles"]["sweep"]]
-    lines += ["", "## Caption threshold", "", "| caption_z | flagged | found | precision | recall |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {s['caption_z']} | {s['flagged']} | {s['found']} | {s['precision']} | {s['recall']} |"
-              for s in res["caption_sweep"]]
+        + ", ".join(f"{q}%: {v}" for q, v in res["angles"]["distinct_nearest_angle_percentiles_deg"].items())
+        + ".",
+        "",
+        "| threshold (deg) | planted pairs within | distinct photos with a neighbour within |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {s['angle_deg']} | {s['planted_pairs_within']} | {s['distinct_photos_with_a_neighbour_within']} |"
+        for s in res["angles"]["sweep"]
+    ]
+    lines += [
+        "",
+        "## Caption threshold",
+        "",
+        "| caption_z | flagged | found | precision | recall |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {s['caption_z']} | {s['flagged']} | {s['found']} | {s['precision']} | {s['recall']} |"
+        for s in res["caption_sweep"]
+    ]
     lines += ["", "Unplanted near-duplicate groups (flagged, not planted; look at them):", ""]
     lines += [f"- {', '.join(g)}" for g in res["unplanted_groups"]] or ["- none"]
     lines += ["", "Geometry of the version (manifest `geometry`):", "", "```", json.dumps(res["geometry"]), "```"]
@@ -147,16 +197,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     planted_pairs = {frozenset(d[:2]) for d in truth["duplicates"]}
     groups = [[i["uri"] for i in g["images"]] for g in report["near_duplicates"]]
-    flagged_pairs = {frozenset((a, b)) for g in groups for i, a in enumerate(g) for b in g[i + 1:]}
+    flagged_pairs = {frozenset((a, b)) for g in groups for i, a in enumerate(g) for b in g[i + 1 :]}
     flagged_captions = {(f["caption"], f["image"]["uri"]) for f in report["mismatched_captions"]}
     res = {
         "command": shlex.join(["python", "bench/bench_audit.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
-        "collection": {"images": report["counts"]["images"], "captions": report["counts"]["captions"],
-                       "planted_duplicates": len(truth["duplicates"]), "moved_captions": len(truth["moved"])},
-        "audit": {"seconds": round(seconds, 2), "near_duplicate_angle": cfg.near_duplicate_angle,
-                  "caption_z": cfg.caption_z, "outlier_z": cfg.outlier_z, "k": cfg.k,
-                  "outlier_images": report["counts"]["outlier_images"]},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": args.seed,
+        "collection": {
+            "images": report["counts"]["images"],
+            "captions": report["counts"]["captions"],
+            "planted_duplicates": len(truth["duplicates"]),
+            "moved_captions": len(truth["moved"]),
+        },
+        "audit": {
+            "seconds": round(seconds, 2),
+            "near_duplicate_angle": cfg.near_duplicate_angle,
+            "caption_z": cfg.caption_z,
+            "outlier_z": cfg.outlier_z,
+            "k": cfg.k,
+            "outlier_images": report["counts"]["outlier_images"],
+        },
         "duplicates": pr(flagged_pairs, planted_pairs),
         "captions": pr(flagged_captions, {(m["caption"], m["to"]) for m in truth["moved"]}),
         "angles": angle_sweep(version, truth),

@@ -18,6 +18,7 @@ root, records time and counts, then checks the index against the model on the te
 (`index_builder.verify.index_recall`) and against `retrieval eval --json` run as a subprocess.
 Results go to bench/results/builder.json (sections updated in place) and builder.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,9 +58,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=1024, help="images in the throughput subset")
     p.add_argument("--captions", type=int, default=2560, help="captions in the throughput subset")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=IMAGE_BATCH, help="images per forward pass (default: the builder's, %(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=IMAGE_BATCH,
+        help="images per forward pass (default: the builder's, %(default)s)",
+    )
     p.add_argument("--text-batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None, help="image-decoding DataLoader workers (default: the builder's default)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="image-decoding DataLoader workers (default: the builder's default)"
+    )
     p.add_argument("--full", action="store_true", help="also build all of Flickr8k once and check it against eval")
     p.add_argument("--skip-throughput", action="store_true", help="only the --full part")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -67,9 +75,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_average_at_start": list(os.getloadavg()),
-            "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+        "platform": platform.platform(),
+    }
 
 
 def throughput(args, loaded) -> dict:
@@ -84,7 +97,9 @@ def throughput(args, loaded) -> dict:
 
     # the raw side's inputs: the builder's batches, decoded / tokenized once, held in memory
     size = model.image_tower.image_size
-    pixel_batches = [px for _, px, _ in image_loader([p for _, p in img_todo], preprocess, size, args.batch_size, workers)]
+    pixel_batches = [
+        px for _, px, _ in image_loader([p for _, p in img_todo], preprocess, size, args.batch_size, workers)
+    ]
     order = sorted(range(len(txt_todo)), key=lambda i: len(txt_todo[i][1]))
     token_batches = [ids for _, ids in text_batches([txt_todo[i][1] for i in order], tokenizer, args.text_batch_size)]
 
@@ -104,25 +119,42 @@ def throughput(args, loaded) -> dict:
 
     def builder_images(streams: int | None) -> float:
         with tempfile.TemporaryDirectory() as d:
-            stats = encode_images(model, preprocess, ShardStore(Path(d), model.embed_dim), img_todo, batch_size=args.batch_size,
-                                  workers=workers, streams=streams, shard_size=4096, progress=False)
+            stats = encode_images(
+                model,
+                preprocess,
+                ShardStore(Path(d), model.embed_dim),
+                img_todo,
+                batch_size=args.batch_size,
+                workers=workers,
+                streams=streams,
+                shard_size=4096,
+                progress=False,
+            )
         assert stats.items == len(img_todo)
         return stats.items / stats.seconds
 
     def builder_texts() -> float:
         with tempfile.TemporaryDirectory() as d:
-            stats = encode_texts(model, tokenizer, ShardStore(Path(d), model.embed_dim), txt_todo,
-                                 batch_size=args.text_batch_size, shard_size=4096, progress=False)
+            stats = encode_texts(
+                model,
+                tokenizer,
+                ShardStore(Path(d), model.embed_dim),
+                txt_todo,
+                batch_size=args.text_batch_size,
+                shard_size=4096,
+                progress=False,
+            )
         assert stats.items == len(txt_todo)
         return stats.items / stats.seconds
 
     streams = default_streams(workers)
     variants = {
-        "builder_images": lambda: builder_images(None),             # what the builder does by default
-        "builder_images_1_stream": lambda: builder_images(1),       # decoding between passes in one stream
-        "raw_images": lambda: raw_images(1),                        # torch's threads on one forward pass
-        "raw_images_2_streams": lambda: raw_images(2),              # two forward passes at once, a thread each
-        "builder_texts": builder_texts, "raw_texts": raw_texts,
+        "builder_images": lambda: builder_images(None),  # what the builder does by default
+        "builder_images_1_stream": lambda: builder_images(1),  # decoding between passes in one stream
+        "raw_images": lambda: raw_images(1),  # torch's threads on one forward pass
+        "raw_images_2_streams": lambda: raw_images(2),  # two forward passes at once, a thread each
+        "builder_texts": builder_texts,
+        "raw_texts": raw_texts,
     }
     raw_images(1)  # warm-up (allocator, kernels)
     runs: dict[str, list[float]] = {k: [] for k in variants}
@@ -134,18 +166,31 @@ def throughput(args, loaded) -> dict:
 
     def summary(builder: str, raw: str) -> dict:
         pairs = [round(b / r, 3) for b, r in zip(runs[builder], runs[raw])]
-        return {"builder_run": builder, "raw_run": raw, "builder": med[builder], "raw": med[raw],
-                "ratio": round(med[builder] / med[raw], 3), "paired_ratios": pairs,
-                "paired_ratio_median": statistics.median(pairs)}
+        return {
+            "builder_run": builder,
+            "raw_run": raw,
+            "builder": med[builder],
+            "raw": med[raw],
+            "ratio": round(med[builder] / med[raw], 3),
+            "paired_ratios": pairs,
+            "paired_ratio_median": statistics.median(pairs),
+        }
 
     return {
-        "images": len(img_todo), "captions": len(txt_todo), "repeats": args.repeats, "workers": workers,
-        "streams": streams, "batch_size": args.batch_size, "text_batch_size": args.text_batch_size,
+        "images": len(img_todo),
+        "captions": len(txt_todo),
+        "repeats": args.repeats,
+        "workers": workers,
+        "streams": streams,
+        "batch_size": args.batch_size,
+        "text_batch_size": args.text_batch_size,
         "images_per_second": summary("builder_images", "raw_images"),
         "images_per_second_vs_raw_2_streams": summary("builder_images", "raw_images_2_streams"),
         "images_per_second_1_stream": summary("builder_images_1_stream", "raw_images"),
         "captions_per_second": summary("builder_texts", "raw_texts"),
-        "medians": med, "runs": runs, "goal_ratio": 0.9,
+        "medians": med,
+        "runs": runs,
+        "goal_ratio": 0.9,
     }
 
 
@@ -156,23 +201,44 @@ def full_build(args, loaded) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-index-") as d:
         root = Path(d) / "index"
         started = time.perf_counter()
-        m = build(BuildConfig(out=str(root), dataset=str(args.data), model=args.model, workers=args.workers), loaded=loaded)
+        m = build(
+            BuildConfig(out=str(root), dataset=str(args.data), model=args.model, workers=args.workers), loaded=loaded
+        )
         wall = time.perf_counter() - started
         check = index_recall(root, args.data, "test", loaded, workers=args.workers, progress=True)
         size = sum(p.stat().st_size for p in (root / m["version"]).iterdir())
-    cmd = [sys.executable, "-m", "retrieval.cli", "eval", "--model", args.model, "--data", str(args.data),
-           "--split", "test", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retrieval.cli",
+        "eval",
+        "--model",
+        args.model,
+        "--data",
+        str(args.data),
+        "--split",
+        "test",
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0:
         raise SystemExit(f"retrieval eval failed: {proc.stderr[-2000:]}")
     evaluated = json.loads(proc.stdout)["recall"]
     diff = {k: round(check["index"][k] - evaluated[k], 4) for k in evaluated}
     return {
-        "num_images": m["num_images"], "num_texts": m["num_texts"], "index_factory": m["index_factory"],
-        "recall_at_10": m["recall_at_10"], "build_seconds": m["build_seconds"], "wall_seconds": round(wall, 1),
-        "encode": m["report"]["encode"], "skipped": len(m["report"]["skipped"]), "version_bytes": size,
-        "test_split_through_index": check["index"], "retrieval_eval": evaluated,
-        "index_minus_eval": diff, "max_abs_diff": max(abs(v) for v in diff.values()),
+        "num_images": m["num_images"],
+        "num_texts": m["num_texts"],
+        "index_factory": m["index_factory"],
+        "recall_at_10": m["recall_at_10"],
+        "build_seconds": m["build_seconds"],
+        "wall_seconds": round(wall, 1),
+        "encode": m["report"]["encode"],
+        "skipped": len(m["report"]["skipped"]),
+        "version_bytes": size,
+        "test_split_through_index": check["index"],
+        "retrieval_eval": evaluated,
+        "index_minus_eval": diff,
+        "max_abs_diff": max(abs(v) for v in diff.values()),
         "eval_command": " ".join(shlex.quote(c) for c in cmd[1:]),
     }
 
@@ -180,44 +246,78 @@ def full_build(args, loaded) -> dict:
 def write_markdown(path: Path, result: dict) -> None:
     def run_line(section: dict) -> str:
         mach = section["machine"]
-        return (f"`{section['command']}` on {section['date']}: {mach['cpus']} CPUs, torch {mach['torch']} with "
-                f"{mach['torch_threads']} threads, load average at start {mach['load_average_at_start']} "
-                "(the CPUs were shared with other work).")
+        return (
+            f"`{section['command']}` on {section['date']}: {mach['cpus']} CPUs, torch {mach['torch']} with "
+            f"{mach['torch_threads']} threads, load average at start {mach['load_average_at_start']} "
+            "(the CPUs were shared with other work)."
+        )
 
     lines = ["# Index builder benchmark", "", f"Model: {result['model']} ({result['fingerprint']})", ""]
     t = result.get("throughput")
     if t:
-        lines += ["## Encode throughput: builder vs raw forward pass (same batches, same run)", "", run_line(t), "",
-                  f"{t['images']} Flickr8k images (batch {t['batch_size']}), {t['captions']} captions (batch {t['text_batch_size']}), "
-                  f"{t['workers']} DataLoader worker(s), median of {t['repeats']} alternating repeats.", "",
-                  "Raw: the model alone on the same batches, decoded beforehand, one forward pass at a time on all of "
-                  "torch's threads (`raw forward`, the goal's yardstick) and, as a stricter yardstick for the builder's "
-                  "streams, two forward passes at once on one thread each (`raw, 2 streams`).", "",
-                  "| builder | raw | builder (/s, median) | raw (/s, median) | ratio of medians | median of paired ratios | paired ratios |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        names = {"builder_images": f"images, {t['streams']} stream(s) (default)", "raw_images": "raw forward",
-                 "builder_images_1_stream": "images, 1 stream (decoding between passes)",
-                 "raw_images_2_streams": "raw, 2 streams", "builder_texts": "captions", "raw_texts": "raw forward"}
-        for key in ("images_per_second", "images_per_second_vs_raw_2_streams", "images_per_second_1_stream",
-                    "captions_per_second"):
+        lines += [
+            "## Encode throughput: builder vs raw forward pass (same batches, same run)",
+            "",
+            run_line(t),
+            "",
+            f"{t['images']} Flickr8k images (batch {t['batch_size']}), {t['captions']} captions (batch {t['text_batch_size']}), "
+            f"{t['workers']} DataLoader worker(s), median of {t['repeats']} alternating repeats.",
+            "",
+            "Raw: the model alone on the same batches, decoded beforehand, one forward pass at a time on all of "
+            "torch's threads (`raw forward`, the goal's yardstick) and, as a stricter yardstick for the builder's "
+            "streams, two forward passes at once on one thread each (`raw, 2 streams`).",
+            "",
+            "| builder | raw | builder (/s, median) | raw (/s, median) | ratio of medians | median of paired ratios | paired ratios |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        names = {
+            "builder_images": f"images, {t['streams']} stream(s) (default)",
+            "raw_images": "raw forward",
+            "builder_images_1_stream": "images, 1 stream (decoding between passes)",
+            "raw_images_2_streams": "raw, 2 streams",
+            "builder_texts": "captions",
+            "raw_texts": "raw forward",
+        }
+        for key in (
+            "images_per_second",
+            "images_per_second_vs_raw_2_streams",
+            "images_per_second_1_stream",
+            "captions_per_second",
+        ):
             x = t[key]
-            lines.append(f"| {names[x['builder_run']]} | {names[x['raw_run']]} | {x['builder']:.1f} | {x['raw']:.1f} | "
-                         f"{x['ratio']:.3f} | {x['paired_ratio_median']:.3f} | {x['paired_ratios']} |")
-        lines += ["", f"Goal: builder / raw forward >= {t['goal_ratio']}. Each paired ratio is one builder run over the raw run "
-                  "of the same repeat; on a shared CPU the paired median is the steadier figure.", ""]
+            lines.append(
+                f"| {names[x['builder_run']]} | {names[x['raw_run']]} | {x['builder']:.1f} | {x['raw']:.1f} | "
+                f"{x['ratio']:.3f} | {x['paired_ratio_median']:.3f} | {x['paired_ratios']} |"
+            )
+        lines += [
+            "",
+            f"Goal: builder / raw forward >= {t['goal_ratio']}. Each paired ratio is one builder run over the raw run "
+            "of the same repeat; on a shared CPU the paired median is the steadier figure.",
+            "",
+        ]
     f = result.get("full_build")
     if f:
-        lines += ["## Full Flickr8k build (`index-builder build --dataset ../shared/datasets/flickr8k`)", "", run_line(f), "",
-                  f"{f['num_images']} images, {f['num_texts']} captions, {f['skipped']} skipped; indexes {f['index_factory']}, "
-                  f"recall@10 vs exact {f['recall_at_10']}; {f['version_bytes'] / 1e6:.1f} MB on disk.  ",
-                  f"Build time {f['build_seconds']:.0f} s (images {f['encode']['images_per_second']:.1f}/s, "
-                  f"captions {f['encode']['captions_per_second']:.1f}/s, {f['encode']['workers']} worker(s)).", "",
-                  "Test split searched through the full exact index (restricted to the split's ids) vs "
-                  f"`{f['eval_command']}`:", "",
-                  "| | " + " | ".join(f["retrieval_eval"]) + " |", "| --- |" + " --- |" * len(f["retrieval_eval"]),
-                  "| index | " + " | ".join(f"{f['test_split_through_index'][k]:.2f}" for k in f["retrieval_eval"]) + " |",
-                  "| retrieval eval | " + " | ".join(f"{v:.2f}" for v in f["retrieval_eval"].values()) + " |",
-                  "", f"Largest difference: {f['max_abs_diff']:.3f} points (goal: within 0.1).", ""]
+        lines += [
+            "## Full Flickr8k build (`index-builder build --dataset ../shared/datasets/flickr8k`)",
+            "",
+            run_line(f),
+            "",
+            f"{f['num_images']} images, {f['num_texts']} captions, {f['skipped']} skipped; indexes {f['index_factory']}, "
+            f"recall@10 vs exact {f['recall_at_10']}; {f['version_bytes'] / 1e6:.1f} MB on disk.  ",
+            f"Build time {f['build_seconds']:.0f} s (images {f['encode']['images_per_second']:.1f}/s, "
+            f"captions {f['encode']['captions_per_second']:.1f}/s, {f['encode']['workers']} worker(s)).",
+            "",
+            "Test split searched through the full exact index (restricted to the split's ids) vs "
+            f"`{f['eval_command']}`:",
+            "",
+            "| | " + " | ".join(f["retrieval_eval"]) + " |",
+            "| --- |" + " --- |" * len(f["retrieval_eval"]),
+            "| index | " + " | ".join(f"{f['test_split_through_index'][k]:.2f}" for k in f["retrieval_eval"]) + " |",
+            "| retrieval eval | " + " | ".join(f"{v:.2f}" for v in f["retrieval_eval"].values()) + " |",
+            "",
+            f"Largest difference: {f['max_abs_diff']:.3f} points (goal: within 0.1).",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
@@ -230,8 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "builder.json"
     result = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    run = {"command": "python bench/bench_builder.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
+    run = {
+        "command": "python bench/bench_builder.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
     result.update(run, model=args.model, fingerprint=loaded[0].fingerprint())
     if not args.skip_throughput:
         result["throughput"] = {**throughput(args, loaded), **run}

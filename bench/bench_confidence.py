@@ -14,6 +14,7 @@ calibration never saw (it is fitted on dev):
 Vectors come from bench/.cache/flickr8k-MODEL.npz when its query banks equal the model's (the same
 heads), else they are encoded here (the test and dev splits) and cached.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,23 +46,55 @@ CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"
 BINS = 10
 OUT_OF_DOMAIN = [
-    "a spreadsheet with quarterly revenue figures in green cells", "a spiral galaxy photographed by a space telescope",
-    "a violin resting on a velvet case", "the source code of a python function", "a bar chart of inflation rates",
-    "an x-ray of a broken wrist", "a plate of sushi with wasabi and ginger", "a nebula glowing red and blue",
-    "a circuit board with capacitors and resistors", "a page of handwritten sheet music",
-    "a microscope image of bacteria", "the periodic table of elements", "a stock market candlestick chart",
-    "a tax form with boxes to fill in", "a 3d rendering of a protein molecule", "a satellite map of a desert highway",
-    "a screenshot of an email inbox", "a cello and a piano on a concert stage", "a cup of espresso on a marble counter",
-    "a vintage typewriter with a sheet of paper", "a diagram of the human heart", "a crossword puzzle half solved",
-    "the moon's craters seen through a telescope", "a pie chart of market share", "a keyboard and a computer mouse",
-    "a bowl of ramen with a boiled egg", "a chessboard in the middle of a game", "a solar panel array on a roof",
-    "a wind turbine against a grey sky", "a jar of pickled cucumbers", "a museum painting of a royal portrait",
-    "an electric guitar amplifier", "a pile of coins and banknotes", "a wedding cake with five tiers",
-    "a thermometer showing a fever", "a loaf of sourdough bread on a cutting board", "an invoice with a company logo",
-    "a saxophone player in a jazz club", "a weather map with isobars", "a hard drive opened to show its platters",
-    "a stained glass window in a cathedral", "a calculator next to a notebook", "a tray of chocolate truffles",
-    "a black hole simulation with an accretion disk", "a harp in an empty room", "a world map with time zones",
-    "a pharmacy shelf of medicine bottles", "a subway map of tokyo", "a mathematical equation on a chalkboard",
+    "a spreadsheet with quarterly revenue figures in green cells",
+    "a spiral galaxy photographed by a space telescope",
+    "a violin resting on a velvet case",
+    "the source code of a python function",
+    "a bar chart of inflation rates",
+    "an x-ray of a broken wrist",
+    "a plate of sushi with wasabi and ginger",
+    "a nebula glowing red and blue",
+    "a circuit board with capacitors and resistors",
+    "a page of handwritten sheet music",
+    "a microscope image of bacteria",
+    "the periodic table of elements",
+    "a stock market candlestick chart",
+    "a tax form with boxes to fill in",
+    "a 3d rendering of a protein molecule",
+    "a satellite map of a desert highway",
+    "a screenshot of an email inbox",
+    "a cello and a piano on a concert stage",
+    "a cup of espresso on a marble counter",
+    "a vintage typewriter with a sheet of paper",
+    "a diagram of the human heart",
+    "a crossword puzzle half solved",
+    "the moon's craters seen through a telescope",
+    "a pie chart of market share",
+    "a keyboard and a computer mouse",
+    "a bowl of ramen with a boiled egg",
+    "a chessboard in the middle of a game",
+    "a solar panel array on a roof",
+    "a wind turbine against a grey sky",
+    "a jar of pickled cucumbers",
+    "a museum painting of a royal portrait",
+    "an electric guitar amplifier",
+    "a pile of coins and banknotes",
+    "a wedding cake with five tiers",
+    "a thermometer showing a fever",
+    "a loaf of sourdough bread on a cutting board",
+    "an invoice with a company logo",
+    "a saxophone player in a jazz club",
+    "a weather map with isobars",
+    "a hard drive opened to show its platters",
+    "a stained glass window in a cathedral",
+    "a calculator next to a notebook",
+    "a tray of chocolate truffles",
+    "a black hole simulation with an accretion disk",
+    "a harp in an empty room",
+    "a world map with time zones",
+    "a pharmacy shelf of medicine bottles",
+    "a subway map of tokyo",
+    "a mathematical equation on a chalkboard",
     "a row of server racks in a data center",
 ]
 
@@ -76,8 +109,11 @@ def split_vectors(model, preprocess, tokenizer, data: str, model_name: str) -> d
             if np.array_equal(z["text_bank"], bank.text) and np.array_equal(z["image_bank"], bank.image):
                 for split in ("dev", "test"):
                     ds = load_caption_dataset(data, split)
-                    out[split] = (z["image"][z["image_split"] == split], z["text"][z["text_split"] == split],
-                                  ds.caption_image)
+                    out[split] = (
+                        z["image"][z["image_split"] == split],
+                        z["text"][z["text_split"] == split],
+                        ds.caption_image,
+                    )
                 return out
     for split in ("dev", "test"):
         ds = load_caption_dataset(data, split)
@@ -86,10 +122,15 @@ def split_vectors(model, preprocess, tokenizer, data: str, model_name: str) -> d
         texts = encode_texts(model, tokenizer, ds.captions, desc=f"{split} captions")
         out[split] = (images, texts, ds.caption_image)
     CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, image=np.vstack([out[s][0] for s in out]), text=np.vstack([out[s][1] for s in out]),
-             image_split=np.repeat(list(out), [len(out[s][0]) for s in out]),
-             text_split=np.repeat(list(out), [len(out[s][1]) for s in out]),
-             text_bank=bank.text, image_bank=bank.image)
+    np.savez(
+        cache,
+        image=np.vstack([out[s][0] for s in out]),
+        text=np.vstack([out[s][1] for s in out]),
+        image_split=np.repeat(list(out), [len(out[s][0]) for s in out]),
+        text_split=np.repeat(list(out), [len(out[s][1]) for s in out]),
+        text_bank=bank.text,
+        image_bank=bank.image,
+    )
     return out
 
 
@@ -101,8 +142,14 @@ def reliability(p: np.ndarray, y: np.ndarray) -> tuple[float, list[dict]]:
         m = bins == b
         if m.any():
             ece += m.mean() * abs(p[m].mean() - y[m].mean())
-            rows.append({"bin": [b / BINS, (b + 1) / BINS], "count": int(m.sum()),
-                         "mean_probability": float(p[m].mean()), "accuracy": float(y[m].mean())})
+            rows.append(
+                {
+                    "bin": [b / BINS, (b + 1) / BINS],
+                    "count": int(m.sum()),
+                    "mean_probability": float(p[m].mean()),
+                    "accuracy": float(y[m].mean()),
+                }
+            )
     return float(ece), rows
 
 
@@ -125,16 +172,22 @@ def no_good_match(cals, bank, images, texts, caption_image, seed: int = 0) -> di
     captions_of = [np.flatnonzero(caption_image == i) for i in range(len(images))]
     for direction in ("t2i", "i2t"):
         cal = cals[direction]
-        queries, gallery, own = ((texts, images, [np.array([c]) for c in caption_image]) if direction == "t2i" else
-                                 (images, texts, captions_of))
+        queries, gallery, own = (
+            (texts, images, [np.array([c]) for c in caption_image])
+            if direction == "t2i"
+            else (images, texts, captions_of)
+        )
         bias = bank.bias(gallery, "image" if direction == "t2i" else "text")
         absent = rng.random(len(queries)) < 0.5
         removed = [own[i] if absent[i] else np.array([], np.int64) for i in range(len(queries))]
         p, cos = top1(cal, queries, gallery, bias, cal.top_k, removed)
         present = (~absent).astype(int)
-        out[direction] = {"queries": len(queries), "absent": int(absent.sum()),
-                          "auroc_top1_probability": float(roc_auc_score(present, p)),
-                          "auroc_top1_cosine": float(roc_auc_score(present, cos))}
+        out[direction] = {
+            "queries": len(queries),
+            "absent": int(absent.sum()),
+            "auroc_top1_probability": float(roc_auc_score(present, p)),
+            "auroc_top1_cosine": float(roc_auc_score(present, cos)),
+        }
     return out
 
 
@@ -144,12 +197,17 @@ def out_of_domain(model, tokenizer, cal, bank, images, texts) -> dict:
     p_in, cos_in = top1(cal, texts, images, bias, cal.top_k)
     p_out, cos_out = top1(cal, ood, images, bias, cal.top_k)
     label = np.r_[np.ones(len(p_in)), np.zeros(len(p_out))]
-    return {"in_domain_queries": len(p_in), "out_of_domain_queries": len(p_out),
-            "auroc_top1_probability": float(roc_auc_score(label, np.r_[p_in, p_out])),
-            "auroc_top1_cosine": float(roc_auc_score(label, np.r_[cos_in, cos_out])),
-            "median_top1_probability": {"in_domain": float(np.median(p_in)), "out_of_domain": float(np.median(p_out))},
-            "no_confident_match_at_0.2": {"in_domain": float((p_in < 0.2).mean()),
-                                          "out_of_domain": float((p_out < 0.2).mean())}}
+    return {
+        "in_domain_queries": len(p_in),
+        "out_of_domain_queries": len(p_out),
+        "auroc_top1_probability": float(roc_auc_score(label, np.r_[p_in, p_out])),
+        "auroc_top1_cosine": float(roc_auc_score(label, np.r_[cos_in, cos_out])),
+        "median_top1_probability": {"in_domain": float(np.median(p_in)), "out_of_domain": float(np.median(p_out))},
+        "no_confident_match_at_0.2": {
+            "in_domain": float((p_in < 0.2).mean()),
+            "out_of_domain": float((p_out < 0.2).mean()),
+        },
+    }
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
@@ -161,7 +219,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
         x0 = panel * w + pad
         size = w - 2 * pad
 
-        def xy(px: float, py: float) -> tuple[float, float]:
+        def xy(px: float, py: float, x0: float = x0, size: float = size) -> tuple[float, float]:
             return x0 + px * size, pad + (1 - py) * size
 
         d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
@@ -198,8 +256,26 @@ def latency(data: str, model_name: str, n_images: int, repeats: int) -> dict:
     rows = [(ds.images[i], c) for c, i in zip(ds.captions, ds.caption_image) if i < n_images]
     with (mini / "captions.csv").open("w", newline="") as f:
         csv.writer(f).writerows([("image", "caption"), *rows])
-    assert build(["-q", "build", "--out", str(tmp / "index"), "--dataset", str(mini), "--split", "test",
-                  "--model", model_name, "--workers", "0", "--no-progress"]) == 0
+    assert (
+        build(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(tmp / "index"),
+                "--dataset",
+                str(mini),
+                "--split",
+                "test",
+                "--model",
+                model_name,
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     engine = Engine(tmp / "index")
     engine.load()
     encoder = engine.live().encoder
@@ -220,9 +296,14 @@ def latency(data: str, model_name: str, n_images: int, repeats: int) -> dict:
 
     asyncio.run(run())
     p50 = {m: statistics.median(v) * 1000 for m, v in times.items()}
-    return {"gallery_images": n_images, "searches_each": len(times["with"]), "k": 10,
-            "p50_ms_with": round(p50["with"], 3), "p50_ms_without": round(p50["without"], 3),
-            "ratio": round(p50["with"] / p50["without"], 4)}
+    return {
+        "gallery_images": n_images,
+        "searches_each": len(times["with"]),
+        "k": 10,
+        "p50_ms_with": round(p50["with"], 3),
+        "p50_ms_without": round(p50["without"], 3),
+        "ratio": round(p50["with"] / p50["without"], 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,19 +319,31 @@ def main(argv: list[str] | None = None) -> int:
     bank = querybank_of(model)
     vecs = split_vectors(model, preprocess, tokenizer, args.data, args.model)
     images, texts, caption_image = vecs["test"]
-    result: dict = {"command": "python bench/bench_confidence.py " + shlex.join(argv or sys.argv[1:]),
-                    "model": args.model, "fingerprint": model.fingerprint(), "split": "test",
-                    "images": len(images), "captions": len(texts), "calibration": {}}
+    result: dict = {
+        "command": "python bench/bench_confidence.py " + shlex.join(argv or sys.argv[1:]),
+        "model": args.model,
+        "fingerprint": model.fingerprint(),
+        "split": "test",
+        "images": len(images),
+        "captions": len(texts),
+        "calibration": {},
+    }
     curves = {}
     for direction in ("t2i", "i2t"):
-        queries, cos, bias, labels, _ = direction_data(direction, images, texts, caption_image, bank,
-                                                       cals[direction].top_k)
+        queries, cos, bias, labels, _ = direction_data(
+            direction, images, texts, caption_image, bank, cals[direction].top_k
+        )
         p = cals[direction].match_probability(queries, cos, bias)[:, 0]
         y = labels[:, 0].astype(float)
         ece, rows = reliability(p, y)
         curves[direction] = rows
-        result["calibration"][direction] = {"queries": len(queries), "top1_accuracy": float(y.mean()),
-                                            "mean_top1_probability": float(p.mean()), "ece": ece, "bins": rows}
+        result["calibration"][direction] = {
+            "queries": len(queries),
+            "top1_accuracy": float(y.mean()),
+            "mean_top1_probability": float(p.mean()),
+            "ece": ece,
+            "bins": rows,
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(curves, RESULTS / "confidence_reliability.png")
     result["no_good_match"] = no_good_match(cals, bank, images, texts, caption_image)
@@ -264,31 +357,52 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(r: dict) -> str:
     c, n, o, lat = r["calibration"], r["no_good_match"], r["out_of_domain"], r["latency"]
-    lines = ["# Calibrated match probabilities", "",
-             f"`{r['command']}` — model `{r['model']}` ({r['fingerprint']}), calibrated on Flickr8k dev, measured on "
-             f"the test split ({r['images']} images, {r['captions']} captions), which the fit never saw.", "",
-             "## Calibration of the top-1 result", "",
-             "| direction | queries | top-1 correct | mean top-1 probability | ECE (10 bins) |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {d} | {v['queries']} | {v['top1_accuracy']:.3f} | {v['mean_top1_probability']:.3f} | "
-              f"**{v['ece']:.3f}** |" for d, v in c.items()]
-    lines += ["", "![reliability](confidence_reliability.png)", "",
-              "## No good match: true match removed for half the queries (AUROC, present vs absent)", "",
-              "| direction | queries | absent | top-1 probability | top-1 cosine (baseline) |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {d} | {v['queries']} | {v['absent']} | **{v['auroc_top1_probability']:.3f}** | "
-              f"{v['auroc_top1_cosine']:.3f} |" for d, v in n.items()]
-    lines += ["", f"Out-of-domain text queries ({o['out_of_domain_queries']} sentences about spreadsheets, galaxies, "
-              f"violins...) against the {o['in_domain_queries']} test captions, text -> image: AUROC "
-              f"**{o['auroc_top1_probability']:.3f}** by the top-1 probability, {o['auroc_top1_cosine']:.3f} by the "
-              f"top-1 cosine; median top-1 probability {o['median_top1_probability']['in_domain']:.3f} in domain, "
-              f"{o['median_top1_probability']['out_of_domain']:.3f} out of domain; with `min_probability` 0.2, "
-              f"{o['no_confident_match_at_0.2']['out_of_domain']:.0%} of the out-of-domain queries and "
-              f"{o['no_confident_match_at_0.2']['in_domain']:.0%} of the in-domain ones get no_confident_match.", "",
-              "## Cost", "",
-              f"In-process engine searches (text -> image, k={lat['k']}, {lat['gallery_images']} indexed test images, "
-              f"{lat['searches_each']} searches each, alternating): p50 **{lat['p50_ms_with']:.2f} ms** with "
-              f"probabilities, {lat['p50_ms_without']:.2f} ms without: ratio **{lat['ratio']:.3f}**.", ""]
+    lines = [
+        "# Calibrated match probabilities",
+        "",
+        f"`{r['command']}` — model `{r['model']}` ({r['fingerprint']}), calibrated on Flickr8k dev, measured on "
+        f"the test split ({r['images']} images, {r['captions']} captions), which the fit never saw.",
+        "",
+        "## Calibration of the top-1 result",
+        "",
+        "| direction | queries | top-1 correct | mean top-1 probability | ECE (10 bins) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {d} | {v['queries']} | {v['top1_accuracy']:.3f} | {v['mean_top1_probability']:.3f} | **{v['ece']:.3f}** |"
+        for d, v in c.items()
+    ]
+    lines += [
+        "",
+        "![reliability](confidence_reliability.png)",
+        "",
+        "## No good match: true match removed for half the queries (AUROC, present vs absent)",
+        "",
+        "| direction | queries | absent | top-1 probability | top-1 cosine (baseline) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {d} | {v['queries']} | {v['absent']} | **{v['auroc_top1_probability']:.3f}** | "
+        f"{v['auroc_top1_cosine']:.3f} |"
+        for d, v in n.items()
+    ]
+    lines += [
+        "",
+        f"Out-of-domain text queries ({o['out_of_domain_queries']} sentences about spreadsheets, galaxies, "
+        f"violins...) against the {o['in_domain_queries']} test captions, text -> image: AUROC "
+        f"**{o['auroc_top1_probability']:.3f}** by the top-1 probability, {o['auroc_top1_cosine']:.3f} by the "
+        f"top-1 cosine; median top-1 probability {o['median_top1_probability']['in_domain']:.3f} in domain, "
+        f"{o['median_top1_probability']['out_of_domain']:.3f} out of domain; with `min_probability` 0.2, "
+        f"{o['no_confident_match_at_0.2']['out_of_domain']:.0%} of the out-of-domain queries and "
+        f"{o['no_confident_match_at_0.2']['in_domain']:.0%} of the in-domain ones get no_confident_match.",
+        "",
+        "## Cost",
+        "",
+        f"In-process engine searches (text -> image, k={lat['k']}, {lat['gallery_images']} indexed test images, "
+        f"{lat['searches_each']} searches each, alternating): p50 **{lat['p50_ms_with']:.2f} ms** with "
+        f"probabilities, {lat['p50_ms_without']:.2f} ms without: ratio **{lat['ratio']:.3f}**.",
+        "",
+    ]
     return "\n".join(lines)
 
 

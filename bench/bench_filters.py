@@ -17,6 +17,7 @@ the matching items (1.0 means the same ten ids). On the HNSW gallery it also rep
 search alone (`exact_below=0`), which is what the exact fallback under 5% selectivity is for.
 Results: bench/results/filters.json and filters.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,9 @@ import sqlite3
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,7 +48,7 @@ from retrieval.store.vectors import EXACT_BELOW, query_rows, search_within, with
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flickr8k"
 CACHE = REPO / "bench" / ".cache"
-SELECTIVITY = (1, 10, 100)   # percent
+SELECTIVITY = (1, 10, 100)  # percent
 K = 10
 
 
@@ -87,8 +88,26 @@ def flickr8k_index(data: Path, model: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     attrs = CACHE / "filters-flickr8k-test-attributes.jsonl"
     attrs.write_text("".join(json.dumps({"image": n, "bucket": i % 100}) + "\n" for i, n in enumerate(names)))
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(data), "--split", "test", "--model", model,
-                 "--attributes", str(attrs), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(data),
+                "--split",
+                "test",
+                "--model",
+                model,
+                "--attributes",
+                str(attrs),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -98,18 +117,30 @@ def run_version(version: IndexVersion, queries: np.ndarray, label: str, variants
     all_ids = version.matching("image", bucket_filter(100))
     vectors = index.reconstruct_batch(all_ids)
     rows = query_rows(queries, cross_modal=True)
-    out = {"gallery": label, "items": int(index.ntotal), "queries": len(queries), "k": K,
-           "unfiltered": measure(rows, lambda r: index.search(r, K)[1][0], exact_top(vectors, all_ids, rows, K))}
+    out = {
+        "gallery": label,
+        "items": int(index.ntotal),
+        "queries": len(queries),
+        "k": K,
+        "unfiltered": measure(rows, lambda r: index.search(r, K)[1][0], exact_top(vectors, all_ids, rows, K)),
+    }
     for percent in SELECTIVITY:
         cond = bucket_filter(percent)
         allowed = version.matching("image", cond)
         mask = np.isin(all_ids, allowed)
         truth = exact_top(vectors[mask], all_ids[mask], rows, K)
-        entry = {"matching": len(allowed),
-                 "sql_median_ms": measure(rows[:50], lambda r: version._matching("image", cond), None)["median_ms"]}
+        entry = {
+            "matching": len(allowed),
+            "sql_median_ms": measure(rows[:50], lambda r, cond=cond: version._matching("image", cond), None)[
+                "median_ms"
+            ],
+        }
         for name, below in variants.items():
-            entry[name] = measure(rows, lambda r, below=below: search_within(
-                index, r, K, allowed, exact_below=below)[1][0], truth)
+            entry[name] = measure(
+                rows,
+                lambda r, below=below, allowed=allowed: search_within(index, r, K, allowed, exact_below=below)[1][0],
+                truth,
+            )
         out[f"{percent}%"] = entry
     return out
 
@@ -122,15 +153,16 @@ class SyntheticVersion:
         centers = rng.standard_normal((max(1, n // 100), dim)).astype(np.float32)
         vecs = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        self.ids = rng.choice(1 << 62, size=n, replace=False).astype(np.int64)   # like content-hash ids
+        self.ids = rng.choice(1 << 62, size=n, replace=False).astype(np.int64)  # like content-hash ids
         index = faiss.IndexIDMap2(faiss.index_factory(dim + 1, "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT))
         index.add_with_ids(with_bias(vecs, np.zeros(n, np.float32)), self.ids)
         faiss.downcast_index(index.index).hnsw.efSearch = 64
         self.indexes = {"image": index}
         db_path = folder / f"synthetic-{n}.sqlite"
         db_path.unlink(missing_ok=True)
-        write_metadata(db_path, [], [], (("image", i, "bucket", None, float(pos % 100))
-                                        for pos, i in enumerate(self.ids.tolist())))
+        write_metadata(
+            db_path, [], [], (("image", i, "bucket", None, float(pos % 100)) for pos, i in enumerate(self.ids.tolist()))
+        )
         self._db = sqlite3.connect(db_path, check_same_thread=False)
         self.queries = centers[rng.integers(0, len(centers), 200)] + 0.6 * rng.standard_normal((200, dim))
         self.queries = (self.queries / np.linalg.norm(self.queries, axis=1, keepdims=True)).astype(np.float32)
@@ -153,23 +185,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    faiss.omp_set_num_threads(1)   # per-query latency on one thread, as the server's executor runs searches
-    results = {"command": "python bench/bench_filters.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor()
-               or platform.machine(), "cpus": os.cpu_count(), "exact_below": EXACT_BELOW}
+    faiss.omp_set_num_threads(1)  # per-query latency on one thread, as the server's executor runs searches
+    results = {
+        "command": "python bench/bench_filters.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "exact_below": EXACT_BELOW,
+    }
     version = IndexVersion.open(flickr8k_index(args.data, args.model))
     texts = version.indexes["text"]
     text_ids = np.asarray([r[0] for r in version._db.execute("SELECT id FROM texts ORDER BY id")], np.int64)
-    queries = texts.reconstruct_batch(text_ids[:: max(1, len(text_ids) // args.queries)][:args.queries])[:, :-1]
-    results["flickr8k"] = run_version(version, queries, f"Flickr8k test, {version.name}, "
-                                      f"{version.manifest.raw['index_factory']['image']}", {"filtered": EXACT_BELOW})
+    queries = texts.reconstruct_batch(text_ids[:: max(1, len(text_ids) // args.queries)][: args.queries])[:, :-1]
+    results["flickr8k"] = run_version(
+        version,
+        queries,
+        f"Flickr8k test, {version.name}, {version.manifest.raw['index_factory']['image']}",
+        {"filtered": EXACT_BELOW},
+    )
     if args.synthetic:
         CACHE.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         synth = SyntheticVersion(args.synthetic, version.dim, CACHE)
         built = time.perf_counter() - start
-        results["synthetic"] = run_version(synth, synth.queries, "synthetic clustered, HNSW32,Flat efSearch 64",
-                                           {"filtered": EXACT_BELOW, "selector_only": 0.0})
+        results["synthetic"] = run_version(
+            synth,
+            synth.queries,
+            "synthetic clustered, HNSW32,Flat efSearch 64",
+            {"filtered": EXACT_BELOW, "selector_only": 0.0},
+        )
         results["synthetic"]["build_s"] = round(built, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "filters.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -179,24 +223,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(r: dict) -> str:
-    lines = ["# Filtered search: exactness and latency by selectivity", "",
-             f"`{r['command']}` on {r['cpus']} CPUs ({r['date']}); one FAISS thread; k = {K}; median ms per query "
-             f"of the SQL that resolves the filter to ids (uncached) and of the search within them. "
-             f"Recall@10 is against an exact ranking over the matching items (1.0: the same ten ids).", ""]
+    lines = [
+        "# Filtered search: exactness and latency by selectivity",
+        "",
+        f"`{r['command']}` on {r['cpus']} CPUs ({r['date']}); one FAISS thread; k = {K}; median ms per query "
+        f"of the SQL that resolves the filter to ids (uncached) and of the search within them. "
+        f"Recall@10 is against an exact ranking over the matching items (1.0: the same ten ids).",
+        "",
+    ]
     for key in ("flickr8k", "synthetic"):
         if key not in r:
             continue
         g = r[key]
         variants = [v for v in ("filtered", "selector_only") if v in g["1%"]]
-        lines += [f"## {g['gallery']}: {g['items']:,} items, {g['queries']} queries", "",
-                  "| selectivity | matching | SQL ms | "
-                  + " | ".join(f"{v} search ms | {v} recall@10 (min)" for v in variants) + " | unfiltered ms |", "|---" * (3 + 2 * len(variants) + 1) + "|"]
+        lines += [
+            f"## {g['gallery']}: {g['items']:,} items, {g['queries']} queries",
+            "",
+            "| selectivity | matching | SQL ms | "
+            + " | ".join(f"{v} search ms | {v} recall@10 (min)" for v in variants)
+            + " | unfiltered ms |",
+            "|---" * (3 + 2 * len(variants) + 1) + "|",
+        ]
         for p in SELECTIVITY:
             e = g[f"{p}%"]
-            cells = [f"{e[v]['median_ms']:.3f} | {e[v]['recall_at_10']:.4f} ({e[v]['min_recall_at_10']:.2f})"
-                     for v in variants]
-            lines.append(f"| {p}% | {e['matching']:,} | {e['sql_median_ms']:.3f} | " + " | ".join(cells)
-                         + f" | {g['unfiltered']['median_ms']:.3f} |")
+            cells = [
+                f"{e[v]['median_ms']:.3f} | {e[v]['recall_at_10']:.4f} ({e[v]['min_recall_at_10']:.2f})"
+                for v in variants
+            ]
+            lines.append(
+                f"| {p}% | {e['matching']:,} | {e['sql_median_ms']:.3f} | "
+                + " | ".join(cells)
+                + f" | {g['unfiltered']['median_ms']:.3f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

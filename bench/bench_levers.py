@@ -12,6 +12,7 @@ Every variant is scored through the model's own projection (`project_image/proje
 what the index builder and the server compute for live queries. A section's run replaces only
 its own rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.sphere.recall import recall_at_k
 from retrieval.embedding.config import ModelConfig
-from retrieval.embedding.factory import DEFAULT_MODEL, build_sphere_model, create_model, get_model_config, image_preprocess, text_tokenizer
+from retrieval.embedding.factory import (
+    DEFAULT_MODEL,
+    build_sphere_model,
+    create_model,
+    get_model_config,
+    image_preprocess,
+    text_tokenizer,
+)
+from retrieval.embedding.querybank import QueryBank, corrected_recall, model_recall, querybank_of
 from retrieval.encoding.bulk import IMAGE_BATCH, encode_texts, image_loader
 from retrieval.encoding.datasets import load_caption_dataset
 from retrieval.encoding.images import load_image
-from retrieval.embedding.querybank import QueryBank, corrected_recall, model_recall, querybank_of
+from retrieval.sphere.recall import recall_at_k
 from retrieval.training.querybank_fit import BETAS, fit_querybank
 from retrieval.training.train import SplitFeatures, TrainConfig, split_features, train
 
@@ -48,24 +56,66 @@ def variants(views: int) -> list[tuple[str, str, dict, dict]]:
     mlp = {"head": {"hidden": 1024, "dropout": 0.2}}
     early = {"weight_decay": 0.05, "epochs": 40}
     return [
-        ("linear", "linear heads on the 1280-d head features, center crop only",
-         {"image_tower": {"taps": ["head"]}, "head": {"hidden": 0, "dropout": 0.0}}, {"views": 1, "center": False, **early}),
-        ("+stages", "image features: stages 5 and 6 pooled and concatenated with the head",
-         {"head": {"hidden": 0, "dropout": 0.0}}, {"views": 1, "center": False, **early}),
-        ("+mlp+dropout", "residual MLP branch (1024) and input dropout 0.2", mlp, {"views": 1, "center": False, **early}),
-        (f"+{views}views", f"{views} cached views per training image (center + random crops)", mlp,
-         {"views": views, "center": False, **early}),
-        ("+centering", "subtract each modality's training mean before normalizing", mlp, {"views": views, "center": True, **early}),
-        ("siglip", "+centering with SigLIP's sigmoid loss instead of InfoNCE", mlp,
-         {"views": views, "center": True, "loss": "siglip", **early}),
-        ("hidden512", "+centering with a 512-wide MLP branch (half the shipped size)", {"head": {"hidden": 512, "dropout": 0.2}},
-         {"views": views, "center": True, **early}),
-        ("+regularization", "+centering with dropout 0.5, weight decay 0.5, 60 epochs: the shipped default (best dev)",
-         {"head": {"hidden": 1024, "dropout": 0.5}}, {"views": views, "center": True, "weight_decay": 0.5, "epochs": 60}),
-        ("reg-wd0.2", "+regularization with weight decay 0.2 (lower dev)", {"head": {"hidden": 1024, "dropout": 0.5}},
-         {"views": views, "center": True, "weight_decay": 0.2, "epochs": 60}),
-        ("reg-wd1.0", "+regularization with weight decay 1.0 (lower dev)", {"head": {"hidden": 1024, "dropout": 0.5}},
-         {"views": views, "center": True, "weight_decay": 1.0, "epochs": 60}),
+        (
+            "linear",
+            "linear heads on the 1280-d head features, center crop only",
+            {"image_tower": {"taps": ["head"]}, "head": {"hidden": 0, "dropout": 0.0}},
+            {"views": 1, "center": False, **early},
+        ),
+        (
+            "+stages",
+            "image features: stages 5 and 6 pooled and concatenated with the head",
+            {"head": {"hidden": 0, "dropout": 0.0}},
+            {"views": 1, "center": False, **early},
+        ),
+        (
+            "+mlp+dropout",
+            "residual MLP branch (1024) and input dropout 0.2",
+            mlp,
+            {"views": 1, "center": False, **early},
+        ),
+        (
+            f"+{views}views",
+            f"{views} cached views per training image (center + random crops)",
+            mlp,
+            {"views": views, "center": False, **early},
+        ),
+        (
+            "+centering",
+            "subtract each modality's training mean before normalizing",
+            mlp,
+            {"views": views, "center": True, **early},
+        ),
+        (
+            "siglip",
+            "+centering with SigLIP's sigmoid loss instead of InfoNCE",
+            mlp,
+            {"views": views, "center": True, "loss": "siglip", **early},
+        ),
+        (
+            "hidden512",
+            "+centering with a 512-wide MLP branch (half the shipped size)",
+            {"head": {"hidden": 512, "dropout": 0.2}},
+            {"views": views, "center": True, **early},
+        ),
+        (
+            "+regularization",
+            "+centering with dropout 0.5, weight decay 0.5, 60 epochs: the shipped default (best dev)",
+            {"head": {"hidden": 1024, "dropout": 0.5}},
+            {"views": views, "center": True, "weight_decay": 0.5, "epochs": 60},
+        ),
+        (
+            "reg-wd0.2",
+            "+regularization with weight decay 0.2 (lower dev)",
+            {"head": {"hidden": 1024, "dropout": 0.5}},
+            {"views": views, "center": True, "weight_decay": 0.2, "epochs": 60},
+        ),
+        (
+            "reg-wd1.0",
+            "+regularization with weight decay 1.0 (lower dev)",
+            {"head": {"hidden": 1024, "dropout": 0.5}},
+            {"views": views, "center": True, "weight_decay": 1.0, "epochs": 60},
+        ),
     ]
 
 
@@ -84,34 +134,59 @@ def sliced(f: SplitFeatures, taps_head_only: bool) -> SplitFeatures:
 def test_recall(model, test: SplitFeatures) -> tuple[dict, dict]:
     """Test recall by plain cosine, and with the inverted softmax that `train` fitted last."""
     model.eval()
-    vecs = (model.project_image(test.image[0]).numpy(), model.project_text(test.text).numpy(), test.dataset.caption_image)
+    vecs = (
+        model.project_image(test.image[0]).numpy(),
+        model.project_text(test.text).numpy(),
+        test.dataset.caption_image,
+    )
     return recall_at_k(*vecs), model_recall(model, *vecs)
 
 
-def train_variant(name: str, what: str, model_name: str, config: dict, cfg: TrainConfig,
-                  feats: tuple[SplitFeatures, SplitFeatures, SplitFeatures]) -> dict:
+def train_variant(
+    name: str,
+    what: str,
+    model_name: str,
+    config: dict,
+    cfg: TrainConfig,
+    feats: tuple[SplitFeatures, SplitFeatures, SplitFeatures],
+) -> dict:
     """Train fresh heads on (train, dev) features, select on dev, score on test."""
     model = build_sphere_model(model_name, ModelConfig.from_dict(config))
     started = time.time()
     summary = train(cfg, model, features=feats[:2])
     plain, corrected = test_recall(model, feats[2])
     qb = summary["querybank"]
-    row = {"variant": name, "what": what, "train_seconds": round(time.time() - started, 1),
-           "dev_R@1_mean": round(summary["best_dev_R@1_mean"], 2), "checkpoint": summary["checkpoint"],
-           "test": {k: round(v, 2) for k, v in plain.items()},
-           "querybank": {"beta": qb["beta"], "dev_R@1_mean": qb["dev_R@1_mean_by_beta"][str(qb["beta"])],
-                         "test": {k: round(v, 2) for k, v in corrected.items()}},
-           "model_config": config, "train_config": dataclasses.asdict(cfg)}
-    print(f"{name:14s} test t2i R@1 {row['test']['t2i_R@1']:5.1f}  i2t R@1 {row['test']['i2t_R@1']:5.1f}  "
-          f"({row['train_seconds']:.0f}s)", flush=True)
+    row = {
+        "variant": name,
+        "what": what,
+        "train_seconds": round(time.time() - started, 1),
+        "dev_R@1_mean": round(summary["best_dev_R@1_mean"], 2),
+        "checkpoint": summary["checkpoint"],
+        "test": {k: round(v, 2) for k, v in plain.items()},
+        "querybank": {
+            "beta": qb["beta"],
+            "dev_R@1_mean": qb["dev_R@1_mean_by_beta"][str(qb["beta"])],
+            "test": {k: round(v, 2) for k, v in corrected.items()},
+        },
+        "model_config": config,
+        "train_config": dataclasses.asdict(cfg),
+    }
+    print(
+        f"{name:14s} test t2i R@1 {row['test']['t2i_R@1']:5.1f}  i2t R@1 {row['test']['i2t_R@1']:5.1f}  "
+        f"({row['train_seconds']:.0f}s)",
+        flush=True,
+    )
     return row
 
 
 def ladder(args, cfg0: TrainConfig) -> list[dict]:
     base_config = get_model_config("lite0-minilm").to_dict()
     full = build_sphere_model("lite0-minilm", ModelConfig.from_dict(base_config))
-    train_f, dev_f, test_f = (split_features(full, "train", cfg0, args.views), split_features(full, "dev", cfg0, 1),
-                              split_features(full, "test", cfg0, 1))
+    train_f, dev_f, test_f = (
+        split_features(full, "train", cfg0, args.views),
+        split_features(full, "dev", cfg0, 1),
+        split_features(full, "test", cfg0, 1),
+    )
     rows = []
     for name, what, model_over, train_over in variants(args.views):
         if args.only and name not in args.only:
@@ -128,14 +203,16 @@ def ladder(args, cfg0: TrainConfig) -> list[dict]:
 
 def image_encode_rate(model, paths: list, repeats: int = 3) -> float:
     """Median images/s of the model's image encoder alone (decoded beforehand), batch IMAGE_BATCH."""
-    pixels = torch.stack([image_preprocess(model)(load_image(p)) for p in paths]).contiguous(memory_format=torch.channels_last)
+    pixels = torch.stack([image_preprocess(model)(load_image(p)) for p in paths]).contiguous(
+        memory_format=torch.channels_last
+    )
     seconds = []
     with torch.inference_mode():
         model.encode_image(pixels[:IMAGE_BATCH])  # warm-up
         for _ in range(repeats):
             started = time.perf_counter()
             for s in range(0, len(pixels), IMAGE_BATCH):
-                model.encode_image(pixels[s:s + IMAGE_BATCH])
+                model.encode_image(pixels[s : s + IMAGE_BATCH])
             seconds.append(time.perf_counter() - started)
     return round(len(pixels) / statistics.median(seconds), 1)
 
@@ -157,8 +234,15 @@ def towers(args, cfg0: TrainConfig) -> list[dict]:
         started = time.time()
         feats = (split_features(full, "train", cfg, views), *(split_features(full, s, cfg, 1) for s in ("dev", "test")))
         feature_seconds = round(time.time() - started, 1)
-        row = train_variant(f"{name} {views}view", f"EfficientNet-{variant.capitalize()} at {full.image_tower.image_size} px, "
-                            f"shipped head and training settings, {views} view(s)", name, config, cfg, feats)
+        row = train_variant(
+            f"{name} {views}view",
+            f"EfficientNet-{variant.capitalize()} at {full.image_tower.image_size} px, "
+            f"shipped head and training settings, {views} view(s)",
+            name,
+            config,
+            cfg,
+            feats,
+        )
         row["feature_seconds_cached_or_computed"] = feature_seconds
         row["image_encode_per_s"] = image_encode_rate(full, feats[2].dataset.image_paths()[:256])
         rows.append(row)
@@ -174,28 +258,55 @@ def query_time(args, cfg0: TrainConfig) -> list[dict]:
         vecs = {}
         for split in ("train", "dev", "test"):
             f = split_features(model, split, cfg0, 1)
-            vecs[split] = (model.project_image(f.image[0]).numpy(), model.project_text(f.text).numpy(),
-                           f.dataset.caption_image)
+            vecs[split] = (
+                model.project_image(f.image[0]).numpy(),
+                model.project_text(f.text).numpy(),
+                f.dataset.caption_image,
+            )
     shipped = querybank_of(model)
     empty = np.zeros((0, model.embed_dim), np.float32)
 
     def row(variant: str, what: str, bank: QueryBank) -> dict:
         dev, test = (corrected_recall(*vecs[s], bank) for s in ("dev", "test"))
-        return {"variant": variant, "what": what, "beta": bank.beta, "bank": [len(bank.text), len(bank.image)],
-                "dev_R@1_mean": round((dev["t2i_R@1"] + dev["i2t_R@1"]) / 2, 2),
-                "test": {k: round(v, 2) for k, v in test.items()}}
+        return {
+            "variant": variant,
+            "what": what,
+            "beta": bank.beta,
+            "bank": [len(bank.text), len(bank.image)],
+            "dev_R@1_mean": round((dev["t2i_R@1"] + dev["i2t_R@1"]) / 2, 2),
+            "test": {k: round(v, 2) for k, v in test.items()},
+        }
 
-    rows = [row("plain cosine", f"the shipped {DEFAULT_MODEL} (centered) without the correction", QueryBank(empty, empty, 0.0)),
-            row("shipped inverted softmax", f"its banks ({len(shipped.text)} training captions / {len(shipped.image)} "
-                f"images) and beta {shipped.beta:g}, as shipped: what the index and server apply", shipped)]
+    rows = [
+        row(
+            "plain cosine",
+            f"the shipped {DEFAULT_MODEL} (centered) without the correction",
+            QueryBank(empty, empty, 0.0),
+        ),
+        row(
+            "shipped inverted softmax",
+            f"its banks ({len(shipped.text)} training captions / {len(shipped.image)} "
+            f"images) and beta {shipped.beta:g}, as shipped: what the index and server apply",
+            shipped,
+        ),
+    ]
     train_images, train_texts, _ = vecs["train"]
     for size in (len(train_texts), 4000, 2000, 500):
         bank, _ = fit_querybank(train_texts, train_images, *vecs["dev"], size=size, seed=1)
-        rows.append(row(f"bank {size}", f"{len(bank.text)} random training captions / {len(bank.image)} images, "
-                        f"beta {bank.beta:g} (best dev of 0, {', '.join(f'{b:g}' for b in BETAS)})", bank))
+        rows.append(
+            row(
+                f"bank {size}",
+                f"{len(bank.text)} random training captions / {len(bank.image)} images, "
+                f"beta {bank.beta:g} (best dev of 0, {', '.join(f'{b:g}' for b in BETAS)})",
+                bank,
+            )
+        )
     for r in rows:
-        print(f"{r['variant']:26s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
-              f"i2t R@1 {r['test']['i2t_R@1']:.1f}", flush=True)
+        print(
+            f"{r['variant']:26s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
+            f"i2t R@1 {r['test']['i2t_R@1']:.1f}",
+            flush=True,
+        )
     return rows
 
 
@@ -205,17 +316,26 @@ def lit(args, cfg0: TrainConfig) -> list[dict]:
 
     model = build_sphere_model("lite0-minilm", get_model_config("lite0-minilm"))
     tokenizer = text_tokenizer(model)
-    feats = (split_features(model, "train", cfg0, args.views), split_features(model, "dev", cfg0, 1),
-             split_features(model, "test", cfg0, 1))
+    feats = (
+        split_features(model, "train", cfg0, args.views),
+        split_features(model, "dev", cfg0, 1),
+        split_features(model, "test", cfg0, 1),
+    )
     rows = []
     for k in (0, 1):
         diff = check_top_matches_tower(model.text_tower, tokenizer, feats[2].dataset.captions[:64], k)
         r = train_lit(model, k, *feats, tokenizer, epochs=args.lit_epochs)
-        what = (f"heads alone, {args.lit_epochs} epochs, on the cached token states' pooling (the LiT arm's baseline)" if k == 0 else
-                f"heads + MiniLM's top {k} layer(s) tuned (lr 2e-5), {args.lit_epochs} epochs, same loop")
+        what = (
+            f"heads alone, {args.lit_epochs} epochs, on the cached token states' pooling (the LiT arm's baseline)"
+            if k == 0
+            else f"heads + MiniLM's top {k} layer(s) tuned (lr 2e-5), {args.lit_epochs} epochs, same loop"
+        )
         rows.append({"variant": f"lit-top{k}", "what": what, "cache_check_max_abs_diff": diff, **r})
-        print(f"lit-top{k} dev {r['dev_R@1_mean']:.2f} test t2i R@1 {r['test']['t2i_R@1']:.1f} "
-              f"i2t R@1 {r['test']['i2t_R@1']:.1f} ({r['train_seconds']:.0f}s)", flush=True)
+        print(
+            f"lit-top{k} dev {r['dev_R@1_mean']:.2f} test t2i R@1 {r['test']['t2i_R@1']:.1f} "
+            f"i2t R@1 {r['test']['i2t_R@1']:.1f} ({r['train_seconds']:.0f}s)",
+            flush=True,
+        )
     return rows
 
 
@@ -249,33 +369,55 @@ def multiview(args, cfg0: TrainConfig) -> list[dict]:
         center, both, t_one, t_two = multiview_vectors(model, [str(p) for p in ds.image_paths()])
         texts = encode_texts(model, tokenizer, ds.captions, progress=False)
         cap = ds.caption_image
-        out[split] = {"single": model_recall(model, center, texts, cap),
-                      # image->text with the image query single-view is the single row; this is the image as a stored
-                      # item (a more-like-this query) or a server that would average views of an uploaded image
-                      "flip": model_recall(model, both, texts, cap), "t_one": t_one, "t_two": t_two}
+        out[split] = {
+            "single": model_recall(model, center, texts, cap),
+            # image->text with the image query single-view is the single row; this is the image as a stored
+            # item (a more-like-this query) or a server that would average views of an uploaded image
+            "flip": model_recall(model, both, texts, cap),
+            "t_one": t_one,
+            "t_two": t_two,
+        }
 
     def row(variant: str, what: str, key: str, cost: str) -> dict:
         dev = out["dev"][key]
-        return {"variant": variant, "what": f"{what}; encoder {out['test'][cost] * 1000:.1f} ms per gallery image",
-                "dev_R@1_mean": round((dev["t2i_R@1"] + dev["i2t_R@1"]) / 2, 2),
-                "dev": {k: round(v, 2) for k, v in dev.items()},
-                "test": {k: round(v, 2) for k, v in out["test"][key].items()},
-                "encode_ms_per_image": round(out["test"][cost] * 1000, 2)}
+        return {
+            "variant": variant,
+            "what": f"{what}; encoder {out['test'][cost] * 1000:.1f} ms per gallery image",
+            "dev_R@1_mean": round((dev["t2i_R@1"] + dev["i2t_R@1"]) / 2, 2),
+            "dev": {k: round(v, 2) for k, v in dev.items()},
+            "test": {k: round(v, 2) for k, v in out["test"][key].items()},
+            "encode_ms_per_image": round(out["test"][cost] * 1000, 2),
+        }
 
-    rows = [row("center (shipped)", f"{DEFAULT_MODEL} as served (its inverted softmax), center crop only",
-                "single", "t_one"),
-            row("center+flip", "gallery images as the unit mean of the center crop and its flip (t2i is what changes; "
-                "i2t here averages the query image's two views too)", "flip", "t_two")]
+    rows = [
+        row(
+            "center (shipped)", f"{DEFAULT_MODEL} as served (its inverted softmax), center crop only", "single", "t_one"
+        ),
+        row(
+            "center+flip",
+            "gallery images as the unit mean of the center crop and its flip (t2i is what changes; "
+            "i2t here averages the query image's two views too)",
+            "flip",
+            "t_two",
+        ),
+    ]
     for r in rows:
-        print(f"{r['variant']:18s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
-              f"i2t R@1 {r['test']['i2t_R@1']:.1f}  {r['encode_ms_per_image']:.1f} ms/img", flush=True)
+        print(
+            f"{r['variant']:18s} dev {r['dev_R@1_mean']:.2f}  test t2i R@1 {r['test']['t2i_R@1']:.1f}  "
+            f"i2t R@1 {r['test']['i2t_R@1']:.1f}  {r['encode_ms_per_image']:.1f} ms/img",
+            flush=True,
+        )
     return rows
 
 
 SECTIONS = {"ladder": ladder, "towers": towers, "query-time": query_time, "lit": lit, "multiview": multiview}
-TITLES = {"ladder": "Training levers, cumulative (Lite0 tower)", "towers": "Image towers",
-          "query-time": "Query-time corrections", "lit": "Tuning the top of the text tower (LiT)",
-          "multiview": "Multi-view gallery embeddings (shipped model, as served)"}
+TITLES = {
+    "ladder": "Training levers, cumulative (Lite0 tower)",
+    "towers": "Image towers",
+    "query-time": "Query-time corrections",
+    "lit": "Tuning the top of the text tower (LiT)",
+    "multiview": "Multi-view gallery embeddings (shipped model, as served)",
+}
 
 
 # Levers the issue lists that no section measures yet (issue 16), with what measuring them needs.
@@ -297,27 +439,44 @@ NOT_MEASURED = """## Not measured yet
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    lines = ["# Training levers on Flickr8k (1K test, R@1 %)", "",
-             "Each row selected on dev, scored on test. Train seconds are wall time on a shared 2-core "
-             "machine: compare recalls, not times.", ""]
+    lines = [
+        "# Training levers on Flickr8k (1K test, R@1 %)",
+        "",
+        "Each row selected on dev, scored on test. Train seconds are wall time on a shared 2-core "
+        "machine: compare recalls, not times.",
+        "",
+    ]
     for section in SECTIONS:
         if section not in result:
             continue
         sec = result[section]
-        lines += [f"## {TITLES[section]}", "", f"`{sec['command']}`", "",
-                  "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | mean R "
-                  "| with its inverted softmax: dev R@1 mean, test t2i / i2t R@1 | train s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {TITLES[section]}",
+            "",
+            f"`{sec['command']}`",
+            "",
+            "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | mean R "
+            "| with its inverted softmax: dev R@1 mean, test t2i / i2t R@1 | train s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in sec["variants"]:
             t = r["test"]
             secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
-            what = r["what"] + (f"; image encoder {r['image_encode_per_s']:.0f} img/s (batch {IMAGE_BATCH}, decoding excluded)"
-                                if "image_encode_per_s" in r else "")
+            what = r["what"] + (
+                f"; image encoder {r['image_encode_per_s']:.0f} img/s (batch {IMAGE_BATCH}, decoding excluded)"
+                if "image_encode_per_s" in r
+                else ""
+            )
             qb = r.get("querybank")
-            with_qb = (f"{qb['dev_R@1_mean']:.2f}, {qb['test']['t2i_R@1']:.1f} / {qb['test']['i2t_R@1']:.1f} (beta {qb['beta']:g})"
-                       if qb else "-")
-            lines.append(f"| {r['variant']} | {what} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
-                         f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {with_qb} | {secs} |")
+            with_qb = (
+                f"{qb['dev_R@1_mean']:.2f}, {qb['test']['t2i_R@1']:.1f} / {qb['test']['i2t_R@1']:.1f} (beta {qb['beta']:g})"
+                if qb
+                else "-"
+            )
+            lines.append(
+                f"| {r['variant']} | {what} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
+                f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {with_qb} | {secs} |"
+            )
         lines.append("")
     path.write_text("\n".join(lines) + NOT_MEASURED)
 
@@ -346,7 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         order = [v[0] for v in variants(args.views)]
         rows = sorted(kept + rows, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
         command += "  (other rows: an earlier full run)"
-    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result["machine"] = {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     result[args.section] = {"command": command, "variants": rows}
     path.write_text(json.dumps(result, indent=2))
     write_markdown(out / "levers.md", result)

@@ -19,6 +19,7 @@ by the model; made here when missing) and the walk's index from bench/.cache/que
 with index-builder when missing). Writes bench/results/queries.json (with the command; sections
 merge, so one section reruns alone) and queries.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "datasets" / "flickr8k"
 MODEL = "lite0-minilm"
-STOP = set("a an the of in on at and with is are to his her their its while for by from into two three four "
-           "other one some as it up down near next front who through over out this that there".split())
+STOP = set(
+    "a an the of in on at and with is are to his her their its while for by from into two three four "
+    "other one some as it up down near next front who through over out this that there".split()
+)
 
 
 def test_split():
@@ -80,12 +83,18 @@ def section_multi() -> dict:
         geo = np.stack([karcher_mean(texts[c[:m]]) for c in by_image])
         lin = np.stack([compose_linear(texts[c[:m]], np.ones(m)) for c in by_image])
         truth = np.arange(len(images))
-        out[str(m)] = {name: {f"R@{k}": round(recall(rank(images, bias, q), truth, k), 2) for k in (1, 5, 10)}
-                       for name, q in (("geodesic", geo), ("linear", lin))}
+        out[str(m)] = {
+            name: {f"R@{k}": round(recall(rank(images, bias, q), truth, k), 2) for k in (1, 5, 10)}
+            for name, q in (("geodesic", geo), ("linear", lin))
+        }
     single = rank(images, bias, texts)  # every caption alone (5,000 queries): the served number
     out["every_caption_alone"] = {f"R@{k}": round(recall(single, owner, k), 2) for k in (1, 5, 10)}
-    return {"images": len(images), "captions": len(texts), "by_captions": out,
-            "note": "m captions = the image's first m captions; 1 = its first caption alone"}
+    return {
+        "images": len(images),
+        "captions": len(texts),
+        "by_captions": out,
+        "note": "m captions = the image's first m captions; 1 = its first caption alone",
+    }
 
 
 SUBJECTS = ("dog", "man", "woman", "boy", "girl", "child", "people", "dogs", "person", "children", "player", "biker")
@@ -105,8 +114,18 @@ def word_pairs(captions: list[str], owner: np.ndarray, count: int = 10) -> list[
         if len(pairs) == count:
             break
         co = Counter(w for ws in per_image.values() if pos in ws for w in ws if w != pos)
-        neg = next((w for w, _ in co.most_common() if len(w) > 3 and w not in NOT_SCENE and w not in SUBJECTS
-                    and not w.endswith("ing") and w not in {p[1] for p in pairs}), None)
+        neg = next(
+            (
+                w
+                for w, _ in co.most_common()
+                if len(w) > 3
+                and w not in NOT_SCENE
+                and w not in SUBJECTS
+                and not w.endswith("ing")
+                and w not in {p[1] for p in pairs}
+            ),
+            None,
+        )
         if neg:
             pairs.append((pos, neg))
     return pairs
@@ -123,10 +142,16 @@ def section_negatives() -> dict:
         mentions[int(o)] = mentions.get(int(o), "") + " " + c.lower()
     pairs = word_pairs(captions, owner)
     model, _, tokenizer = create_model(MODEL)
-    vec = dict(zip([w for p in pairs for w in (f"a {p[0]}", p[1])],
-                   encode_texts(model, tokenizer, [w for p in pairs for w in (f"a {p[0]}", p[1])])))
-    rows, share = [], lambda top, word: float(np.mean([re.search(rf"\b{word}", mentions[int(i)]) is not None
-                                                        for i in top]))
+    vec = dict(
+        zip(
+            [w for p in pairs for w in (f"a {p[0]}", p[1])],
+            encode_texts(model, tokenizer, [w for p in pairs for w in (f"a {p[0]}", p[1])]),
+        )
+    )
+    rows, share = (
+        [],
+        lambda top, word: float(np.mean([re.search(rf"\b{word}", mentions[int(i)]) is not None for i in top])),
+    )
     for pos, neg in pairs:
         x, w = np.stack([vec[f"a {pos}"], vec[neg]]), np.array([1.0, -1.0])
         row = {"positive": pos, "negative": neg}
@@ -135,10 +160,16 @@ def section_negatives() -> dict:
             top = rank(images, bias, q[None])[0, :10]
             row[name] = {"pos": share(top, pos), "neg": share(top, neg)}
         rows.append(row)
-    mean = {name: {s: round(float(np.mean([r[name][s] for r in rows])), 3) for s in ("pos", "neg")}
-            for name in ("alone", "geodesic", "linear")}
-    return {"pairs": rows, "mean": mean, "negative_weight": -1.0,
-            "note": "share of the top 10 images with a caption mentioning the word (prefix match)"}
+    mean = {
+        name: {s: round(float(np.mean([r[name][s] for r in rows])), 3) for s in ("pos", "neg")}
+        for name in ("alone", "geodesic", "linear")
+    }
+    return {
+        "pairs": rows,
+        "mean": mean,
+        "negative_weight": -1.0,
+        "note": "share of the top 10 images with a caption mentioning the word (prefix match)",
+    }
 
 
 def section_walk(walks: int = 20, steps: int = 10, k: int = 10) -> dict:
@@ -148,13 +179,33 @@ def section_walk(walks: int = 20, steps: int = 10, k: int = 10) -> dict:
 
     root = CACHE / "queries-index"
     if not (root / "CURRENT").is_file():
-        assert build(["-q", "build", "--out", str(root), "--dataset", str(DATA), "--split", "test", "--model", MODEL,
-                      "--workers", "0", "--no-progress"]) == 0
+        assert (
+            build(
+                [
+                    "-q",
+                    "build",
+                    "--out",
+                    str(root),
+                    "--dataset",
+                    str(DATA),
+                    "--split",
+                    "test",
+                    "--model",
+                    MODEL,
+                    "--workers",
+                    "0",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     _, _, _, _, captions = test_split()
     rng = np.random.default_rng(0)
     spreads, per_step = [], []
-    with ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv, \
-            RetrievalClient(srv.address, timeout=60) as client:
+    with (
+        ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv,
+        RetrievalClient(srv.address, timeout=60) as client,
+    ):
         list(client.walk(captions[0], captions[1], steps=2, k=1))  # warm
         for a, b in rng.choice(len(captions), size=(walks, 2), replace=False):
             times, angles = [time.perf_counter()], []
@@ -163,37 +214,57 @@ def section_walk(walks: int = 20, steps: int = 10, k: int = 10) -> dict:
                 angles.append(step.angle_deg)
             spreads.append(float(np.ptp(np.diff(angles))))
             per_step.extend(np.diff(times).tolist())
-    return {"walks": walks, "steps": steps, "k": k, "max_consecutive_angle_spread_deg": max(spreads),
-            "median_ms_per_step": round(float(np.median(per_step)) * 1000, 2),
-            "p90_ms_per_step": round(float(np.percentile(per_step, 90)) * 1000, 2),
-            "note": "angles as the server reports them (float32 on the wire); time from the call (step 0 "
-                    "includes encoding both ends) or the previous step to each step's arrival"}
+    return {
+        "walks": walks,
+        "steps": steps,
+        "k": k,
+        "max_consecutive_angle_spread_deg": max(spreads),
+        "median_ms_per_step": round(float(np.median(per_step)) * 1000, 2),
+        "p90_ms_per_step": round(float(np.percentile(per_step, 90)) * 1000, 2),
+        "note": "angles as the server reports them (float32 on the wire); time from the call (step 0 "
+        "includes encoding both ends) or the previous step to each step's arrival",
+    }
 
 
 SECTIONS = {"multi": section_multi, "negatives": section_negatives, "walk": section_walk}
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Queries on the sphere", "", "Made by `python bench/bench_queries.py` (each section's command is in "
-             "queries.json).", ""]
+    lines = [
+        "# Queries on the sphere",
+        "",
+        "Made by `python bench/bench_queries.py` (each section's command is in queries.json).",
+        "",
+    ]
     if "multi" in results:
         m = results["multi"]
-        lines += ["## Multi-caption queries: text -> image on Flickr8k test", "",
-                  f"{m['images']} images; ranked by cosine + the inverted softmax's bias, as served. Every caption "
-                  f"alone ({m['captions']} queries): R@1 {m['by_captions']['every_caption_alone']['R@1']}.", "",
-                  "| captions | geodesic R@1 | linear R@1 | geodesic R@5 | linear R@5 | geodesic R@10 | linear R@10 |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Multi-caption queries: text -> image on Flickr8k test",
+            "",
+            f"{m['images']} images; ranked by cosine + the inverted softmax's bias, as served. Every caption "
+            f"alone ({m['captions']} queries): R@1 {m['by_captions']['every_caption_alone']['R@1']}.",
+            "",
+            "| captions | geodesic R@1 | linear R@1 | geodesic R@5 | linear R@5 | geodesic R@10 | linear R@10 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n in ("1", "2", "3", "5"):
             g, li = m["by_captions"][n]["geodesic"], m["by_captions"][n]["linear"]
             lines.append(f"| {n} | {g['R@1']} | {li['R@1']} | {g['R@5']} | {li['R@5']} | {g['R@10']} | {li['R@10']} |")
         lines.append("")
     if "negatives" in results:
         n = results["negatives"]
-        lines += ["## Negative terms: \"a <pos>\" minus \"<neg>\" (weight -1)", "", n["note"] + ".", "",
-                  "| query | pos share | neg share |", "|---|---|---|"]
+        lines += [
+            "## Negative terms: \"a <pos>\" minus \"<neg>\" (weight -1)",
+            "",
+            n["note"] + ".",
+            "",
+            "| query | pos share | neg share |",
+            "|---|---|---|",
+        ]
         for name in ("alone", "geodesic", "linear"):
-            lines.append(f"| {name} (mean of {len(n['pairs'])} pairs) | {n['mean'][name]['pos']} | "
-                         f"{n['mean'][name]['neg']} |")
+            lines.append(
+                f"| {name} (mean of {len(n['pairs'])} pairs) | {n['mean'][name]['pos']} | {n['mean'][name]['neg']} |"
+            )
         lines += ["", "| pair | alone pos/neg | geodesic pos/neg | linear pos/neg |", "|---|---|---|---|"]
         for r in n["pairs"]:
             cells = " | ".join(f"{r[x]['pos']:.1f} / {r[x]['neg']:.1f}" for x in ("alone", "geodesic", "linear"))
@@ -201,10 +272,15 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "walk" in results:
         w = results["walk"]
-        lines += ["## Walk over gRPC", "", f"{w['walks']} walks between test captions, {w['steps']} steps of k="
-                  f"{w['k']} (images): largest spread of consecutive step angles "
-                  f"{w['max_consecutive_angle_spread_deg']:.2e} degrees; per streamed step median "
-                  f"{w['median_ms_per_step']} ms (p90 {w['p90_ms_per_step']} ms).", ""]
+        lines += [
+            "## Walk over gRPC",
+            "",
+            f"{w['walks']} walks between test captions, {w['steps']} steps of k="
+            f"{w['k']} (images): largest spread of consecutive step angles "
+            f"{w['max_consecutive_angle_spread_deg']:.2e} degrees; per streamed step median "
+            f"{w['median_ms_per_step']} ms (p90 {w['p90_ms_per_step']} ms).",
+            "",
+        ]
     return "\n".join(lines)
 
 

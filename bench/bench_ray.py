@@ -22,6 +22,7 @@ interface is loopback, where the nodes bind to 127.0.0.1.
 
 Results go to bench/results/ray.json and ray.md. No GPU measurement here: none on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,9 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from retrieval.store.layout import INDEX_FILES, MANIFEST, read_current  # noqa: E402
 from retrieval.store.vectors import reconstruct  # noqa: E402
-
-from retrieval.store.layout import INDEX_FILES, MANIFEST, read_current
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flickr8k"
 RESULTS = REPO / "bench" / "results"
@@ -77,16 +77,38 @@ def loopback_cluster(log_dir: Path, cpus_per_node: int = 1) -> Iterator[str]:
     """A Ray head and one worker node on 127.0.0.1, `cpus_per_node` each; yields the head's address."""
     port = free_port()
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # nodes, drivers and probes: Ray's token (~/.ray/auth_token)
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
-              "--object-store-memory", str(500 * 1024 * 1024), "--disable-usage-stats"]
+    common = [
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        str(cpus_per_node),
+        "--object-store-memory",
+        str(500 * 1024 * 1024),
+        "--disable-usage-stats",
+    ]
     nodes: list[subprocess.Popen] = []
     address = f"127.0.0.1:{port}"
     try:
-        for name, extra in (("head", ["--head", "--port", str(port), "--include-dashboard", "false",
-                                      "--ray-client-server-port", str(free_port())]),
-                            ("worker", ["--address", address])):
+        for name, extra in (
+            (
+                "head",
+                [
+                    "--head",
+                    "--port",
+                    str(port),
+                    "--include-dashboard",
+                    "false",
+                    "--ray-client-server-port",
+                    str(free_port()),
+                ],
+            ),
+            ("worker", ["--address", address]),
+        ):
             with (log_dir / f"ray-{name}.log").open("w") as log:
-                nodes.append(subprocess.Popen([str(RAY), "start", *extra, *common], stdout=log, stderr=subprocess.STDOUT))
+                nodes.append(
+                    subprocess.Popen([str(RAY), "start", *extra, *common], stdout=log, stderr=subprocess.STDOUT)
+                )
             wait_for_nodes(address, len(nodes), nodes)
         yield address
     finally:
@@ -100,8 +122,10 @@ def loopback_cluster(log_dir: Path, cpus_per_node: int = 1) -> Iterator[str]:
 
 
 def wait_for_nodes(address: str, count: int, nodes: list[subprocess.Popen], timeout: float = 300) -> None:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        "print(sum(1 for n in ray.nodes() if n['Alive']))"
+    )
     deadline = time.monotonic() + timeout
     while True:
         for node in nodes:
@@ -116,8 +140,18 @@ def wait_for_nodes(address: str, count: int, nodes: list[subprocess.Popen], time
 
 
 def run_build(root: Path, args: argparse.Namespace, log: Path, ray_address: str | None) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "index_builder", "build", "--out", str(root), "--dataset", str(args.data),
-           "--no-progress", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "index_builder",
+        "build",
+        "--out",
+        str(root),
+        "--dataset",
+        str(args.data),
+        "--no-progress",
+        "--json",
+    ]
     if args.split:
         cmd += ["--split", args.split]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -148,9 +182,12 @@ def compare(single: Path, ray_root: Path) -> dict:
     out = {}
     for modality in a:
         same_ids = bool(np.array_equal(a[modality][0], b[modality][0]))
-        out[modality] = {"vectors": int(len(a[modality][0])), "same_ids": same_ids,
-                         "bit_identical": same_ids and a[modality][1].tobytes() == b[modality][1].tobytes(),
-                         "max_abs_diff": float(np.abs(a[modality][1] - b[modality][1]).max()) if same_ids else None}
+        out[modality] = {
+            "vectors": int(len(a[modality][0])),
+            "same_ids": same_ids,
+            "bit_identical": same_ids and a[modality][1].tobytes() == b[modality][1].tobytes(),
+            "max_abs_diff": float(np.abs(a[modality][1] - b[modality][1]).max()) if same_ids else None,
+        }
     ma, mb = (json.loads((r / read_current(r) / MANIFEST).read_text()) for r in (single, ray_root))
     out["counts_identical"] = ma["report"]["counts"] == mb["report"]["counts"]
     out["skipped_identical"] = ma["report"]["skipped"] == mb["report"]["skipped"]
@@ -160,9 +197,12 @@ def compare(single: Path, ray_root: Path) -> dict:
 
 def stage_seconds(manifest: dict) -> dict:
     c, e = manifest["report"]["counts"], manifest["report"]["encode"]
-    return {"images": round(c["images_encoded"] / e["images_per_second"], 1) if e["images_per_second"] else 0.0,
-            "captions": round(c["texts_encoded"] / e["captions_per_second"], 1) if e["captions_per_second"] else 0.0,
-            "images_per_second": e["images_per_second"], "captions_per_second": e["captions_per_second"]}
+    return {
+        "images": round(c["images_encoded"] / e["images_per_second"], 1) if e["images_per_second"] else 0.0,
+        "captions": round(c["texts_encoded"] / e["captions_per_second"], 1) if e["captions_per_second"] else 0.0,
+        "images_per_second": e["images_per_second"],
+        "captions_per_second": e["captions_per_second"],
+    }
 
 
 def in_loopback_namespace(argv: Sequence[str]) -> None:
@@ -171,8 +211,20 @@ def in_loopback_namespace(argv: Sequence[str]) -> None:
     if os.geteuid() != 0 or os.environ.get("BENCH_RAY_NETNS") == "1" or not shutil.which("unshare"):
         return
     os.environ["BENCH_RAY_NETNS"] = "1"
-    os.execvp("unshare", ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-                          sys.executable, str(Path(__file__).resolve()), *argv])
+    os.execvp(
+        "unshare",
+        [
+            "unshare",
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" "$@"',
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *argv,
+        ],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,12 +244,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 roots = {}
                 for kind in order:
                     roots[kind] = tmp_path / f"{kind}-{repeat}"
-                    seconds, manifest = run_build(roots[kind], args, tmp_path / f"{kind}-{repeat}.log",
-                                                  address if kind == "ray" else None)
-                    runs[kind].append({"wall_seconds": round(seconds, 1), "build_seconds": manifest["build_seconds"],
-                                       "num_images": manifest["num_images"], "num_texts": manifest["num_texts"],
-                                       "counts": manifest["report"]["counts"], "encode": stage_seconds(manifest),
-                                       "load_average_after": [round(x, 1) for x in os.getloadavg()]})
+                    seconds, manifest = run_build(
+                        roots[kind], args, tmp_path / f"{kind}-{repeat}.log", address if kind == "ray" else None
+                    )
+                    runs[kind].append(
+                        {
+                            "wall_seconds": round(seconds, 1),
+                            "build_seconds": manifest["build_seconds"],
+                            "num_images": manifest["num_images"],
+                            "num_texts": manifest["num_texts"],
+                            "counts": manifest["report"]["counts"],
+                            "encode": stage_seconds(manifest),
+                            "load_average_after": [round(x, 1) for x in os.getloadavg()],
+                        }
+                    )
                     print(f"{kind} #{repeat}: {seconds:.1f}s, {stage_seconds(manifest)}", flush=True)
                 comparison = compare(roots["single"], roots["ray"])
                 print(json.dumps(comparison), flush=True)
@@ -206,11 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = {k: statistics.median(r["wall_seconds"] for r in v) for k, v in runs.items()}
     result = {
         "created_at": started,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": [round(x, 1) for x in load_before]},
-        "data": str(args.data), "split": args.split, "repeats": args.repeats,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_before": [round(x, 1) for x in load_before],
+        },
+        "data": str(args.data),
+        "split": args.split,
+        "repeats": args.repeats,
         "cluster": f"2 Ray nodes on {'127.0.0.1' if os.environ.get('BENCH_RAY_NETNS') == '1' else 'this machine'} "
-                   "(ray start --head / --address), --num-cpus 1 each",
+        "(ray start --head / --address), --num-cpus 1 each",
         "runs": runs,
         "median_wall_seconds": wall,
         "wall_ratio_ray_over_single": round(wall["ray"] / wall["single"], 3),
@@ -257,8 +323,10 @@ def render(r: dict) -> str:
     ]
     for modality in INDEX_FILES:
         m = c[modality]
-        lines.append(f"| {modality} vectors ({m['vectors']}, with their bias coordinate), by id | "
-                     f"{'bit for bit identical' if m['bit_identical'] else 'DIFFERENT: max |diff| ' + str(m['max_abs_diff'])} |")
+        lines.append(
+            f"| {modality} vectors ({m['vectors']}, with their bias coordinate), by id | "
+            f"{'bit for bit identical' if m['bit_identical'] else 'DIFFERENT: max |diff| ' + str(m['max_abs_diff'])} |"
+        )
     lines += [
         f"| manifest counts | {'identical' if c['counts_identical'] else 'DIFFERENT'} |",
         f"| bad-file reports | {'identical' if c['skipped_identical'] else 'DIFFERENT'} |",

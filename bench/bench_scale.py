@@ -21,6 +21,7 @@ is timed over the first 1M rows and scaled by 1/10 (brute force is linear in n).
 timed right beside each setting (the load of a shared machine drifts), on the first --exact-qps-queries.
 Results are merged into bench/results/scale.json (each entry with the command that made it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,10 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,12 +46,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
-
 import scale_data  # noqa: E402
 import scale_measure as measure  # noqa: E402
+
 from index_builder import faiss_index, ivf_ondisk  # noqa: E402
+from retrieval.store.layout import STORAGE_MEMORY, STORAGE_MMAP  # noqa: E402
 from retrieval.store.reader import read_index_file  # noqa: E402
-from retrieval.store.layout import STORAGE_MEMORY, STORAGE_MMAP
 
 log = logging.getLogger("bench_scale")
 RESULTS = REPO / "bench" / "results"
@@ -63,7 +64,7 @@ class Choice:
     settings: list[dict]
     note: str = ""
     ef_construction: int | None = None
-    text_train: bool = False        # train the IVF quantizer on image rows plus training captions
+    text_train: bool = False  # train the IVF quantizer on image rows plus training captions
     on_disk: bool = False
     build: dict = field(default_factory=dict)
 
@@ -74,30 +75,50 @@ def _nprobe(*values: int, **extra) -> list[dict]:
 
 CHOICES = {
     "flat": Choice("Flat", [{}], "exact search"),
-    "hnsw32": Choice("HNSW32,Flat", [{"efSearch": e} for e in (64, 128, 256, 512, 768)],
-                     "the builder's default up to 2M items (efConstruction 80)"),
-    "hnsw32-efc200": Choice("HNSW32,Flat", [{"efSearch": e} for e in (128, 256, 384, 512)], "efConstruction 200",
-                            ef_construction=200),
+    "hnsw32": Choice(
+        "HNSW32,Flat",
+        [{"efSearch": e} for e in (64, 128, 256, 512, 768)],
+        "the builder's default up to 2M items (efConstruction 80)",
+    ),
+    "hnsw32-efc200": Choice(
+        "HNSW32,Flat", [{"efSearch": e} for e in (128, 256, 384, 512)], "efConstruction 200", ef_construction=200
+    ),
     "hnsw64": Choice("HNSW64,Flat", [{"efSearch": e} for e in (128, 256, 384, 512)], "efConstruction 80"),
     "ivf4096": Choice("IVF4096,Flat", _nprobe(16, 32, 48, 64, 96, 128), "quantizer trained on image rows"),
-    "ivf4096-text": Choice("IVF4096,Flat", _nprobe(16, 32, 48, 64, 96, 128),
-                           "quantizer trained on image rows plus 35k training captions", text_train=True),
-    "ivf4096-sq8-rflat": Choice("IVF4096,SQ8,RFlat", _nprobe(32, 64, 96, 128, 192, k_factor=4),
-                                "8-bit scalar codes, exact re-rank of the top 40"),
-    "ivf1024-pq-rflat": Choice("OPQ64_256,IVF1024,PQ64x4fs,RFlat",
-                               _nprobe(16, 32, 64, k_factor=10) + _nprobe(32, 64, k_factor=20),
-                               "4-bit fast-scan PQ (32 B/vector) after an OPQ rotation, exact re-rank"),
-    "ivf4096-ondisk": Choice("IVF4096,Flat", _nprobe(16, 32, 64, 128), "built in blocks, merged on disk, memory-mapped",
-                             on_disk=True),
+    "ivf4096-text": Choice(
+        "IVF4096,Flat",
+        _nprobe(16, 32, 48, 64, 96, 128),
+        "quantizer trained on image rows plus 35k training captions",
+        text_train=True,
+    ),
+    "ivf4096-sq8-rflat": Choice(
+        "IVF4096,SQ8,RFlat",
+        _nprobe(32, 64, 96, 128, 192, k_factor=4),
+        "8-bit scalar codes, exact re-rank of the top 40",
+    ),
+    "ivf1024-pq-rflat": Choice(
+        "OPQ64_256,IVF1024,PQ64x4fs,RFlat",
+        _nprobe(16, 32, 64, k_factor=10) + _nprobe(32, 64, k_factor=20),
+        "4-bit fast-scan PQ (32 B/vector) after an OPQ rotation, exact re-rank",
+    ),
+    "ivf4096-ondisk": Choice(
+        "IVF4096,Flat", _nprobe(16, 32, 64, 128), "built in blocks, merged on disk, memory-mapped", on_disk=True
+    ),
 }
 
 
 def machine() -> dict:
-    return {"python": platform.python_version(), "faiss": faiss.__version__, "cpus": os.cpu_count(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "faiss": faiss.__version__,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+    }
 
 
 # -- data -------------------------------------------------------------------------------------------
+
 
 def load(args, n: int):
     real = scale_data.real_vectors(args.data)
@@ -121,13 +142,17 @@ def geometry(real, z) -> dict:
     seeds = real.seeds
     texts = real.text[real.text_split == "test"]
     real_t = np.max(texts @ seeds.T + real.bank.bias(seeds, "image")[None, :], axis=1)
-    return {"seeds": len(seeds), "median_nn_angle_deg_seeds": round(float(np.degrees(np.median(scale_data.nn_angles(seeds)))), 2),
-            "text_top1_score_real_seeds_median": round(float(np.median(real_t)), 4),
-            "text_top1_score_synthetic_median": round(float(np.median(z["text_to_image_scores"][:, 0])), 4),
-            "text_top10_score_synthetic_median": round(float(np.median(z["text_to_image_scores"][:, -1])), 4)}
+    return {
+        "seeds": len(seeds),
+        "median_nn_angle_deg_seeds": round(float(np.degrees(np.median(scale_data.nn_angles(seeds)))), 2),
+        "text_top1_score_real_seeds_median": round(float(np.median(real_t)), 4),
+        "text_top1_score_synthetic_median": round(float(np.median(z["text_to_image_scores"][:, 0])), 4),
+        "text_top10_score_synthetic_median": round(float(np.median(z["text_to_image_scores"][:, -1])), 4),
+    }
 
 
 # -- building ------------------------------------------------------------------------------------------
+
 
 def text_train_rows(real) -> np.ndarray:
     """Training captions as rows shaped like the gallery's: [t, mean image bias]."""
@@ -170,14 +195,19 @@ def build(name: str, choice: Choice, real, gallery, n: int) -> tuple[faiss.Index
             del index
         seconds = time.perf_counter() - start
         size = sum((where / f).stat().st_size for f in files)
-        record = {"build_seconds": round(seconds, 1), "build_phases": phases,
-                  "files": {f: (where / f).stat().st_size for f in files},
-                  "bytes_per_vector": round(size / n, 1), "build_threads": 2}
+        record = {
+            "build_seconds": round(seconds, 1),
+            "build_phases": phases,
+            "files": {f: (where / f).stat().st_size for f in files},
+            "bytes_per_vector": round(size / n, 1),
+            "build_threads": 2,
+        }
         record_path.write_text(json.dumps(record, indent=2))
     return read_index_file(index_path, storage), json.loads(record_path.read_text())
 
 
 # -- measuring -----------------------------------------------------------------------------------------
+
 
 def exact_index(gallery, limit: int) -> tuple[faiss.Index, float]:
     """IndexFlatIP over at most `limit` rows of the gallery, and the factor that scales its QPS to all
@@ -205,36 +235,68 @@ def measure_choice(name: str, choice: Choice, args, real, gallery, queries, exac
         # exact search timed right beside each setting: on a shared machine the load drifts
         exact_q = measure.qps(flat, timed[: args.exact_qps_queries], repeats=2) * scale
         q = measure.qps(index, timed, repeats=2)
-        rows.append({"setting": setting, "recall_text_to_image": rec["text_to_image"],
-                     "recall_image_to_image": rec["image_to_image"], "qps": round(q, 1),
-                     "exact_qps": round(exact_q, 2), "qps_vs_exact": round(q / exact_q, 1)})
-        log.info("%s %s: recall t2i %.4f i2i %.4f, %.1f q/s, %.1fx exact", name, setting, rec["text_to_image"],
-                 rec["image_to_image"], q, q / exact_q)
+        rows.append(
+            {
+                "setting": setting,
+                "recall_text_to_image": rec["text_to_image"],
+                "recall_image_to_image": rec["image_to_image"],
+                "qps": round(q, 1),
+                "exact_qps": round(exact_q, 2),
+                "qps_vs_exact": round(q / exact_q, 1),
+            }
+        )
+        log.info(
+            "%s %s: recall t2i %.4f i2i %.4f, %.1f q/s, %.1fx exact",
+            name,
+            setting,
+            rec["text_to_image"],
+            rec["image_to_image"],
+            q,
+            q / exact_q,
+        )
     del index, flat
     where = scale_data.CACHE / f"idx-{n}-{name}"
     np.save(where / "rss_queries.npy", timed)
     mid = choice.settings[len(choice.settings) // 2]
-    rss = measure.serving_rss(where / "images.faiss", STORAGE_MMAP if choice.on_disk else STORAGE_MEMORY,
-                              where / "rss_queries.npy", mid)
+    rss = measure.serving_rss(
+        where / "images.faiss", STORAGE_MMAP if choice.on_disk else STORAGE_MEMORY, where / "rss_queries.npy", mid
+    )
     size = sum(record["files"].values())
     growth = rss["after_queries"]["VmRSS"] - rss["before_open"]["VmRSS"]
-    return {"factory": choice.factory, "note": choice.note, "storage": "mmap" if choice.on_disk else "memory",
-            **record, "index_bytes": size, "exact_rows_timed": int(scale * n), "settings": rows,
-            "rss": {**rss, "setting": mid, "growth_bytes": growth, "growth_over_index": round(growth / size, 4)}}
+    return {
+        "factory": choice.factory,
+        "note": choice.note,
+        "storage": "mmap" if choice.on_disk else "memory",
+        **record,
+        "index_bytes": size,
+        "exact_rows_timed": int(scale * n),
+        "settings": rows,
+        "rss": {**rss, "setting": mid, "growth_bytes": growth, "growth_over_index": round(growth / size, 4)},
+    }
 
 
 def run_choices(args, names: list[str]) -> dict:
     real, gallery, queries, exact, z = load(args, args.n)
-    out = {"gallery": {"n": args.n, "text_queries": len(queries["text_to_image"]),
-                       "image_queries": len(queries["image_to_image"]), **geometry(real, z)}, "choices": {}}
+    out = {
+        "gallery": {
+            "n": args.n,
+            "text_queries": len(queries["text_to_image"]),
+            "image_queries": len(queries["image_to_image"]),
+            **geometry(real, z),
+        },
+        "choices": {},
+    }
     for name in names:
-        out["choices"][name] = {**measure_choice(name, CHOICES[name], args, real, gallery, queries, exact),
-                                **stamp(args)}
+        out["choices"][name] = {
+            **measure_choice(name, CHOICES[name], args, real, gallery, queries, exact),
+            **stamp(args),
+        }
         save(args, {f"choices-{args.n}": out}, merge_key="choices")
     return out
 
 
 # -- metadata ------------------------------------------------------------------------------------------
+
 
 def run_metadata(args) -> dict:
     from collections import namedtuple
@@ -252,21 +314,32 @@ def run_metadata(args) -> dict:
         where.mkdir(parents=True, exist_ok=True)
         Item = namedtuple("Item", "id uri sha256")
         start = time.perf_counter()
-        write_metadata(db, (Item(int(i), f"/data/collection/part-{int(i) % 997:03d}/{int(i):019d}.jpg", f"{int(i):064x}")
-                            for i in ids), iter(()), chunk=50_000)
+        write_metadata(
+            db,
+            (
+                Item(int(i), f"/data/collection/part-{int(i) % 997:03d}/{int(i):019d}.jpg", f"{int(i):064x}")
+                for i in ids
+            ),
+            iter(()),
+            chunk=50_000,
+        )
         write_seconds = round(time.perf_counter() - start, 1)
     version = IndexVersion(where, {"dim": 256}, {})
     out = {"rows": args.rows, "file_bytes": db.stat().st_size, "write_seconds": write_seconds, "lookups": {}}
     for k in (10, 1000):
         times = []
-        for r in range(args.lookup_repeats):
+        for _ in range(args.lookup_repeats):
             batch = ids[rng.integers(0, len(ids), k)]
             start = time.perf_counter()
             rows = version.metadata("image", batch)
             times.append(time.perf_counter() - start)
             assert all(row is not None for row in rows)
-        out["lookups"][str(k)] = {"first_ms": round(times[0] * 1e3, 3), "median_ms": round(statistics.median(times) * 1e3, 3),
-                                  "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3), "repeats": len(times)}
+        out["lookups"][str(k)] = {
+            "first_ms": round(times[0] * 1e3, 3),
+            "median_ms": round(statistics.median(times) * 1e3, 3),
+            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3),
+            "repeats": len(times),
+        }
         log.info("k=%d: median %.3f ms", k, statistics.median(times) * 1e3)
     version.close()
     return out
@@ -274,9 +347,13 @@ def run_metadata(args) -> dict:
 
 # -- results ---------------------------------------------------------------------------------------------
 
+
 def stamp(args) -> dict:
-    return {"command": "python bench/bench_scale.py " + " ".join(shlex.quote(a) for a in args.argv),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
+    return {
+        "command": "python bench/bench_scale.py " + " ".join(shlex.quote(a) for a in args.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
 
 
 def save(args, section: dict, merge_key: str | None = None) -> None:
@@ -312,12 +389,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.section == "choices":
-        run_choices(args, args.only or [c for c in CHOICES if c != "flat" and (not CHOICES[c].on_disk or args.n <= 2_000_000)])
+        run_choices(
+            args, args.only or [c for c in CHOICES if c != "flat" and (not CHOICES[c].on_disk or args.n <= 2_000_000)]
+        )
     elif args.section == "ondisk":
         run_choices(args, args.only or ["ivf4096-ondisk"])
     elif args.section == "metadata":
         save(args, {f"metadata-{args.rows}": {**run_metadata(args), **stamp(args)}})
     import scale_report
+
     scale_report.write(RESULTS / "scale.json", RESULTS / "scale.md")
     return 0
 

@@ -14,6 +14,7 @@ Both servers start first; then, for each cell, the three modes take turns in sho
 a change in the (shared) machine's background load hits them alike. Queries are real Flickr8k
 captions and image files of test images that are not in the index. Writes bench/results/server.json (with the command) and server.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,25 +47,43 @@ KINDS = ("text_to_image", "image_to_text")
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", help="existing index root (default: build one with index-builder into a temp dir)")
-    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="Flickr8k-layout folder (queries, and the index)")
-    p.add_argument("--images", type=int, default=200, help="test-split images to index when building (default: %(default)s)")
+    p.add_argument(
+        "--dataset", type=Path, default=DEFAULT_DATASET, help="Flickr8k-layout folder (queries, and the index)"
+    )
+    p.add_argument(
+        "--images", type=int, default=200, help="test-split images to index when building (default: %(default)s)"
+    )
     p.add_argument("--model", default="lite0-minilm", help="model for a built index (default: %(default)s)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--duration", type=float, default=8.0,
-                   help="seconds measured per cell and mode, split into --rounds (default: %(default)s)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=8.0,
+        help="seconds measured per cell and mode, split into --rounds (default: %(default)s)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="turns the three modes take per cell (default: %(default)s)")
-    p.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up before each round (default: %(default)s)")
+    p.add_argument(
+        "--warmup", type=float, default=0.5, help="seconds of warm-up before each round (default: %(default)s)"
+    )
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--device", default="cpu", help="torch device of the encoders, in-process and in both servers (default: %(default)s)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the encoders, in-process and in both servers (default: %(default)s)",
+    )
     p.add_argument("--max-batch", type=int, default=32, help="batched server's --max-batch (default: %(default)s)")
-    p.add_argument("--max-image-batch", type=int, default=4,
-                   help="batched server's --max-image-batch (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="batched server's --max-wait-ms (default: %(default)s)")
+    p.add_argument(
+        "--max-image-batch", type=int, default=4, help="batched server's --max-image-batch (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="batched server's --max-wait-ms (default: %(default)s)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     return p.parse_args(argv)
 
 
 # -- data ---------------------------------------------------------------------------------------------
+
 
 def mini_dataset(src: Path, dest: Path, n: int) -> Path:
     names = (src / "splits" / "test.txt").read_text().split()[:n]
@@ -96,12 +115,17 @@ def load_queries(dataset: Path, n: int = 200) -> dict[str, list]:
 # batch of 32 images can outlast a short window). QPS = measured completions / measured time;
 # raw numbers are merged over rounds.
 
+
 def summarize(latencies: list[float], errors: int, seconds: float) -> dict:
     lat = np.asarray(latencies) * 1000
-    return {"requests": len(latencies), "errors": errors, "seconds": round(seconds, 2),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
-            "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
-            "qps": round(len(latencies) / seconds, 2) if seconds > 0 else None}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(seconds, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+        "qps": round(len(latencies) / seconds, 2) if seconds > 0 else None,
+    }
 
 
 class Window:
@@ -147,11 +171,12 @@ def run_threads(call, queries: list, concurrency: int, duration: float, warmup: 
     return window.result()
 
 
-async def run_async(address: str, kind: str, queries: list, concurrency: int, duration: float, warmup: float,
-                    k: int):
+async def run_async(address: str, kind: str, queries: list, concurrency: int, duration: float, warmup: float, k: int):
     from retrieval.client import AsyncRetrievalClient, search_request
 
-    requests = [search_request(text=q, k=k) if kind == "text_to_image" else search_request(image=q, k=k) for q in queries]
+    requests = [
+        search_request(text=q, k=k) if kind == "text_to_image" else search_request(image=q, k=k) for q in queries
+    ]
     async with AsyncRetrievalClient(address, timeout=300) as client:
         window = Window(time.perf_counter(), concurrency, duration, warmup)
 
@@ -171,9 +196,10 @@ async def run_async(address: str, kind: str, queries: list, concurrency: int, du
 
 # -- the pipelines ---------------------------------------------------------------------------------------
 
+
 def in_process_calls(index_root: str, k: int, device: str):
-    from retrieval.serving.encoder import cached_model
     from retrieval.encoding.images import load_image
+    from retrieval.serving.encoder import cached_model
     from retrieval.store.reader import IndexVersion
 
     index = IndexVersion.open(index_root)
@@ -201,12 +227,29 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, index_root: str, max_batch: int, max_image_batch: int, max_wait_ms: float, device: str):
         self.port = free_port()
-        self.args = [sys.executable, "-m", "retrieval.cli", "serve", "--index", index_root, "--port", str(self.port),
-                     "--metrics-port", "-1", "--max-batch", str(max_batch), "--max-image-batch", str(max_image_batch),
-                     "--max-wait-ms", str(max_wait_ms), "--device", device]
+        self.args = [
+            sys.executable,
+            "-m",
+            "retrieval.cli",
+            "serve",
+            "--index",
+            index_root,
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            "-1",
+            "--max-batch",
+            str(max_batch),
+            "--max-image-batch",
+            str(max_image_batch),
+            "--max-wait-ms",
+            str(max_wait_ms),
+            "--device",
+            device,
+        ]
         self.proc = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -219,7 +262,10 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return self
                 except grpc.RpcError:
                     pass
@@ -235,16 +281,17 @@ class ServerProcess:
             self.proc.kill()
 
 
-def image_encoder_rates(index_root: str, images: list[bytes], device: str, sizes=(1, 2, 4, 8, 32),
-                        repeats: int = 3) -> dict[str, float]:
+def image_encoder_rates(
+    index_root: str, images: list[bytes], device: str, sizes=(1, 2, 4, 8, 32), repeats: int = 3
+) -> dict[str, float]:
     """Images/s of the image encoder alone (decoded beforehand, no server) at each batch size,
     median of `repeats`: the most that micro-batching image queries can buy on this machine."""
     import statistics
 
     import torch
 
-    from retrieval.serving.encoder import cached_model
     from retrieval.encoding.images import load_image
+    from retrieval.serving.encoder import cached_model
     from retrieval.store.reader import IndexVersion
 
     model, preprocess, _ = cached_model(IndexVersion.open(index_root).model, device)
@@ -258,7 +305,7 @@ def image_encoder_rates(index_root: str, images: list[bytes], device: str, sizes
             sync()
             start = time.perf_counter()
             for s in range(0, len(pixels) - size + 1, size):
-                model.encode_image(pixels[s:s + size])
+                model.encode_image(pixels[s : s + size])
             sync()
             runs.append((len(pixels) // size) * size / (time.perf_counter() - start))
         rates[str(size)] = round(statistics.median(runs), 1)
@@ -266,6 +313,7 @@ def image_encoder_rates(index_root: str, images: list[bytes], device: str, sizes
 
 
 # -- report ---------------------------------------------------------------------------------------------------
+
 
 def goals(rows: list[dict], concurrency: list[int]) -> dict:
     cell = {(r["mode"], r["query"], r["concurrency"]): r for r in rows}
@@ -290,32 +338,44 @@ def ceiling(result: dict) -> float:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# gRPC server benchmark", "", f"Command: `{result['command']}`", "",
-             f"Machine: {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), torch threads "
-             f"{result['machine']['torch_threads']}, encoders on {result['config']['device']}; index {result['index']['version']} with "
-             f"{result['index']['images']} images / {result['index']['texts']} captions; k={result['config']['k']}; "
-             f"{result['config']['duration_s']} s measured per cell and mode, in {result['config']['rounds']} interleaved rounds. "
-             f"Batched server: max batch {result['config']['max_batch']} (text), {result['config']['max_image_batch']} (image), "
-             f"max wait {result['config']['max_wait_ms']} ms; unbatched: max batch 1. Both run up to "
-             f"{result['config']['text_concurrency']} text and {result['config']['image_concurrency']} image forward "
-             f"passes at once. Client, in-process pipeline and "
-             f"servers share the machine's cores (OMP_WAIT_POLICY={result['config']['omp_wait_policy']}).", "",
-             "| query | mode | concurrency | p50 ms | p99 ms | QPS | errors |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# gRPC server benchmark",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), torch threads "
+        f"{result['machine']['torch_threads']}, encoders on {result['config']['device']}; index {result['index']['version']} with "
+        f"{result['index']['images']} images / {result['index']['texts']} captions; k={result['config']['k']}; "
+        f"{result['config']['duration_s']} s measured per cell and mode, in {result['config']['rounds']} interleaved rounds. "
+        f"Batched server: max batch {result['config']['max_batch']} (text), {result['config']['max_image_batch']} (image), "
+        f"max wait {result['config']['max_wait_ms']} ms; unbatched: max batch 1. Both run up to "
+        f"{result['config']['text_concurrency']} text and {result['config']['image_concurrency']} image forward "
+        f"passes at once. Client, in-process pipeline and "
+        f"servers share the machine's cores (OMP_WAIT_POLICY={result['config']['omp_wait_policy']}).",
+        "",
+        "| query | mode | concurrency | p50 ms | p99 ms | QPS | errors |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in result["results"]:
-        lines.append(f"| {r['query']} | {r['mode']} | {r['concurrency']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | {r['errors']} |")
+        lines.append(
+            f"| {r['query']} | {r['mode']} | {r['concurrency']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | {r['errors']} |"
+        )
     lines += ["", "Goals:", ""]
     for kind, g in result["goals"].items():
         lines.append(f"- {kind}: " + ", ".join(f"{k} = {v}" for k, v in g.items()))
-    lines += ["", "Reading it:", "",
-              "- The cores are shared with whatever else runs on the machine; the three modes take turns within each "
-              "cell so that drift hits them alike, but single runs still move by tens of percent at concurrency 1.",
-              "- Text: MiniLM encodes many more captions per second in batches, so micro-batching pays as concurrency "
-              "grows.",
-              "- Images: the image encoder alone (decoded beforehand, no server, this run) encodes "
-              + ", ".join(f"{v} img/s at batch {k}" for k, v in result["image_encoder_per_s"].items())
-              + f": batching can raise its throughput at most {ceiling(result):.2f}x over batch 1, which bounds what "
-              "micro-batching image queries can buy. On a CPU the server caps image batches at 4 and runs two forward "
-              "passes side by side; on a GPU (`--device cuda`) a larger --max-image-batch is the setting to try."]
+    lines += [
+        "",
+        "Reading it:",
+        "",
+        "- The cores are shared with whatever else runs on the machine; the three modes take turns within each "
+        "cell so that drift hits them alike, but single runs still move by tens of percent at concurrency 1.",
+        "- Text: MiniLM encodes many more captions per second in batches, so micro-batching pays as concurrency grows.",
+        "- Images: the image encoder alone (decoded beforehand, no server, this run) encodes "
+        + ", ".join(f"{v} img/s at batch {k}" for k, v in result["image_encoder_per_s"].items())
+        + f": batching can raise its throughput at most {ceiling(result):.2f}x over batch 1, which bounds what "
+        "micro-batching image queries can buy. On a CPU the server caps image batches at 4 and runs two forward "
+        "passes side by side; on a GPU (`--device cuda`) a larger --max-image-batch is the setting to try.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -325,8 +385,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from retrieval.store.reader import IndexVersion
     from retrieval.serving.server import ServeConfig
+    from retrieval.store.reader import IndexVersion
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
     index_root = args.index
@@ -336,8 +396,24 @@ def main(argv=None) -> int:
         data = mini_dataset(args.dataset, Path(tmp.name) / "data", args.images)
         index_root = str(Path(tmp.name) / "index")
         print(f"building an index of {args.images} test images into {index_root}", flush=True)
-        if builder(["-q", "build", "--out", index_root, "--dataset", str(data), "--split", "test", "--model", args.model,
-                    "--no-progress"]) != 0:
+        if (
+            builder(
+                [
+                    "-q",
+                    "build",
+                    "--out",
+                    index_root,
+                    "--dataset",
+                    str(data),
+                    "--split",
+                    "test",
+                    "--model",
+                    args.model,
+                    "--no-progress",
+                ]
+            )
+            != 0
+        ):
             return 1
     index = IndexVersion.open(index_root)
     queries = load_queries(args.dataset)
@@ -345,14 +421,18 @@ def main(argv=None) -> int:
     calls = in_process_calls(index_root, args.k, args.device)
     encoder_rates = image_encoder_rates(index_root, queries["image_to_text"], args.device)  # before any server runs
     print(f"image encoder alone, img/s by batch size: {encoder_rates}", flush=True)
-    with ServerProcess(index_root, args.max_batch, args.max_image_batch, args.max_wait_ms, args.device) as batched, \
-            ServerProcess(index_root, 1, 1, args.max_wait_ms, args.device) as unbatched:
+    with (
+        ServerProcess(index_root, args.max_batch, args.max_image_batch, args.max_wait_ms, args.device) as batched,
+        ServerProcess(index_root, 1, 1, args.max_wait_ms, args.device) as unbatched,
+    ):
         runners = {
             "in_process": lambda kind, c, d, w: run_threads(calls[kind], queries[kind], c, d, w),
-            "server_batched": lambda kind, c, d, w: asyncio.run(run_async(
-                f"127.0.0.1:{batched.port}", kind, queries[kind], c, d, w, args.k)),
-            "server_unbatched": lambda kind, c, d, w: asyncio.run(run_async(
-                f"127.0.0.1:{unbatched.port}", kind, queries[kind], c, d, w, args.k)),
+            "server_batched": lambda kind, c, d, w: asyncio.run(
+                run_async(f"127.0.0.1:{batched.port}", kind, queries[kind], c, d, w, args.k)
+            ),
+            "server_unbatched": lambda kind, c, d, w: asyncio.run(
+                run_async(f"127.0.0.1:{unbatched.port}", kind, queries[kind], c, d, w, args.k)
+            ),
         }
         for kind in KINDS:
             for c in args.concurrency:
@@ -366,17 +446,35 @@ def main(argv=None) -> int:
                 for mode, (lat, err, seconds) in raw.items():
                     stats = summarize(lat, err, seconds)
                     rows.append({"mode": mode, "query": kind, "concurrency": c, **stats})
-                    print(f"{mode:17s} {kind:14s} c={c:<3d} p50 {stats['p50_ms']} ms  p99 {stats['p99_ms']} ms  "
-                          f"{stats['qps']} QPS  errors {stats['errors']}", flush=True)
+                    print(
+                        f"{mode:17s} {kind:14s} c={c:<3d} p50 {stats['p50_ms']} ms  p99 {stats['p99_ms']} ms  "
+                        f"{stats['qps']} QPS  errors {stats['errors']}",
+                        flush=True,
+                    )
 
     result = {
         "command": " ".join(["python bench/bench_server.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-        "index": {"version": index.name, "model": index.model, "images": index.count("image"), "texts": index.count("text")},
-        "config": {"k": args.k, "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup, "max_batch": args.max_batch, "max_image_batch": args.max_image_batch,
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                   "text_concurrency": ServeConfig.text_concurrency, "image_concurrency": ServeConfig.image_concurrency,
-                   "max_wait_ms": args.max_wait_ms, "concurrency": args.concurrency, "device": args.device},
+        "index": {
+            "version": index.name,
+            "model": index.model,
+            "images": index.count("image"),
+            "texts": index.count("text"),
+        },
+        "config": {
+            "k": args.k,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "warmup_s": args.warmup,
+            "max_batch": args.max_batch,
+            "max_image_batch": args.max_image_batch,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "text_concurrency": ServeConfig.text_concurrency,
+            "image_concurrency": ServeConfig.image_concurrency,
+            "max_wait_ms": args.max_wait_ms,
+            "concurrency": args.concurrency,
+            "device": args.device,
+        },
         "results": rows,
         "image_encoder_per_s": encoder_rates,
         "goals": goals(rows, args.concurrency),

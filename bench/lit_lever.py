@@ -6,6 +6,7 @@ per caption, so an epoch runs only k transformer layers and the heads. Both arms
 only, k >= 1) go through this same loop, schedule and centering, so their difference is the
 lever alone. Used by `bench_levers.py --section lit`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,24 +21,35 @@ from tqdm import tqdm
 from transformers.masking_utils import create_bidirectional_mask
 
 from retrieval.sphere.recall import recall_at_k
-from retrieval.training.train import SplitFeatures, _captions_of, decay_groups, epoch_batches, optimizer_step, warmup_cosine
+from retrieval.training.train import (
+    SplitFeatures,
+    _captions_of,
+    decay_groups,
+    epoch_batches,
+    optimizer_step,
+    warmup_cosine,
+)
 
 
 @torch.no_grad()
-def token_states(tower, tokenizer, texts: list[str], k: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def token_states(
+    tower, tokenizer, texts: list[str], k: int, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """States entering the top k layers of `tower` (an HFTextTower): (C, L, H) float16 and the
     token mask (C, L), L the longest caption; k = 0 gives the last layer's output."""
     net = tower.net
-    ids = tokenizer(texts)                                                  # (C, context)
+    ids = tokenizer(texts)  # (C, context)
     mask = ids != tower.pad_id
     length = int(mask.sum(1).max())
     ids, mask = ids[:, :length], mask[:, :length]
     out = torch.zeros(len(texts), length, net.config.hidden_size, dtype=torch.float16)
     order = torch.argsort(mask.sum(1))
     for s in tqdm(range(0, len(texts), batch_size), desc=f"token states (top {k})", unit="batch"):
-        rows = order[s:s + batch_size]
+        rows = order[s : s + batch_size]
         n = int(mask[rows].sum(1).max())
-        hidden = net(input_ids=ids[rows, :n], attention_mask=mask[rows, :n].long(), output_hidden_states=True).hidden_states
+        hidden = net(
+            input_ids=ids[rows, :n], attention_mask=mask[rows, :n].long(), output_hidden_states=True
+        ).hidden_states
         out[rows, :n] = hidden[-(k + 1)].half()
     return out, mask
 
@@ -48,7 +60,9 @@ class TopLayers(nn.Module):
     def __init__(self, tower, k: int):
         super().__init__()
         self.config = tower.net.config
-        self.layers = copy.deepcopy(tower.net.encoder.layer[len(tower.net.encoder.layer) - k:]) if k else nn.ModuleList()
+        self.layers = (
+            copy.deepcopy(tower.net.encoder.layer[len(tower.net.encoder.layer) - k :]) if k else nn.ModuleList()
+        )
         for p in self.layers.parameters():
             p.requires_grad_(True)
 
@@ -73,18 +87,34 @@ def check_top_matches_tower(tower, tokenizer, texts: list[str], k: int) -> float
     return diff
 
 
-def train_lit(model, k: int, tr: SplitFeatures, dev: SplitFeatures, test: SplitFeatures, tokenizer, *,
-              epochs: int = 30, batch_size: int = 512, lr: float = 2e-3, top_lr: float = 2e-5,
-              weight_decay: float = 0.5, seed: int = 0) -> dict:
+def train_lit(
+    model,
+    k: int,
+    tr: SplitFeatures,
+    dev: SplitFeatures,
+    test: SplitFeatures,
+    tokenizer,
+    *,
+    epochs: int = 30,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    top_lr: float = 2e-5,
+    weight_decay: float = 0.5,
+    seed: int = 0,
+) -> dict:
     """Fresh heads (+ top k text layers), selected on dev R@1 mean with centering; scored on test."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     model.reset_heads()
     top = TopLayers(model.text_tower, k)
-    states = {name: token_states(model.text_tower, tokenizer, f.dataset.captions, k) for name, f in
-              (("train", tr), ("dev", dev), ("test", test))}
+    states = {
+        name: token_states(model.text_tower, tokenizer, f.dataset.captions, k)
+        for name, f in (("train", tr), ("dev", dev), ("test", test))
+    }
     heads = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(decay_groups(heads, weight_decay, lr=lr) + decay_groups(list(top.parameters()), 0.01, lr=top_lr))
+    opt = torch.optim.AdamW(
+        decay_groups(heads, weight_decay, lr=lr) + decay_groups(list(top.parameters()), 0.01, lr=top_lr)
+    )
     n_img = tr.image.shape[1]
     steps = math.ceil(n_img / batch_size)
     sched = warmup_cosine(opt, epochs * steps, 2 * steps)
@@ -95,20 +125,23 @@ def train_lit(model, k: int, tr: SplitFeatures, dev: SplitFeatures, test: SplitF
     def text_features(split: str, rows: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
         s, m = states[split]
         rows = torch.arange(len(s)) if rows is None else rows
-        return torch.cat([top(s[rows[i:i + chunk]], m[rows[i:i + chunk]]) for i in range(0, len(rows), chunk)])
+        return torch.cat([top(s[rows[i : i + chunk]], m[rows[i : i + chunk]]) for i in range(0, len(rows), chunk)])
 
     @torch.no_grad()
     def recall(split: str, f: SplitFeatures) -> dict:
-        return recall_at_k(model.project_image(f.image[0]).numpy(), model.project_text(text_features(split)).numpy(),
-                           f.dataset.caption_image)
+        return recall_at_k(
+            model.project_image(f.image[0]).numpy(),
+            model.project_text(text_features(split)).numpy(),
+            f.dataset.caption_image,
+        )
 
     best, best_state, history, started = -1.0, None, [], time.time()
-    for epoch in tqdm(range(epochs), desc=f"LiT top {k}", unit="epoch"):
+    for _epoch in tqdm(range(epochs), desc=f"LiT top {k}", unit="epoch"):
         model.train()
         top.train()
         for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, batch_size):
-            zi = model.project_image(tr.image[view, idx], center=False)                    # (B, D)
-            zt = model.project_text(text_features("train", cap), center=False)             # (B, D)
+            zi = model.project_image(tr.image[view, idx], center=False)  # (B, D)
+            zt = model.project_text(text_features("train", cap), center=False)  # (B, D)
             optimizer_step(model, loss_fn(zi, zt, model.logit_scale.exp()), opt, sched, 100.0)
         model.eval()
         top.eval()
@@ -123,5 +156,9 @@ def train_lit(model, k: int, tr: SplitFeatures, dev: SplitFeatures, test: SplitF
     model.load_head_state_dict(best_state[0])
     top.load_state_dict(best_state[1])
     top.eval()
-    return {"dev_R@1_mean": round(best, 2), "dev_history": history, "train_seconds": round(time.time() - started, 1),
-            "test": {key: round(v, 2) for key, v in recall("test", test).items()}}
+    return {
+        "dev_R@1_mean": round(best, 2),
+        "dev_history": history,
+        "train_seconds": round(time.time() - started, 1),
+        "test": {key: round(v, 2) for key, v in recall("test", test).items()},
+    }

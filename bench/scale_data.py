@@ -15,6 +15,7 @@ held out: the 5,000 test captions (cross-modal, [q, 1]) and the 1,000 test image
 [q, 0]). Rows are written to a float32 memory-mapped file (bench/.cache/gallery-<n>.npy), made
 block by block from a per-block seed, so a 10M gallery never has to fit in RAM.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,10 +38,10 @@ SEED = 20_251_130
 
 @dataclass
 class RealVectors:
-    image: np.ndarray           # (8091, D) unit rows
-    image_split: np.ndarray     # (8091,) "train" / "dev" / "test" / "" (in no split)
-    text: np.ndarray            # (40455, D)
-    text_split: np.ndarray      # (40455,) the split of the caption's image
+    image: np.ndarray  # (8091, D) unit rows
+    image_split: np.ndarray  # (8091,) "train" / "dev" / "test" / "" (in no split)
+    text: np.ndarray  # (40455, D)
+    text_split: np.ndarray  # (40455,) the split of the caption's image
     bank: QueryBank
     fingerprint: str
 
@@ -56,8 +57,14 @@ def real_vectors(data: Path, model_name: str = "lite0-minilm") -> RealVectors:
     if not path.is_file():
         _encode(data, model_name, path)
     z = np.load(path)
-    return RealVectors(z["image"], z["image_split"], z["text"], z["text_split"],
-                       QueryBank(z["text_bank"], z["image_bank"], float(z["beta"])), str(z["fingerprint"]))
+    return RealVectors(
+        z["image"],
+        z["image_split"],
+        z["text"],
+        z["text_split"],
+        QueryBank(z["text_bank"], z["image_bank"], float(z["beta"])),
+        str(z["fingerprint"]),
+    )
 
 
 def _encode(data: Path, model_name: str, path: Path) -> None:
@@ -77,8 +84,17 @@ def _encode(data: Path, model_name: str, path: Path) -> None:
     bank = querybank_of(model)
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, image=images, image_split=image_split, text=texts, text_split=image_split[ds.caption_image],
-             text_bank=bank.text, image_bank=bank.image, beta=np.float64(bank.beta), fingerprint=model.fingerprint())
+    np.savez(
+        tmp,
+        image=images,
+        image_split=image_split,
+        text=texts,
+        text_split=image_split[ds.caption_image],
+        text_bank=bank.text,
+        image_bank=bank.image,
+        beta=np.float64(bank.beta),
+        fingerprint=model.fingerprint(),
+    )
     tmp.rename(path)
 
 
@@ -95,14 +111,14 @@ def synthetic_block(seeds: np.ndarray, angles: np.ndarray, count: int, block: in
     g = seeds[rng.integers(0, len(seeds), count)]
     theta = angles[rng.integers(0, len(angles), count)][:, None]
     u = rng.standard_normal(g.shape, dtype=np.float32)
-    u -= np.sum(u * g, axis=1, keepdims=True) * g          # the tangent space at g
+    u -= np.sum(u * g, axis=1, keepdims=True) * g  # the tangent space at g
     u = l2_normalize(u)
     return l2_normalize(np.cos(theta) * g + np.sin(theta) * u).astype(np.float32)
 
 
 @dataclass
 class Gallery:
-    rows: np.ndarray            # (n, D+1) float32 memmap: [x, b_x]; ids are row numbers
+    rows: np.ndarray  # (n, D+1) float32 memmap: [x, b_x]; ids are row numbers
     path: Path
 
     @property
@@ -111,7 +127,10 @@ class Gallery:
 
     def blocks(self, size: int = BLOCK):
         for start in range(0, self.n, size):
-            yield np.arange(start, min(self.n, start + size), dtype=np.int64), np.asarray(self.rows[start:start + size])
+            yield (
+                np.arange(start, min(self.n, start + size), dtype=np.int64),
+                np.asarray(self.rows[start : start + size]),
+            )
 
 
 def gallery_path(n: int) -> Path:
@@ -126,13 +145,17 @@ def make_gallery(real: RealVectors, n: int) -> Gallery:
     if not done.is_file():
         seeds = real.seeds
         angles = nn_angles(seeds)
-        log.info("generating %d rows around %d seeds (median nearest-neighbour angle %.1f deg)", n, len(seeds),
-                 float(np.degrees(np.median(angles))))
+        log.info(
+            "generating %d rows around %d seeds (median nearest-neighbour angle %.1f deg)",
+            n,
+            len(seeds),
+            float(np.degrees(np.median(angles))),
+        )
         CACHE.mkdir(parents=True, exist_ok=True)
         rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
         for b, start in enumerate(range(0, n, BLOCK)):
             x = synthetic_block(seeds, angles, min(BLOCK, n - start), b)
-            rows[start:start + len(x)] = with_bias(x, real.bank.bias(x, "image"))
+            rows[start : start + len(x)] = with_bias(x, real.bank.bias(x, "image"))
         rows.flush()
         del rows
         done.write_text("ok\n")
@@ -146,5 +169,7 @@ def queries(real: RealVectors, text_count: int, image_count: int) -> dict[str, n
     images = real.image[real.image_split == "test"]
     texts = texts[np.sort(rng.choice(len(texts), min(text_count, len(texts)), replace=False))]
     images = images[np.sort(rng.choice(len(images), min(image_count, len(images)), replace=False))]
-    return {"text_to_image": query_rows(texts, cross_modal=True),
-            "image_to_image": query_rows(images, cross_modal=False)}
+    return {
+        "text_to_image": query_rows(texts, cross_modal=True),
+        "image_to_image": query_rows(images, cross_modal=False),
+    }

@@ -6,6 +6,7 @@ imports faiss, reads /proc/self/status (VmRSS, RssAnon, RssFile), opens the inde
 (`retrieval.store.reader.read_index_file`), reads it again, searches every query one at a time,
 reads it a third time and prints the three readings as JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def ground_truth(rows: np.ndarray, blocks, k: int = K) -> tuple[np.ndarray, np.n
         for block_ids, vecs in blocks:
             ids.append(block_ids)
             yield vecs
+
     scores, pos = knn_ground_truth(np.ascontiguousarray(rows), vectors(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
     return scores, np.concatenate(ids)[pos]
 
@@ -60,7 +62,7 @@ def qps(index: faiss.Index, rows: np.ndarray, k: int = K, repeats: int = 1) -> f
         for _ in range(repeats):
             start = time.perf_counter()
             for i in range(len(rows)):
-                index.search(rows[i:i + 1], k)
+                index.search(rows[i : i + 1], k)
             best = max(best, len(rows) / (time.perf_counter() - start))
         return best
     finally:
@@ -80,13 +82,19 @@ def status() -> dict[str, int]:
 def serving_rss(index_path: Path, storage: str, queries: Path, setting: dict) -> dict:
     """Run this file as a subprocess: RSS before opening, after opening, after the queries."""
     import subprocess
-    proc = subprocess.run([sys.executable, __file__, str(index_path), storage, str(queries), json.dumps(setting)],
-                          capture_output=True, text=True, check=True)
+
+    proc = subprocess.run(
+        [sys.executable, __file__, str(index_path), storage, str(queries), json.dumps(setting)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _probe(argv: list[str]) -> None:
     from retrieval.store.reader import read_index_file
+
     index_path, storage, queries = Path(argv[0]), argv[1], np.load(argv[2])
     faiss.omp_set_num_threads(1)
     before = status()
@@ -94,7 +102,7 @@ def _probe(argv: list[str]) -> None:
     apply_setting(index, json.loads(argv[3]) if len(argv) > 3 else {})
     opened = status()
     for i in range(len(queries)):
-        index.search(queries[i:i + 1], K)
+        index.search(queries[i : i + 1], K)
     print(json.dumps({"before_open": before, "after_open": opened, "after_queries": status(), "queries": len(queries)}))
 
 

@@ -8,6 +8,7 @@ layout's guarantees (atomic CURRENT flip, keep N, gc). Each version's manifest c
 geometry of its vectors (`index_builder.geometry`); `index_builder.audit` audits a published one
 (near duplicates, captions that do not fit their image, outlier images).
 """
+
 from index_builder.build import BuildConfig, build
 from index_builder.publish import gc, list_index
 

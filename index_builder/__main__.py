@@ -1,4 +1,5 @@
 """`python -m index_builder` is `index-builder`."""
+
 import sys
 
 from index_builder.cli import main

@@ -11,6 +11,7 @@ Which items carry what:
 Each field gets one type for the whole build (`retrieval.store.attributes.infer_type`): a number if
 every non-empty value parses as one, else a date if every one is ISO 8601, else a string.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,18 +21,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from index_builder.sources import IMAGE_COLUMNS, extra_columns
 from retrieval.errors import DatasetError
 from retrieval.store.attributes import FieldType, infer_type, stored_value
 from retrieval.store.schema import AttributeRow
 
-from index_builder.sources import IMAGE_COLUMNS, extra_columns
-
 
 @dataclass
 class Attributes:
-    fields: dict[str, FieldType]                 # name -> type, sorted by name
-    images: dict[int, dict[str, str]]            # image id -> {field: value as written}
-    texts: dict[int, dict[str, str]]             # caption id -> {field: value as written}
+    fields: dict[str, FieldType]  # name -> type, sorted by name
+    images: dict[int, dict[str, str]]  # image id -> {field: value as written}
+    texts: dict[int, dict[str, str]]  # caption id -> {field: value as written}
 
     def rows(self) -> Iterator[AttributeRow]:
         """(modality, id, field, str_value, num_value) of every stored value."""
@@ -48,8 +48,10 @@ def read_attributes_file(path: Path) -> tuple[dict[str, dict[str, str]], list[tu
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as f:
-            rows = [(f"{path.name}:{n}", r) for n, r in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv"
-                                                                                 else ","), start=2)]
+            rows = [
+                (f"{path.name}:{n}", r)
+                for n, r in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), start=2)
+            ]
     elif suffix in (".jsonl", ".ndjson", ".json"):
         with path.open(encoding="utf-8") as f:
             rows = []
@@ -64,8 +66,11 @@ def read_attributes_file(path: Path) -> tuple[dict[str, dict[str, str]], list[tu
     found: dict[str, dict[str, str]] = {}
     skipped: list[tuple[str, str]] = []
     for where, row in rows:
-        column = next((c for c in row if isinstance(c, str) and c.strip().lower() in IMAGE_COLUMNS), None) \
-            if isinstance(row, dict) else None
+        column = (
+            next((c for c in row if isinstance(c, str) and c.strip().lower() in IMAGE_COLUMNS), None)
+            if isinstance(row, dict)
+            else None
+        )
         if column is None or not str(row[column] or "").strip():
             skipped.append((where, "attributes row names no image (an image, image_path, path or uri column)"))
             continue
@@ -84,23 +89,29 @@ def _constant_per_image(texts, text_attrs: dict[int, dict[str, str]]) -> dict[st
         if t.image_key is not None:
             for name, value in text_attrs.get(t.id, {}).items():
                 seen.setdefault(t.image_key, {}).setdefault(name, set()).add(value)
-    return {key: {name: next(iter(vals)) for name, vals in fields.items() if len(vals) == 1}
-            for key, fields in seen.items()}
+    return {
+        key: {name: next(iter(vals)) for name, vals in fields.items() if len(vals) == 1} for key, fields in seen.items()
+    }
 
 
-def assemble(images, texts, text_attrs: dict[int, dict[str, str]],
-             attributes_file: str | None) -> tuple[Attributes, list[tuple[str, str]]]:
+def assemble(
+    images, texts, text_attrs: dict[int, dict[str, str]], attributes_file: str | None
+) -> tuple[Attributes, list[tuple[str, str]]]:
     """The attributes of the indexed `images` and `texts` (see the module's docstring), and the rows of
     the attributes file that name no indexed image."""
     per_key, skipped = read_attributes_file(Path(attributes_file)) if attributes_file else ({}, [])
     keys = {it.key for it in images}
-    skipped += [(f"{Path(attributes_file).name}: {ref}", "attributes for an image that is not indexed")
-                for ref in per_key if ref not in keys]
+    skipped += [
+        (f"{Path(attributes_file).name}: {ref}", "attributes for an image that is not indexed")
+        for ref in per_key
+        if ref not in keys
+    ]
     from_captions = _constant_per_image(texts, text_attrs)
     image_attrs = {it.key: {**from_captions.get(it.key, {}), **per_key.get(it.key, {})} for it in images}
     by_id = {it.id: vals for it in images if (vals := image_attrs[it.key])}
-    text_values = {t.id: vals for t in texts
-                   if (vals := {**image_attrs.get(t.image_key, {}), **text_attrs.get(t.id, {})})}
+    text_values = {
+        t.id: vals for t in texts if (vals := {**image_attrs.get(t.image_key, {}), **text_attrs.get(t.id, {})})
+    }
     values: dict[str, list[str]] = {}
     for item in (*by_id.values(), *text_values.values()):
         for name, text in item.items():

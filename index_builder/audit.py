@@ -23,6 +23,7 @@ PQ codes cannot give them back and are refused). Neighbours are exact (a flat in
 and each caption is compared with every image (chunked), so an audit costs O(N^2) vector products:
 seconds for tens of thousands of items, hours for millions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,11 +46,11 @@ CHUNK = 2048
 
 @dataclass(frozen=True)
 class AuditConfig:
-    near_duplicate_angle: float = DEFAULT_NEAR_DUPLICATE_ANGLE   # degrees
-    k: int = 10                                                  # neighbours for density and caption ranks
-    caption_z: float = 3.0      # flag a caption whose combined robust z-score is below -caption_z ...
-    outlier_z: float = 2.0      # flag an image whose density score's robust z-score is above outlier_z
-    evidence: int = 3           # neighbours listed per flag
+    near_duplicate_angle: float = DEFAULT_NEAR_DUPLICATE_ANGLE  # degrees
+    k: int = 10  # neighbours for density and caption ranks
+    caption_z: float = 3.0  # flag a caption whose combined robust z-score is below -caption_z ...
+    outlier_z: float = 2.0  # flag an image whose density score's robust z-score is above outlier_z
+    evidence: int = 3  # neighbours listed per flag
 
     def validate(self) -> None:
         if not 0 <= self.near_duplicate_angle < 90:
@@ -72,14 +73,22 @@ def read_vectors(version: IndexVersion, modality: str) -> tuple[np.ndarray, np.n
     if len(ids) == 0:
         return ids, np.zeros((0, version.dim), np.float32)
     try:
-        vecs = np.concatenate([reconstruct(version.indexes[modality], ids[s:s + 8192])[:, :version.dim]
-                               for s in range(0, len(ids), 8192)])
+        vecs = np.concatenate(
+            [
+                reconstruct(version.indexes[modality], ids[s : s + 8192])[:, : version.dim]
+                for s in range(0, len(ids), 8192)
+            ]
+        )
     except RuntimeError as e:
-        raise IndexFormatError(f"{version.name}: the {modality} index cannot give its vectors back ({e}); "
-                               f"an audit needs Flat, HNSW*,Flat or IVF*,Flat storage") from None
+        raise IndexFormatError(
+            f"{version.name}: the {modality} index cannot give its vectors back ({e}); "
+            f"an audit needs Flat, HNSW*,Flat or IVF*,Flat storage"
+        ) from None
     if not is_unit_norm(vecs):
-        raise IndexFormatError(f"{version.name}: the {modality} index stores compressed codes (PQ), which do not give "
-                               f"the vectors back; an audit needs Flat, HNSW*,Flat or IVF*,Flat storage")
+        raise IndexFormatError(
+            f"{version.name}: the {modality} index stores compressed codes (PQ), which do not give "
+            f"the vectors back; an audit needs Flat, HNSW*,Flat or IVF*,Flat storage"
+        )
     return ids, np.ascontiguousarray(vecs, np.float32)
 
 
@@ -113,10 +122,10 @@ def density_scores(cos: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CaptionScores:
-    pair_cos: np.ndarray       # cosine of each caption to its image
-    rank: np.ndarray           # 1-based rank of its image among all images for the caption
-    siblings_cos: np.ndarray   # mean cosine to the image's other captions (nan when it has none)
-    z: np.ndarray              # the combined robust z-score (low: the caption does not fit its image)
+    pair_cos: np.ndarray  # cosine of each caption to its image
+    rank: np.ndarray  # 1-based rank of its image among all images for the caption
+    siblings_cos: np.ndarray  # mean cosine to the image's other captions (nan when it has none)
+    z: np.ndarray  # the combined robust z-score (low: the caption does not fit its image)
 
 
 def caption_scores(images: np.ndarray, captions: np.ndarray, caption_image: np.ndarray) -> CaptionScores:
@@ -125,8 +134,8 @@ def caption_scores(images: np.ndarray, captions: np.ndarray, caption_image: np.n
     pair_cos = np.einsum("ij,ij->i", captions, paired)
     rank = np.empty(len(captions), np.int64)
     for s in range(0, len(captions), CHUNK):
-        sims = captions[s:s + CHUNK] @ images.T
-        rank[s:s + CHUNK] = 1 + (sims > pair_cos[s:s + CHUNK, None]).sum(1)
+        sims = captions[s : s + CHUNK] @ images.T
+        rank[s : s + CHUNK] = 1 + (sims > pair_cos[s : s + CHUNK, None]).sum(1)
     # mean cosine to siblings: (sum of the image's caption vectors - own) . own / (count - 1)
     sums = np.zeros_like(images, dtype=np.float64)
     np.add.at(sums, caption_image, captions)
@@ -157,8 +166,13 @@ def audit(version: IndexVersion, cfg: AuditConfig = AuditConfig()) -> dict:
     cfg.validate()
     img_ids, images = read_vectors(version, "image")
     txt_ids, captions = read_vectors(version, "text")
-    report: dict = {"version": version.name, "config": cfg.__dict__.copy(), "near_duplicates": [],
-                    "mismatched_captions": [], "outlier_images": []}
+    report: dict = {
+        "version": version.name,
+        "config": cfg.__dict__.copy(),
+        "near_duplicates": [],
+        "mismatched_captions": [],
+        "outlier_images": [],
+    }
     k = min(cfg.k, max(len(images) - 1, 0))
     if k >= 1:
         cos, rows = image_neighbours(images, k)
@@ -166,32 +180,55 @@ def audit(version: IndexVersion, cfg: AuditConfig = AuditConfig()) -> dict:
         report["nearest_image_angle_deg"] = {q: round(float(np.percentile(first, q)), 2) for q in (0.1, 1, 5, 50)}
         for group in near_duplicates(cos, rows, cfg.near_duplicate_angle):
             sims = images[group] @ images[group].T
-            pairs = [[int(img_ids[group[a]]), int(img_ids[group[b]]), round(float(angle_deg(sims[a, b])), 2)]
-                     for a in range(len(group)) for b in range(a + 1, len(group))]
-            report["near_duplicates"].append({"images": _ref(version, "image", img_ids[group].tolist()),
-                                              "max_angle_deg": max(p[2] for p in pairs), "pairs": pairs})
+            pairs = [
+                [int(img_ids[group[a]]), int(img_ids[group[b]]), round(float(angle_deg(sims[a, b])), 2)]
+                for a in range(len(group))
+                for b in range(a + 1, len(group))
+            ]
+            report["near_duplicates"].append(
+                {
+                    "images": _ref(version, "image", img_ids[group].tolist()),
+                    "max_angle_deg": max(p[2] for p in pairs),
+                    "pairs": pairs,
+                }
+            )
         score = density_scores(cos)
         z = robust_z(score)
         for r in np.argsort(-z):
             if z[r] <= cfg.outlier_z:
                 break
-            near = rows[r, :cfg.evidence]
-            report["outlier_images"].append({
-                **_ref(version, "image", [int(img_ids[r])])[0],
-                "mean_angle_to_neighbours_deg": round(float(score[r]), 2),
-                "z": round(float(z[r]), 2), "median_mean_angle_deg": round(float(np.median(score)), 2),
-                "nearest": _ref(version, "image", img_ids[near].tolist(), angle_deg(cos[r, :cfg.evidence]).tolist())})
+            near = rows[r, : cfg.evidence]
+            report["outlier_images"].append(
+                {
+                    **_ref(version, "image", [int(img_ids[r])])[0],
+                    "mean_angle_to_neighbours_deg": round(float(score[r]), 2),
+                    "z": round(float(z[r]), 2),
+                    "median_mean_angle_deg": round(float(np.median(score)), 2),
+                    "nearest": _ref(
+                        version, "image", img_ids[near].tolist(), angle_deg(cos[r, : cfg.evidence]).tolist()
+                    ),
+                }
+            )
     report["mismatched_captions"] = _captions(version, cfg, img_ids, images, txt_ids, captions)
-    report["counts"] = {"images": int(len(img_ids)), "captions": int(len(txt_ids)),
-                        "near_duplicate_groups": len(report["near_duplicates"]),
-                        "images_in_near_duplicate_groups": sum(len(g["images"]) for g in report["near_duplicates"]),
-                        "mismatched_captions": len(report["mismatched_captions"]),
-                        "outlier_images": len(report["outlier_images"])}
+    report["counts"] = {
+        "images": int(len(img_ids)),
+        "captions": int(len(txt_ids)),
+        "near_duplicate_groups": len(report["near_duplicates"]),
+        "images_in_near_duplicate_groups": sum(len(g["images"]) for g in report["near_duplicates"]),
+        "mismatched_captions": len(report["mismatched_captions"]),
+        "outlier_images": len(report["outlier_images"]),
+    }
     return report
 
 
-def _captions(version: IndexVersion, cfg: AuditConfig, img_ids: np.ndarray, images: np.ndarray,
-              txt_ids: np.ndarray, captions: np.ndarray) -> list[dict]:
+def _captions(
+    version: IndexVersion,
+    cfg: AuditConfig,
+    img_ids: np.ndarray,
+    images: np.ndarray,
+    txt_ids: np.ndarray,
+    captions: np.ndarray,
+) -> list[dict]:
     meta = version.metadata("text", txt_ids.tolist())
     row_of = {int(i): r for r, i in enumerate(img_ids)}
     paired = [r for r, m in enumerate(meta) if m and m["image_id"] is not None and int(m["image_id"]) in row_of]
@@ -205,40 +242,62 @@ def _captions(version: IndexVersion, cfg: AuditConfig, img_ids: np.ndarray, imag
             break
         if s.rank[j] <= cfg.k:
             continue
-        near = np.argsort(-(images @ captions[paired[j]]))[:cfg.evidence]
-        flags.append({
-            "id": int(txt_ids[paired[j]]), "caption": meta[paired[j]]["caption"],
-            "image": _ref(version, "image", [int(img_ids[image_row[j]])])[0],
-            "angle_to_image_deg": round(float(angle_deg(s.pair_cos[j])), 2), "rank_of_image": int(s.rank[j]),
-            "mean_angle_to_sibling_captions_deg": (None if np.isnan(s.siblings_cos[j])
-                                                   else round(float(angle_deg(s.siblings_cos[j])), 2)),
-            "z": round(float(s.z[j]), 2),
-            "nearest_images": _ref(version, "image", img_ids[near].tolist(),
-                                   angle_deg(images[near] @ captions[paired[j]]).tolist())})
+        near = np.argsort(-(images @ captions[paired[j]]))[: cfg.evidence]
+        flags.append(
+            {
+                "id": int(txt_ids[paired[j]]),
+                "caption": meta[paired[j]]["caption"],
+                "image": _ref(version, "image", [int(img_ids[image_row[j]])])[0],
+                "angle_to_image_deg": round(float(angle_deg(s.pair_cos[j])), 2),
+                "rank_of_image": int(s.rank[j]),
+                "mean_angle_to_sibling_captions_deg": (
+                    None if np.isnan(s.siblings_cos[j]) else round(float(angle_deg(s.siblings_cos[j])), 2)
+                ),
+                "z": round(float(s.z[j]), 2),
+                "nearest_images": _ref(
+                    version, "image", img_ids[near].tolist(), angle_deg(images[near] @ captions[paired[j]]).tolist()
+                ),
+            }
+        )
     return flags
 
 
 def render(report: dict) -> str:
     """The audit as a readable markdown report, every flag with its evidence."""
     c, cfg = report["counts"], report["config"]
-    out = [f"# Audit of {report['version']}", "",
-           f"{c['images']} images, {c['captions']} captions. Flags: {c['near_duplicate_groups']} near-duplicate "
-           f"group(s) ({c['images_in_near_duplicate_groups']} images), {c['mismatched_captions']} caption(s) that "
-           f"do not fit their image, {c['outlier_images']} outlier image(s).", "",
-           f"## Near-duplicate images (within {cfg['near_duplicate_angle']} degrees)", ""]
+    out = [
+        f"# Audit of {report['version']}",
+        "",
+        f"{c['images']} images, {c['captions']} captions. Flags: {c['near_duplicate_groups']} near-duplicate "
+        f"group(s) ({c['images_in_near_duplicate_groups']} images), {c['mismatched_captions']} caption(s) that "
+        f"do not fit their image, {c['outlier_images']} outlier image(s).",
+        "",
+        f"## Near-duplicate images (within {cfg['near_duplicate_angle']} degrees)",
+        "",
+    ]
     for g in report["near_duplicates"]:
-        out.append(f"- {len(g['images'])} images, at most {g['max_angle_deg']} degrees apart: "
-                   + ", ".join(f"`{i['uri']}`" for i in g["images"]))
-    out += ["", f"## Captions that do not describe their image (combined z < -{cfg['caption_z']}, "
-                f"image not among the caption's {cfg['k']} nearest)", ""]
+        out.append(
+            f"- {len(g['images'])} images, at most {g['max_angle_deg']} degrees apart: "
+            + ", ".join(f"`{i['uri']}`" for i in g["images"])
+        )
+    out += [
+        "",
+        f"## Captions that do not describe their image (combined z < -{cfg['caption_z']}, "
+        f"image not among the caption's {cfg['k']} nearest)",
+        "",
+    ]
     for f in report["mismatched_captions"]:
         near = ", ".join(f"`{n['uri']}` ({n['angle_deg']} deg)" for n in f["nearest_images"])
-        out.append(f"- \"{f['caption']}\" on `{f['image']['uri']}`: {f['angle_to_image_deg']} degrees from it, its "
-                   f"image ranks {f['rank_of_image']}, {f['mean_angle_to_sibling_captions_deg']} degrees from its "
-                   f"other captions on average, z {f['z']}; nearest images: {near}")
+        out.append(
+            f"- \"{f['caption']}\" on `{f['image']['uri']}`: {f['angle_to_image_deg']} degrees from it, its "
+            f"image ranks {f['rank_of_image']}, {f['mean_angle_to_sibling_captions_deg']} degrees from its "
+            f"other captions on average, z {f['z']}; nearest images: {near}"
+        )
     out += ["", f"## Outlier images (mean angle to the {cfg['k']} nearest images, robust z > {cfg['outlier_z']})", ""]
     for f in report["outlier_images"]:
         near = ", ".join(f"`{n['uri']}` ({n['angle_deg']} deg)" for n in f["nearest"])
-        out.append(f"- `{f['uri']}`: {f['mean_angle_to_neighbours_deg']} degrees from its neighbours on average "
-                   f"(median image: {f['median_mean_angle_deg']}), z {f['z']}; nearest: {near}")
+        out.append(
+            f"- `{f['uri']}`: {f['mean_angle_to_neighbours_deg']} degrees from its neighbours on average "
+            f"(median image: {f['median_mean_angle_deg']}), z {f['z']}; nearest: {near}"
+        )
     return "\n".join(out) + "\n"

@@ -5,6 +5,7 @@ image and text indexes, write the metadata and the manifest, publish atomically.
     manifest = build(cfg)                      # loads cfg.model
     manifest = build(cfg, loaded=(model, preprocess, tokenizer))   # a model already in memory
 """
+
 from __future__ import annotations
 
 import json
@@ -20,23 +21,31 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
-from retrieval.embedding.factory import DEFAULT_MODEL
-from retrieval.encoding.bulk import IMAGE_BATCH, default_workers
-from retrieval.store.layout import (FORMAT, INDEX_FILES, MANIFEST, META, MODEL_FILE, STORAGE_MEMORY, STORAGE_MMAP,
-                                    read_current, sha256_file)
-from retrieval.store.reader import IndexVersion
-from retrieval.store.vectors import query_rows, reconstruct, with_bias
-from retrieval.embedding.querybank import QueryBank, querybank_of
-from retrieval.sphere import is_unit_norm
-
 from index_builder import faiss_index, ivf_ondisk
 from index_builder.attributes import assemble
 from index_builder.encode import ShardStore, encode_images, encode_texts
 from index_builder.geometry import version_geometry
-from retrieval.store.schema import read_hashes, same_metadata, write_metadata
 from index_builder.publish import TMP_PREFIX, WORK_PREFIX, RootLock, new_temp_dir, next_version, publish
 from index_builder.sources import Collection, collect, stable_id
+from retrieval.embedding.factory import DEFAULT_MODEL
+from retrieval.embedding.querybank import QueryBank, querybank_of
+from retrieval.encoding.bulk import IMAGE_BATCH, default_workers
+from retrieval.errors import DatasetError, FingerprintMismatchError, IndexFormatError
+from retrieval.sphere import is_unit_norm
+from retrieval.store.layout import (
+    FORMAT,
+    INDEX_FILES,
+    MANIFEST,
+    META,
+    MODEL_FILE,
+    STORAGE_MEMORY,
+    STORAGE_MMAP,
+    read_current,
+    sha256_file,
+)
+from retrieval.store.reader import IndexVersion
+from retrieval.store.schema import read_hashes, same_metadata, write_metadata
+from retrieval.store.vectors import query_rows, reconstruct, with_bias
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +88,9 @@ class BuildConfig:
 class _Modality:
     """What one modality's index is made of: ids reused from the base version, ids whose vector
     is in the shard store under their content hash."""
+
     reuse: list[int]
-    need: dict[str, list[int]]     # sha256 -> ids
+    need: dict[str, list[int]]  # sha256 -> ids
     store: ShardStore
     base_index: faiss.Index | None
 
@@ -91,7 +101,7 @@ class _Modality:
     def blocks(self):
         """(ids, unit embeddings (n, D)) of every item, reused ones first."""
         for start in range(0, len(self.reuse), BLOCK):
-            ids = np.asarray(self.reuse[start:start + BLOCK], np.int64)
+            ids = np.asarray(self.reuse[start : start + BLOCK], np.int64)
             yield ids, reconstruct(self.base_index, ids)[:, :-1]  # the embedding without its bias
         emitted: set[str] = set()
         for shas, vecs in self.store.iter_vectors():
@@ -119,7 +129,8 @@ def _base_version(root: Path, cfg: BuildConfig, fingerprint: str) -> IndexVersio
     if base.fingerprint != fingerprint:
         raise FingerprintMismatchError(
             f"--incremental: the current version {base.name} was built with model '{base.model}' "
-            f"(fingerprint {base.fingerprint}), not this one ({fingerprint}); run a full build instead")
+            f"(fingerprint {base.fingerprint}), not this one ({fingerprint}); run a full build instead"
+        )
     return base
 
 
@@ -157,6 +168,7 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
         if loaded is None:
             from retrieval.embedding.factory import create_model
+
             loaded = create_model(cfg.model)
         model, preprocess, tokenizer = loaded
         fingerprint, dim = model.fingerprint(), int(model.embed_dim)
@@ -169,9 +181,11 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
         try:
             if cfg.ray is not None:
                 from index_builder.ray_encode import RayEncoder
+
                 ray = RayEncoder(cfg.ray, _model_spec(cfg.model), fingerprint, progress=cfg.progress)
-            return _build_locked(cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers,
-                                 started, ray)
+            return _build_locked(
+                cfg, root, coll, model, preprocess, tokenizer, fingerprint, dim, base, workers, started, ray
+            )
         finally:
             if ray is not None:
                 ray.close()
@@ -179,8 +193,9 @@ def build(cfg: BuildConfig, loaded=None) -> dict:
                 base.close()
 
 
-def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fingerprint, dim, base, workers, started,
-                  ray=None) -> dict:
+def _build_locked(
+    cfg, root, coll: Collection, model, preprocess, tokenizer, fingerprint, dim, base, workers, started, ray=None
+) -> dict:
     """`ray`: a `ray_encode.RayEncoder` that encodes on a Ray cluster instead of in this process."""
     encode_img, encode_txt = (ray.images, ray.texts) if ray else (encode_images, encode_texts)
     work = root / f"{WORK_PREFIX}{fingerprint}"
@@ -194,40 +209,77 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     fresh_img = [it for it in coll.images if base_images.get(it.id) != it.sha256]
     done, failed = img_store.scan()
     counts["images_resumed"] = sum(1 for it in fresh_img if it.sha256 in done or it.sha256 in failed)
-    todo = list({it.sha256: (it.sha256, it.path) for it in fresh_img
-                 if it.sha256 not in done and it.sha256 not in failed}.values())
-    log.info("images: %d reused from %s, %d already encoded in %s, %d to encode", len(reuse_img),
-             base.name if base else "-", counts["images_resumed"], work.name, len(todo))
-    img_stats = encode_img(model, preprocess, img_store, todo, batch_size=cfg.batch_size, workers=workers,
-                           shard_size=cfg.shard_size, progress=cfg.progress)
+    todo = list(
+        {
+            it.sha256: (it.sha256, it.path) for it in fresh_img if it.sha256 not in done and it.sha256 not in failed
+        }.values()
+    )
+    log.info(
+        "images: %d reused from %s, %d already encoded in %s, %d to encode",
+        len(reuse_img),
+        base.name if base else "-",
+        counts["images_resumed"],
+        work.name,
+        len(todo),
+    )
+    img_stats = encode_img(
+        model,
+        preprocess,
+        img_store,
+        todo,
+        batch_size=cfg.batch_size,
+        workers=workers,
+        shard_size=cfg.shard_size,
+        progress=cfg.progress,
+    )
     done, failed = img_store.scan()
     bad_img = [it for it in fresh_img if it.sha256 in failed]
     skipped += [(it.key, failed[it.sha256]) for it in bad_img]
     kept_img = reuse_img + [it for it in fresh_img if it.sha256 in done]
     kept_img.sort(key=lambda it: it.key)
     by_key = {it.key: it for it in kept_img}
-    counts.update(images_reused=len(reuse_img), images_encoded=img_stats.items, images_skipped=len(bad_img),
-                  images_indexed=len(kept_img))
+    counts.update(
+        images_reused=len(reuse_img),
+        images_encoded=img_stats.items,
+        images_skipped=len(bad_img),
+        images_indexed=len(kept_img),
+    )
 
     # -- captions: drop those of images that were skipped (not read or not decoded) -----------------
     texts = [t for t in coll.texts if t.image_key is None or t.image_key in by_key]
     counts["texts_dropped_with_bad_image"] = len(coll.texts) - len(texts)
     dropped = Counter(t.image_key for t in coll.texts if t.image_key is not None and t.image_key not in by_key)
-    skipped = [(item, f"{why}; its {dropped[item]} caption(s) are skipped too" if item in dropped else why)
-               for item, why in skipped]
+    skipped = [
+        (item, f"{why}; its {dropped[item]} caption(s) are skipped too" if item in dropped else why)
+        for item, why in skipped
+    ]
     base_texts = _reusable(base, "text", "texts")
     reuse_txt = [t for t in texts if base_texts.get(t.id) == t.sha256]
     fresh_txt = [t for t in texts if base_texts.get(t.id) != t.sha256]
     done_t, _ = txt_store.scan()
     counts["texts_resumed"] = sum(1 for t in fresh_txt if t.sha256 in done_t)
     todo_t = list({t.sha256: (t.sha256, t.caption) for t in fresh_txt if t.sha256 not in done_t}.values())
-    log.info("captions: %d reused, %d already encoded, %d distinct to encode", len(reuse_txt), counts["texts_resumed"], len(todo_t))
-    txt_stats = encode_txt(model, tokenizer, txt_store, todo_t, batch_size=cfg.text_batch_size,
-                           shard_size=cfg.shard_size, progress=cfg.progress)
+    log.info(
+        "captions: %d reused, %d already encoded, %d distinct to encode",
+        len(reuse_txt),
+        counts["texts_resumed"],
+        len(todo_t),
+    )
+    txt_stats = encode_txt(
+        model,
+        tokenizer,
+        txt_store,
+        todo_t,
+        batch_size=cfg.text_batch_size,
+        shard_size=cfg.shard_size,
+        progress=cfg.progress,
+    )
     counts.update(texts_reused=len(reuse_txt), texts_encoded=txt_stats.items, texts_indexed=len(texts))
     if not kept_img and not texts:
-        raise DatasetError(f"nothing could be indexed: all {len(coll.images)} image(s) failed to decode and there are "
-                           f"no captions; first problem: {skipped[0][1] if skipped else '?'}")
+        raise DatasetError(
+            f"nothing could be indexed: all {len(coll.images)} image(s) failed to decode and there are "
+            f"no captions; first problem: {skipped[0][1] if skipped else '?'}"
+        )
 
     def text_rows():
         for t in texts:
@@ -237,21 +289,38 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
     attrs, attr_skipped = assemble(kept_img, texts, coll.text_attrs, cfg.attributes)
     skipped += attr_skipped
     counts_of = {"image": len(kept_img), "text": len(texts)}
-    on_disk_of = {m: n > 0 and ivf_ondisk.wanted(cfg.on_disk, n, cfg.index_factory, dim + 1) for m, n in counts_of.items()}
-    factory_of = {m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n, ivf=on_disk_of[m]))
-                  for m, n in counts_of.items()}
-    if base is not None and base.manifest.raw.get("index_factory") == factory_of \
-            and same_metadata(base.path / META, kept_img, text_rows(), attrs.rows()):
+    on_disk_of = {
+        m: n > 0 and ivf_ondisk.wanted(cfg.on_disk, n, cfg.index_factory, dim + 1) for m, n in counts_of.items()
+    }
+    factory_of = {
+        m: "Flat" if n == 0 else (cfg.index_factory or faiss_index.choose_factory(n, ivf=on_disk_of[m]))
+        for m, n in counts_of.items()
+    }
+    if (
+        base is not None
+        and base.manifest.raw.get("index_factory") == factory_of
+        and same_metadata(base.path / META, kept_img, text_rows(), attrs.rows())
+    ):
         shutil.rmtree(work, ignore_errors=True)
-        log.info("the index is up to date: %s already holds these %d image(s) and %d caption(s); nothing published",
-                 base.name, len(kept_img), len(texts))
+        log.info(
+            "the index is up to date: %s already holds these %d image(s) and %d caption(s); nothing published",
+            base.name,
+            len(kept_img),
+            len(texts),
+        )
         return {**base.manifest.raw, "up_to_date": True}
 
     # -- indexes -----------------------------------------------------------------------------------
     mods = {
-        "image": _Modality([it.id for it in reuse_img], _need(it for it in fresh_img if it.sha256 in done), img_store,
-                           base.indexes["image"] if base else None),
-        "text": _Modality([t.id for t in reuse_txt], _need(fresh_txt), txt_store, base.indexes["text"] if base else None),
+        "image": _Modality(
+            [it.id for it in reuse_img],
+            _need(it for it in fresh_img if it.sha256 in done),
+            img_store,
+            base.indexes["image"] if base else None,
+        ),
+        "text": _Modality(
+            [t.id for t in reuse_txt], _need(fresh_txt), txt_store, base.indexes["text"] if base else None
+        ),
     }
     name = next_version(root)
     tmp = new_temp_dir(root)
@@ -264,15 +333,21 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         log.info("building the %s index (%s%s) over %d vectors", modality, factory, ", on disk" * on_disk, mod.count)
         stored = _with_bias(mod.blocks, bank, modality)
         if on_disk:
-            built = ivf_ondisk.build(stored, mod.count, dim + 1, factory, tmp, Path(INDEX_FILES[modality]).stem,
-                                     work / f"ivf-{modality}")
+            built = ivf_ondisk.build(
+                stored, mod.count, dim + 1, factory, tmp, Path(INDEX_FILES[modality]).stem, work / f"ivf-{modality}"
+            )
             index, files = built.index, built.files
         else:
             index, files = faiss_index.build_index(stored, mod.count, dim + 1, factory), [INDEX_FILES[modality]]
             faiss.write_index(index, str(tmp / INDEX_FILES[modality]))
-        recall = faiss_index.recall_at_10(index, stored, {   # what cross-modal queries get, and in-collection ones
-            "cross_modal": _query_sample(other, cfg.recall_queries, True),
-            "same_modal": _query_sample(mod, cfg.recall_queries, False)})
+        recall = faiss_index.recall_at_10(
+            index,
+            stored,
+            {  # what cross-modal queries get, and in-collection ones
+                "cross_modal": _query_sample(other, cfg.recall_queries, True),
+                "same_modal": _query_sample(mod, cfg.recall_queries, False),
+            },
+        )
         recall["cross_modal"]["query_source"] = other_name
         recall["same_modal"]["query_source"] = f"{modality} (in-collection sample)"
         headline = recall["cross_modal"] if other.count else recall["same_modal"]
@@ -281,8 +356,13 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         storage[modality], index_files = STORAGE_MMAP if on_disk else STORAGE_MEMORY, index_files + files
         del index
     write_metadata(tmp / META, kept_img, text_rows(), attrs.rows())
-    geometry = version_geometry(mods["image"].blocks, mods["image"].count, mods["text"].blocks, mods["text"].count,
-                                {t.id: image_id for t, image_id, _ in text_rows() if image_id is not None})
+    geometry = version_geometry(
+        mods["image"].blocks,
+        mods["image"].count,
+        mods["text"].blocks,
+        mods["text"].count,
+        {t.id: image_id for t, image_id, _ in text_rows() if image_id is not None},
+    )
     model_files = _copy_model_file(cfg.model, tmp)
     counts["skipped"] = len(skipped)
     manifest = {
@@ -306,11 +386,18 @@ def _build_locked(cfg, root, coll: Collection, model, preprocess, tokenizer, fin
         "build_seconds": None,
         "sources": coll.sources,
         "incremental": {"base": base.name} if base else None,
-        "report": {"counts": counts, "skipped": _skipped_rows(skipped),
-                   "encode": {"images_per_second": round(img_stats.per_second, 2),
-                              "captions_per_second": round(txt_stats.per_second, 2),
-                              "workers": workers, "streams": img_stats.streams, "shards_written": len(img_stats.shards) + len(txt_stats.shards)},
-                   "config": asdict(cfg)},
+        "report": {
+            "counts": counts,
+            "skipped": _skipped_rows(skipped),
+            "encode": {
+                "images_per_second": round(img_stats.per_second, 2),
+                "captions_per_second": round(txt_stats.per_second, 2),
+                "workers": workers,
+                "streams": img_stats.streams,
+                "shards_written": len(img_stats.shards) + len(txt_stats.shards),
+            },
+            "config": asdict(cfg),
+        },
         "files": {f: sha256_file(tmp / f) for f in sorted([*index_files, META, *model_files])},
     }
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
@@ -332,6 +419,7 @@ def _with_bias(blocks, bank: QueryBank, modality: str):
                 biases.append(bank.bias(vecs, modality))
             assert len(biases[i]) == len(ids), "blocks must come in the same order on every pass"
             yield ids, with_bias(vecs, biases[i])
+
     return stored
 
 

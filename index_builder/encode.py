@@ -12,24 +12,25 @@ fewer there are no workers (`default_workers` says why): two threads each decode
 the model on it, one decoding while the other computes (`default_streams`, `retrieval.encoding.streams`).
 Captions are tokenized in length-sorted batches in the main process (`text_batches` says why).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from retrieval.errors import RetrievalError
 from retrieval.encoding.bulk import IMAGE_BATCH, default_streams, default_workers, image_loader, input_size
+from retrieval.encoding.streams import threaded_map
+from retrieval.errors import RetrievalError
 from retrieval.progress import meter
 from retrieval.sphere import is_unit_norm
-from retrieval.encoding.streams import threaded_map
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,13 @@ class ShardStore:
         number = self.next_number() if number is None else number
         path = self.dir / f"shard-{number:06d}.npz"
         tmp = self.dir / f"shard-{number:06d}.tmp.npz"
-        np.savez(tmp, sha=np.array(list(shas), dtype="U64"), vectors=vectors,
-                 bad_sha=np.array(list(bad), dtype="U64"), bad_reason=np.array(list(bad.values()), dtype=str))
+        np.savez(
+            tmp,
+            sha=np.array(list(shas), dtype="U64"),
+            vectors=vectors,
+            bad_sha=np.array(list(bad), dtype="U64"),
+            bad_reason=np.array(list(bad.values()), dtype=str),
+        )
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(self.dir)
@@ -138,8 +144,9 @@ class _ShardWriter:
         self.shas, self.vecs, self.bad = [], [], {}
 
 
-def encode_pixels(model, shas: Sequence[str], pixels: torch.Tensor, errors: Sequence[str],
-                  dim: int) -> tuple[list[str], np.ndarray, dict[str, str]]:
+def encode_pixels(
+    model, shas: Sequence[str], pixels: torch.Tensor, errors: Sequence[str], dim: int
+) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """One batch through the image encoder: (shas of the good rows, their vectors (n, D), {sha:
     reason} of the rows that did not decode; their placeholders are not run through the model)."""
     ok = [j for j, e in enumerate(errors) if not e]
@@ -149,9 +156,18 @@ def encode_pixels(model, shas: Sequence[str], pixels: torch.Tensor, errors: Sequ
     return [shas[j] for j in ok], vecs, {sha: e for sha, e in zip(shas, errors) if e}
 
 
-def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence[tuple[str, Path]], *,
-                  batch_size: int = IMAGE_BATCH, workers: int | None = None, streams: int | None = None,
-                  shard_size: int = 2048, progress: bool = True) -> EncodeStats:
+def encode_images(
+    model,
+    preprocess: Callable,
+    store: ShardStore,
+    todo: Sequence[tuple[str, Path]],
+    *,
+    batch_size: int = IMAGE_BATCH,
+    workers: int | None = None,
+    streams: int | None = None,
+    shard_size: int = 2048,
+    progress: bool = True,
+) -> EncodeStats:
     """Encode (sha, path) pairs into shards; a file that does not decode is recorded with its
     reason (never a crash) and its placeholder is not run through the model.
     `workers`: image-decoding processes (None: `default_workers()`); `streams`: threads that each
@@ -162,8 +178,13 @@ def encode_images(model, preprocess: Callable, store: ShardStore, todo: Sequence
     assert stats.streams == 1 or workers == 0, "several encoder streams decode themselves: pass workers=0"
     if not todo:
         return stats
-    log.info("encoding %d images in batches of %d: %d decoding worker process(es), %d encoder stream(s)",
-             len(todo), batch_size, workers, stats.streams)
+    log.info(
+        "encoding %d images in batches of %d: %d decoding worker process(es), %d encoder stream(s)",
+        len(todo),
+        batch_size,
+        workers,
+        stats.streams,
+    )
     size = input_size(model, preprocess)
     loader = image_loader([p for _, p in todo], preprocess, size, batch_size, workers)
 
@@ -190,11 +211,19 @@ def text_batches(texts: Sequence[str], tokenizer: Callable, batch_size: int) -> 
     process costs more in contention for the encoder's cores than it saves (bench/results/builder.md:
     builder/raw 0.85-0.88 with a tokenizing worker, 0.93-0.96 without, on 2 cores)."""
     for start in range(0, len(texts), batch_size):
-        yield start, tokenizer(list(texts[start:start + batch_size]))
+        yield start, tokenizer(list(texts[start : start + batch_size]))
 
 
-def encode_texts(model, tokenizer: Callable, store: ShardStore, todo: Sequence[tuple[str, str]], *,
-                 batch_size: int = 256, shard_size: int = 2048, progress: bool = True) -> EncodeStats:
+def encode_texts(
+    model,
+    tokenizer: Callable,
+    store: ShardStore,
+    todo: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 256,
+    shard_size: int = 2048,
+    progress: bool = True,
+) -> EncodeStats:
     """Encode (sha, caption) pairs into shards, batched by length (less padding)."""
     stats = EncodeStats()
     if not todo:
@@ -207,7 +236,7 @@ def encode_texts(model, tokenizer: Callable, store: ShardStore, todo: Sequence[t
     with torch.inference_mode(), meter(len(todo), "encode captions", "txt", enabled=progress) as bar:
         for first, token_ids in text_batches(texts, tokenizer, batch_size):
             vecs = model.encode_text(token_ids).float().numpy()
-            writer.add(shas[first:first + len(vecs)], vecs, {})
+            writer.add(shas[first : first + len(vecs)], vecs, {})
             stats.items += len(vecs)
             bar.update(len(vecs))
     writer.flush()

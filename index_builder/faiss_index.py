@@ -5,12 +5,13 @@ Every index is `IDMap2,<factory>` with METRIC_INNER_PRODUCT over rows [g, b_g]: 
 plus its inverted-softmax bias (see `retrieval.store.reader`), so ids are the builder's stable int64 ids
 and vectors can be reconstructed by id (incremental builds).
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 
 Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # a fresh pass of (ids (n,), vectors (n, D'))
 
-EXACT_MAX = 100_000      # up to this many vectors, exact search is fast enough (a few ms a query)
-HNSW_MAX = 2_000_000     # beyond, IVF: HNSW's graph gets slow to build and heavy in memory
+EXACT_MAX = 100_000  # up to this many vectors, exact search is fast enough (a few ms a query)
+HNSW_MAX = 2_000_000  # beyond, IVF: HNSW's graph gets slow to build and heavy in memory
 HNSW_EF_SEARCH = 128
 HNSW_EF_CONSTRUCTION = 80
 MAX_TRAIN = 100_000
@@ -49,13 +50,15 @@ def choose_factory(n: int, ivf: bool = False) -> str:
 def make_index(dim: int, factory: str, id_map: bool = True) -> faiss.Index:
     """The empty index, wrapped in IDMap2 unless `id_map` is False (IVF indexes that keep the ids in
     their own inverted lists: `index_builder.ivf_ondisk`)."""
-    inner = factory[len("IDMap2,"):] if factory.startswith("IDMap2,") else factory
+    inner = factory[len("IDMap2,") :] if factory.startswith("IDMap2,") else factory
     try:
         index = faiss.index_factory(dim, f"IDMap2,{inner}" if id_map else inner, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise DatasetError(f"invalid --index-factory '{factory}' for {dim}-dimensional vectors (the embedding plus "
-                           f"its inverted-softmax bias): {faiss_error(e)}; for PQ, rotate to a dimension it divides "
-                           f"first, e.g. 'OPQ32_{dim - 1},IVF1024,PQ32'") from e
+        raise DatasetError(
+            f"invalid --index-factory '{factory}' for {dim}-dimensional vectors (the embedding plus "
+            f"its inverted-softmax bias): {faiss_error(e)}; for PQ, rotate to a dimension it divides "
+            f"first, e.g. 'OPQ32_{dim - 1},IVF1024,PQ32'"
+        ) from e
     sub = faiss.downcast_index(index.index) if id_map else index
     if isinstance(sub, faiss.IndexHNSW):
         sub.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -141,7 +144,7 @@ def recall_at_10(index: faiss.Index, blocks: Blocks, queries: dict[str, np.ndarr
     out, at = {name: dict(empty) for name in queries}, 0
     for name in names:
         count = len(queries[name])
-        out[name] = {"recall_at_10": float(np.mean(hits[at:at + count]) / k), "queries": count, "k": k}
+        out[name] = {"recall_at_10": float(np.mean(hits[at : at + count]) / k), "queries": count, "k": k}
         at += count
         log.info("recall@%d against exact search, %s queries: %.4f over %d", k, name, out[name]["recall_at_10"], count)
     log.info("recall check took %.1fs", time.perf_counter() - start)

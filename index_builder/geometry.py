@@ -11,9 +11,10 @@ Everything streams the builder's blocks; only samples are held. Queries (and the
 of the alignment) are an even sample of at most `max_queries` items per modality, uniformity at most
 4,000 items: the manifest says how many were used, and `sampled` when not all were.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -48,12 +49,28 @@ def _mean_and_rows(blocks: Blocks, wanted: set[int]) -> tuple[np.ndarray, dict[i
     return total / max(n, 1), rows
 
 
-def version_geometry(images: Blocks, n_images: int, texts: Blocks, n_texts: int, caption_image: dict[int, int],
-                     max_queries: int = MAX_QUERIES, k: int = K) -> dict:
+def version_geometry(
+    images: Blocks,
+    n_images: int,
+    texts: Blocks,
+    n_texts: int,
+    caption_image: dict[int, int],
+    max_queries: int = MAX_QUERIES,
+    k: int = K,
+) -> dict:
     """The manifest's `geometry` object; a metric that needs a modality (or caption-image pairs) the
     version lacks is null."""
-    out: dict = dict.fromkeys(("alignment", "uniformity_image", "uniformity_text", "modality_gap",
-                               "hubness_image", "hubness_text", "positive_angle_deg_mean"))
+    out: dict = dict.fromkeys(
+        (
+            "alignment",
+            "uniformity_image",
+            "uniformity_text",
+            "modality_gap",
+            "hubness_image",
+            "hubness_text",
+            "positive_angle_deg_mean",
+        )
+    )
     img_ids, img_q = _sample(images, n_images, max_queries) if n_images else (np.zeros(0, np.int64), None)
     txt_ids, txt_q = _sample(texts, n_texts, max_queries) if n_texts else (np.zeros(0, np.int64), None)
     if img_q is not None and len(img_q) > 1:
@@ -61,8 +78,12 @@ def version_geometry(images: Blocks, n_images: int, texts: Blocks, n_texts: int,
     if txt_q is not None and len(txt_q) > 1:
         out["uniformity_text"] = uniformity(txt_q)
     pairs = [(r, caption_image[int(t)]) for r, t in enumerate(txt_ids) if int(t) in caption_image]
-    out.update(k=k, queries={"text": int(len(txt_ids)), "image": int(len(img_ids))}, pairs=len(pairs),
-               sampled=bool(len(img_ids) < n_images or len(txt_ids) < n_texts))
+    out.update(
+        k=k,
+        queries={"text": int(len(txt_ids)), "image": int(len(img_ids))},
+        pairs=len(pairs),
+        sampled=bool(len(img_ids) < n_images or len(txt_ids) < n_texts),
+    )
     if not (n_images and n_texts):
         return out
     img_mean, paired = _mean_and_rows(images, {i for _, i in pairs})

@@ -17,6 +17,7 @@ like faiss's IO_FLAG_ONDISK_SAME_DIR), so a version directory can be renamed aft
 temporary name becomes vNNNN) or mounted anywhere. Searching an on-disk index needs no direct map; the bias of each
 hit comes from a side table of (id, bias) sorted by id (`retrieval.store.bias_table`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,25 +27,24 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from index_builder import faiss_index
 from retrieval.errors import DatasetError
 from retrieval.store.bias_table import write_bias_table
 from retrieval.store.layout import STORAGE_MMAP
 from retrieval.store.reader import read_index_file
 
-from index_builder import faiss_index
-
 log = logging.getLogger(__name__)
 
-MIN_ROWS = faiss_index.HNSW_MAX   # above it, IVF indexes are built and served on disk
-ADD_BLOCK = 262_144      # rows per add_block call: ~270 MB of [g, b_g] rows at D = 256, plus the block's lists
+MIN_ROWS = faiss_index.HNSW_MAX  # above it, IVF indexes are built and served on disk
+ADD_BLOCK = 262_144  # rows per add_block call: ~270 MB of [g, b_g] rows at D = 256, plus the block's lists
 # Like the builtin map (the default: one block after another, lazily): mapper(fn, jobs) -> results in
 # order. `fn` is a module-level function, so a process pool or a cluster can ship it; a mapper that
 # drains `jobs` eagerly holds every block's rows at once.
@@ -67,8 +67,10 @@ def check_factory(factory: str, dim: int) -> None:
     """DatasetError unless `factory` makes an IVF index whose lists can be merged on disk."""
     index = faiss_index.make_index(dim, factory, id_map=False)
     if faiss.try_extract_index_ivf(index) is None or isinstance(index, faiss.IndexRefine):
-        raise DatasetError(f"on-disk indexes need an IVF factory without a refine stage (e.g. 'IVF4096,Flat' or "
-                           f"'OPQ32_256,IVF4096,PQ32'), got '{factory}'")
+        raise DatasetError(
+            f"on-disk indexes need an IVF factory without a refine stage (e.g. 'IVF4096,Flat' or "
+            f"'OPQ32_256,IVF4096,PQ32'), got '{factory}'"
+        )
 
 
 def train_empty(sample: np.ndarray, factory: str) -> bytes:
@@ -103,7 +105,7 @@ def merge(empty_index: str | Path, blocks: list[str | Path], out_index: Path, ou
     with _c_stdout_to_stderr():
         merge_ondisk(index, [str(b) for b in blocks], str(out_data))
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    lists.filename = Path(out_data).name    # resolved next to the index file on reading (see the docstring)
+    lists.filename = Path(out_data).name  # resolved next to the index file on reading (see the docstring)
     faiss.write_index(index, str(out_index))
     return int(index.ntotal)
 
@@ -143,18 +145,27 @@ def _chunks(blocks: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Itera
 
 @dataclass
 class OnDiskIndex:
-    index: faiss.Index           # opened as a server opens it: memory-mapped
-    files: list[str]             # names of the files written in the output directory
-    seconds: dict[str, float]    # train, add, merge
+    index: faiss.Index  # opened as a server opens it: memory-mapped
+    files: list[str]  # names of the files written in the output directory
+    seconds: dict[str, float]  # train, add, merge
 
 
-def build(blocks: faiss_index.Blocks, n: int, dim: int, factory: str, out_dir: Path, stem: str, work: Path,
-          mapper: Mapper = map, block_rows: int = ADD_BLOCK) -> OnDiskIndex:
+def build(
+    blocks: faiss_index.Blocks,
+    n: int,
+    dim: int,
+    factory: str,
+    out_dir: Path,
+    stem: str,
+    work: Path,
+    mapper: Mapper = map,
+    block_rows: int = ADD_BLOCK,
+) -> OnDiskIndex:
     """Train on an even sample of the stream, add it block by block through `mapper`, merge into
     out_dir/{stem}.faiss + {stem}.ivfdata, and write the bias side table.
     `work` holds the empty index and the block files until the merge is done."""
     if work.exists():
-        shutil.rmtree(work)   # blocks of an interrupted build: their ids may not match this one's
+        shutil.rmtree(work)  # blocks of an interrupted build: their ids may not match this one's
     work.mkdir(parents=True)
     empty = work / "empty.faiss"
     clock = [time.perf_counter()]

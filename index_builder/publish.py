@@ -9,6 +9,7 @@ pruning and the server's available versions all go by that. Old versions are pru
 N; the version CURRENT names is never removed. One builder at a time
 holds `ROOT/.lock` (a POSIX record lock: it dies with the builder's process, even on SIGKILL).
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,10 +23,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from index_builder.encode import fsync_path
 from retrieval.errors import RetrievalError
 from retrieval.store.layout import CURRENT, MANIFEST, VERSION_RE, list_versions, read_current, version_name
-
-from index_builder.encode import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class RootLock:
     descriptor of the file drops the lock; `_HELD` keeps this process from opening a held lock file
     again, so a second RootLock here fails as one in another process does."""
 
-    _HELD: set[tuple[int, int]] = set()   # (st_dev, st_ino) of the lock files this process holds
+    _HELD: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the lock files this process holds
     _GUARD = threading.Lock()
 
     def __init__(self, root: Path):
@@ -60,7 +60,7 @@ class RootLock:
     def _busy(self) -> BuildLockedError:
         return BuildLockedError(f"another index-builder is working on '{self.root}' (its {LOCK} is held)")
 
-    def __enter__(self) -> "RootLock":
+    def __enter__(self) -> RootLock:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK
         with self._GUARD:
@@ -166,14 +166,21 @@ def gc(root: Path, keep: int, work: bool = False) -> dict:
         raise RetrievalError(f"index root '{root}' does not exist")
     with RootLock(root):
         removed = prune(root, keep)
-        leftovers = [p for p in root.iterdir() if p.is_dir() and (p.name.startswith(TMP_PREFIX)
-                                                               or (work and p.name.startswith(WORK_PREFIX)))]
+        leftovers = [
+            p
+            for p in root.iterdir()
+            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or (work and p.name.startswith(WORK_PREFIX)))
+        ]
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         for path in root.glob(f".{CURRENT}.*"):  # write_current's temp file, left by a kill before its rename
             path.unlink(missing_ok=True)
-    return {"removed_versions": removed, "removed_dirs": sorted(p.name for p in leftovers),
-            "current": read_current(root), "versions": list_versions(root)}
+    return {
+        "removed_versions": removed,
+        "removed_dirs": sorted(p.name for p in leftovers),
+        "current": read_current(root),
+        "versions": list_versions(root),
+    }
 
 
 @dataclass
@@ -184,9 +191,16 @@ class VersionInfo:
 
     def row(self) -> dict:
         m = self.manifest or {}
-        return {"version": self.name, "current": self.current, "created_at": m.get("created_at"),
-                "model": m.get("model"), "num_images": m.get("num_images"), "num_texts": m.get("num_texts"),
-                "index_factory": m.get("index_factory"), "incremental_from": (m.get("incremental") or {}).get("base")}
+        return {
+            "version": self.name,
+            "current": self.current,
+            "created_at": m.get("created_at"),
+            "model": m.get("model"),
+            "num_images": m.get("num_images"),
+            "num_texts": m.get("num_texts"),
+            "index_factory": m.get("index_factory"),
+            "incremental_from": (m.get("incremental") or {}).get("base"),
+        }
 
 
 def list_index(root: Path) -> list[VersionInfo]:
@@ -212,4 +226,8 @@ def incomplete_dirs(root: Path) -> list[str]:
 
 
 def work_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and p.name.startswith(WORK_PREFIX)) if Path(root).is_dir() else []
+    return (
+        sorted(p.name for p in Path(root).iterdir() if p.is_dir() and p.name.startswith(WORK_PREFIX))
+        if Path(root).is_dir()
+        else []
+    )

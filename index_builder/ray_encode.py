@@ -36,14 +36,15 @@ work directory, so resume, incremental builds, bad-file reports and the manifest
 
 Importing this module without Ray installed raises one DatasetError (what `--ray` reports).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -54,8 +55,10 @@ try:
     import ray.data
     from ray.data import ActorPoolStrategy
 except ImportError as e:  # the one clear error of `--ray` without Ray, before any work is done
-    raise DatasetError(f"--ray needs Ray Data, which is not installed ({e}); "
-                       "install it with pip install 'ray[data]>=2.10' (the project's [ray] extra)") from None
+    raise DatasetError(
+        f"--ray needs Ray Data, which is not installed ({e}); "
+        "install it with pip install 'ray[data]>=2.10' (the project's [ray] extra)"
+    ) from None
 
 from index_builder.encode import EncodeStats, ShardStore, encode_pixels
 
@@ -74,8 +77,10 @@ class RayEncoder:
         self.address, self.model, self.fingerprint = address, model, fingerprint
         if (os.environ.get("RAY_ADDRESS", "") if address == "auto" else address).startswith("ray://"):
             # measured with Ray 2.60: the executor needs a core worker, which a Ray Client driver has not
-            raise DatasetError(f"--ray {address}: Ray Data's executor cannot run over Ray Client (ray://); run "
-                               "the build on a node of the cluster (the head, say) with --ray auto")
+            raise DatasetError(
+                f"--ray {address}: Ray Data's executor cannot run over Ray Client (ray://); run "
+                "the build on a node of the cluster (the head, say) with --ray auto"
+            )
         try:
             if address == LOCAL:
                 ray.init(address=LOCAL, include_dashboard=False)
@@ -101,8 +106,10 @@ class RayEncoder:
             if gpus or cpus:
                 return gpus, cpus
             if time.monotonic() > deadline:
-                raise DatasetError(f"--ray {address}: the cluster has no CPU or GPU to encode on "
-                                   f"(no worker node joined in {JOIN_TIMEOUT_S} s)")
+                raise DatasetError(
+                    f"--ray {address}: the cluster has no CPU or GPU to encode on "
+                    f"(no worker node joined in {JOIN_TIMEOUT_S} s)"
+                )
             log.info("ray: the cluster has no CPU or GPU yet; waiting for a worker node to join")
             time.sleep(5)
 
@@ -114,26 +121,57 @@ class RayEncoder:
         """Encoder actors: one per GPU, else one per CPU."""
         return self.gpus or max(1, self.cpus)
 
-    def images(self, model, preprocess: Callable, store: ShardStore, todo: Sequence[tuple[str, Path]], *,
-               batch_size: int, shard_size: int, workers: int | None = None, progress: bool = True) -> EncodeStats:
+    def images(
+        self,
+        model,
+        preprocess: Callable,
+        store: ShardStore,
+        todo: Sequence[tuple[str, Path]],
+        *,
+        batch_size: int,
+        shard_size: int,
+        workers: int | None = None,
+        progress: bool = True,
+    ) -> EncodeStats:
         """`encode.encode_images` on the cluster; `workers` is not used (Ray places the decoding)."""
         from retrieval.encoding.bulk import input_size
 
-        units = [{"unit": i, "sha": [sha for sha, _ in unit], "path": [str(p) for _, p in unit]}
-                 for i, unit in enumerate(_units(todo, batch_size))]
+        units = [
+            {"unit": i, "sha": [sha for sha, _ in unit], "path": [str(p) for _, p in unit]}
+            for i, unit in enumerate(_units(todo, batch_size))
+        ]
         decode = {"transform": preprocess, "size": input_size(model, preprocess)}
         return self._encode(units, "image", store, batch_size, shard_size, len(todo), decode)
 
-    def texts(self, model, tokenizer: Callable, store: ShardStore, todo: Sequence[tuple[str, str]], *,
-              batch_size: int, shard_size: int, progress: bool = True) -> EncodeStats:
+    def texts(
+        self,
+        model,
+        tokenizer: Callable,
+        store: ShardStore,
+        todo: Sequence[tuple[str, str]],
+        *,
+        batch_size: int,
+        shard_size: int,
+        progress: bool = True,
+    ) -> EncodeStats:
         """`encode.encode_texts` on the cluster: the same length-sorted batches."""
         ordered = sorted(todo, key=lambda item: len(item[1]))  # stable: encode_texts' order
-        units = [{"unit": i, "sha": [sha for sha, _ in unit], "text": [text for _, text in unit]}
-                 for i, unit in enumerate(_units(ordered, batch_size))]
+        units = [
+            {"unit": i, "sha": [sha for sha, _ in unit], "text": [text for _, text in unit]}
+            for i, unit in enumerate(_units(ordered, batch_size))
+        ]
         return self._encode(units, "text", store, batch_size, shard_size, len(todo))
 
-    def _encode(self, units: list[dict], modality: str, store: ShardStore, batch_size: int, shard_size: int,
-                total: int, decode: dict | None = None) -> EncodeStats:
+    def _encode(
+        self,
+        units: list[dict],
+        modality: str,
+        store: ShardStore,
+        batch_size: int,
+        shard_size: int,
+        total: int,
+        decode: dict | None = None,
+    ) -> EncodeStats:
         """Run the pipeline over `units`; `decode`: the keyword arguments of `_decode_units` (images)."""
         per_shard = max(1, shard_size // batch_size)  # units an actor call takes and writes as one shard
         blocks = math.ceil(len(units) / per_shard)  # a block is one call's input
@@ -146,33 +184,65 @@ class RayEncoder:
             data = data.map_batches(_decode_units, batch_size=1, fn_kwargs=decode, num_cpus=1)
         actor_args = {"num_gpus": 1, "num_cpus": 1} if self.gpus else {"num_cpus": 1}
         data = data.map_batches(
-            _Encoder, batch_size=per_shard, compute=ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs={"model": self.model, "fingerprint": self.fingerprint, "modality": modality,
-                                   "directory": str(store.dir), "first": store.next_number()},
-            **actor_args)
-        log.info("ray: encoding %d %s(s) on %d actor(s) with %s each, shards of up to %d, into %s",
-                 total, modality, actors, "1 GPU" if self.gpus else "1 CPU", shard_size, store.dir)
+            _Encoder,
+            batch_size=per_shard,
+            compute=ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={
+                "model": self.model,
+                "fingerprint": self.fingerprint,
+                "modality": modality,
+                "directory": str(store.dir),
+                "first": store.next_number(),
+            },
+            **actor_args,
+        )
+        log.info(
+            "ray: encoding %d %s(s) on %d actor(s) with %s each, shards of up to %d, into %s",
+            total,
+            modality,
+            actors,
+            "1 GPU" if self.gpus else "1 CPU",
+            shard_size,
+            store.dir,
+        )
         start = time.perf_counter()
         try:
             for shard in data.iter_rows():  # one row per shard an actor wrote, as they are written
                 if not (store.dir / shard["shard"]).is_file():
-                    raise DatasetError(f"{shard['shard']}, written by Ray node {shard['node']} into {store.dir}, is "
-                                       "not visible here: --ray needs the index root on a filesystem every node shares")
+                    raise DatasetError(
+                        f"{shard['shard']}, written by Ray node {shard['node']} into {store.dir}, is "
+                        "not visible here: --ray needs the index root on a filesystem every node shares"
+                    )
                 stats.items += int(shard["items"])
                 stats.failed += int(shard["failed"])
                 stats.shards.append(str(shard["shard"]))
-                log.info("ray: %s from %s: %d %s(s), %d failed; %d of %d done", shard["shard"], shard["node"],
-                         shard["items"], modality, shard["failed"], stats.items + stats.failed, total)
+                log.info(
+                    "ray: %s from %s: %d %s(s), %d failed; %d of %d done",
+                    shard["shard"],
+                    shard["node"],
+                    shard["items"],
+                    modality,
+                    shard["failed"],
+                    stats.items + stats.failed,
+                    total,
+                )
         except Exception as e:  # a failure anywhere in the cluster: the typed error a task raised, or one line
             raise _user_error(e) from None
         stats.seconds = time.perf_counter() - start
-        log.info("ray: encoded %d %s(s) (%d failed) into %d shard(s) in %.1fs (%.1f/s)", stats.items, modality,
-                 stats.failed, len(stats.shards), stats.seconds, stats.per_second)
+        log.info(
+            "ray: encoded %d %s(s) (%d failed) into %d shard(s) in %.1fs (%.1f/s)",
+            stats.items,
+            modality,
+            stats.failed,
+            len(stats.shards),
+            stats.seconds,
+            stats.per_second,
+        )
         return stats
 
 
 def _units(todo: Sequence, size: int) -> list[Sequence]:
-    return [todo[i:i + size] for i in range(0, len(todo), size)]
+    return [todo[i : i + size] for i in range(0, len(todo), size)]
 
 
 def _decode_units(batch: dict, transform: Callable, size: int) -> dict:
@@ -199,8 +269,10 @@ def _decode_units(batch: dict, transform: Callable, size: int) -> dict:
 def _require_visible(folders: Iterable[Path]) -> None:
     for folder in set(folders):
         if not folder.is_dir():
-            raise DatasetError(f"folder '{folder}' is not visible on Ray node {ray.util.get_node_ip_address()}: "
-                               "--ray needs the images and the index root on a filesystem every node shares")
+            raise DatasetError(
+                f"folder '{folder}' is not visible on Ray node {ray.util.get_node_ip_address()}: "
+                "--ray needs the images and the index root on a filesystem every node shares"
+            )
 
 
 class _Encoder:
@@ -229,7 +301,8 @@ class _Encoder:
         if self.model.fingerprint() != fingerprint:
             raise FingerprintMismatchError(
                 f"model '{model}' on Ray node {self.node} has fingerprint {self.model.fingerprint()}, not the "
-                f"driver's {fingerprint}: every node needs the same model")
+                f"driver's {fingerprint}: every node needs the same model"
+            )
         self.model.to(self.device)
         self.per_batch = split_transform(preprocess)[1]
         self.dim = int(self.model.embed_dim)
@@ -249,8 +322,9 @@ class _Encoder:
                 unit = [str(s) for s in batch["sha"][row]]
                 if self.modality == "image":
                     pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][row])).to(self.device)
-                    good, vecs, failed = encode_pixels(self.model, unit, self.per_batch(pixels),
-                                                       [str(e) for e in batch["error"][row]], self.dim)
+                    good, vecs, failed = encode_pixels(
+                        self.model, unit, self.per_batch(pixels), [str(e) for e in batch["error"][row]], self.dim
+                    )
                 else:
                     tokens = self.tokenizer([str(t) for t in batch["text"][row]]).to(self.device)
                     good, vecs, failed = unit, self.model.encode_text(tokens).float().cpu().numpy(), {}

@@ -15,6 +15,7 @@ Structural problems (missing folder, unknown format, nothing to index) raise Dat
 item-level problems (a line without text, a file that is not an image, a caption naming an image
 that is not in the collection) are skipped with a reason, and a skipped item is not indexed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.errors import DatasetError
 from retrieval.encoding.images import IMAGE_SUFFIXES
+from retrieval.errors import DatasetError
 from retrieval.progress import meter
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True)
 class ImageItem:
     id: int
-    key: str        # path relative to the collection root (posix)
-    path: Path      # absolute path of the file (read by the builder, never stored in the index)
+    key: str  # path relative to the collection root (posix)
+    path: Path  # absolute path of the file (read by the builder, never stored in the index)
     sha256: str
-    uri: str        # what results call it: uri prefix + key
+    uri: str  # what results call it: uri prefix + key
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,17 @@ class TextItem:
     key: str
     caption: str
     sha256: str
-    image_key: str | None = None   # key of the image it describes, when that image is in the collection
-    image_ref: str | None = None   # the reference as written (the image_uri of an image named by URL)
+    image_key: str | None = None  # key of the image it describes, when that image is in the collection
+    image_ref: str | None = None  # the reference as written (the image_uri of an image named by URL)
 
 
 @dataclass
 class Collection:
     images: list[ImageItem]
     texts: list[TextItem]
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (item, reason)
-    sources: dict = field(default_factory=dict)                    # what was read, for the manifest
-    text_attrs: dict[int, dict[str, str]] = field(default_factory=dict)   # caption id -> its extra columns
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+    sources: dict = field(default_factory=dict)  # what was read, for the manifest
+    text_attrs: dict[int, dict[str, str]] = field(default_factory=dict)  # caption id -> its extra columns
 
 
 def _is_hidden(name: str) -> bool:
@@ -143,9 +144,15 @@ def read_captions_file(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
                 raise DatasetError(f"{path} needs a header with a 'text' or 'caption' column, found {cols}")
             image_col, id_col = _pick(cols, IMAGE_COLUMNS), _pick(cols, ID_COLUMNS)
             for line, row in enumerate(reader, start=2):
-                rows.append({"where": f"{path.name}:{line}", "text": row.get(text_col),
-                             "image": row.get(image_col) if image_col else None,
-                             "id": row.get(id_col) if id_col else None, "attrs": extra_columns(row)})
+                rows.append(
+                    {
+                        "where": f"{path.name}:{line}",
+                        "text": row.get(text_col),
+                        "image": row.get(image_col) if image_col else None,
+                        "id": row.get(id_col) if id_col else None,
+                        "attrs": extra_columns(row),
+                    }
+                )
     elif suffix in (".jsonl", ".ndjson", ".json"):
         with path.open(encoding="utf-8") as f:
             for line, raw in enumerate(f, start=1):
@@ -162,9 +169,15 @@ def read_captions_file(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
                     continue
                 keys = list(obj)
                 text_k, image_k, id_k = _pick(keys, TEXT_COLUMNS), _pick(keys, IMAGE_COLUMNS), _pick(keys, ID_COLUMNS)
-                rows.append({"where": where, "text": obj.get(text_k) if text_k else None,
-                             "image": obj.get(image_k) if image_k else None, "id": obj.get(id_k) if id_k else None,
-                             "attrs": extra_columns(obj)})
+                rows.append(
+                    {
+                        "where": where,
+                        "text": obj.get(text_k) if text_k else None,
+                        "image": obj.get(image_k) if image_k else None,
+                        "id": obj.get(id_k) if id_k else None,
+                        "attrs": extra_columns(obj),
+                    }
+                )
     else:
         raise DatasetError(f"captions file '{path}' must be .csv, .tsv or .jsonl (got '{suffix or 'no suffix'}')")
     good = []
@@ -199,8 +212,9 @@ class _TextKeys:
         return f"{pair}\0{n}"
 
 
-def _hash_images(paths: dict[str, Path], progress: bool,
-                 uri_prefix: str) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+def _hash_images(
+    paths: dict[str, Path], progress: bool, uri_prefix: str
+) -> tuple[list[ImageItem], list[tuple[str, str]]]:
     """Content hashes, read in a few threads (hashlib releases the GIL)."""
     keys = list(paths)
 
@@ -211,8 +225,10 @@ def _hash_images(paths: dict[str, Path], progress: bool,
             return None, f"cannot be read: {e.strerror or e}"
 
     items, skipped = [], []
-    with ThreadPoolExecutor(max_workers=4) as pool, \
-            meter(len(keys), "hash images", "file", enabled=progress and len(keys) >= 1000) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=4) as pool,
+        meter(len(keys), "hash images", "file", enabled=progress and len(keys) >= 1000) as bar,
+    ):
         for key, (digest, error) in zip(keys, pool.map(one, keys)):
             bar.update()
             if error:
@@ -222,8 +238,9 @@ def _hash_images(paths: dict[str, Path], progress: bool,
     return items, skipped
 
 
-def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]],
-                attrs: dict[int, dict[str, str]]) -> list[TextItem]:
+def _make_texts(
+    rows: list[dict], resolve, skipped: list[tuple[str, str]], attrs: dict[int, dict[str, str]]
+) -> list[TextItem]:
     """Caption items of `rows`, their attributes into `attrs`; `resolve(ref)` gives (image key or None,
     why the caption is skipped or None)."""
     keys, texts = _TextKeys(), []
@@ -236,8 +253,9 @@ def _make_texts(rows: list[dict], resolve, skipped: list[tuple[str, str]],
         if key is None:
             skipped.append((row["where"], f"duplicate caption id '{row['id']}'"))
             continue
-        texts.append(TextItem(stable_id("text", key), key, row["text"], text_sha256(row["text"]),
-                              image_key, row["image"]))
+        texts.append(
+            TextItem(stable_id("text", key), key, row["text"], text_sha256(row["text"]), image_key, row["image"])
+        )
         if row.get("attrs"):
             attrs[texts[-1].id] = row["attrs"]
     return texts
@@ -247,8 +265,9 @@ def from_dataset(root: Path, split: str | None, progress: bool = True, uri_prefi
     from retrieval.encoding.datasets import load_caption_dataset
 
     ds = load_caption_dataset(root, split)
-    images, skipped = _hash_images({name: (root / "images" / name).resolve() for name in ds.images}, progress,
-                                   uri_prefix)
+    images, skipped = _hash_images(
+        {name: (root / "images" / name).resolve() for name in ds.images}, progress, uri_prefix
+    )
     skipped = list(ds.skipped) + skipped
     keys, texts = _TextKeys(), []
     for caption, owner in zip(ds.captions, ds.caption_image):
@@ -258,8 +277,9 @@ def from_dataset(root: Path, split: str | None, progress: bool = True, uri_prefi
     return Collection(images, texts, skipped, {"dataset": str(root.resolve()), "split": split})
 
 
-def from_files(images_dir: Path | None, captions: Path | None, progress: bool = True,
-               uri_prefix: str = "") -> Collection:
+def from_files(
+    images_dir: Path | None, captions: Path | None, progress: bool = True, uri_prefix: str = ""
+) -> Collection:
     """An image folder and/or a captions file. Without a folder, the images a captions file
     references (relative to the file's folder, and inside it) are the collection's images. A
     caption naming an image that is not in the collection is skipped; one naming it by URL is kept
@@ -293,13 +313,21 @@ def from_files(images_dir: Path | None, captions: Path | None, progress: bool = 
     texts = _make_texts(rows, resolve, skipped, text_attrs)
     images, hash_skipped = _hash_images(found, progress, uri_prefix)
     skipped += hash_skipped
-    sources = {"images": str(images_dir.resolve()) if images_dir else None,
-               "captions": str(captions.resolve()) if captions else None}
+    sources = {
+        "images": str(images_dir.resolve()) if images_dir else None,
+        "captions": str(captions.resolve()) if captions else None,
+    }
     return Collection(images, texts, skipped, sources, text_attrs)
 
 
-def collect(images: str | None = None, captions: str | None = None, dataset: str | None = None,
-            split: str | None = None, progress: bool = True, uri_prefix: str = "") -> Collection:
+def collect(
+    images: str | None = None,
+    captions: str | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
+    progress: bool = True,
+    uri_prefix: str = "",
+) -> Collection:
     if dataset and (images or captions):
         raise DatasetError("--dataset cannot be combined with --images or --captions")
     if split and not dataset:
@@ -311,10 +339,16 @@ def collect(images: str | None = None, captions: str | None = None, dataset: str
     else:
         coll = from_files(Path(images) if images else None, Path(captions) if captions else None, progress, uri_prefix)
     if not coll.images and not coll.texts:
-        raise DatasetError(f"the collection is empty: no image files and no captions found "
-                           f"({len(coll.skipped)} item(s) skipped)")
+        raise DatasetError(
+            f"the collection is empty: no image files and no captions found ({len(coll.skipped)} item(s) skipped)"
+        )
     _check_unique_ids(coll)
-    log.info("collection: %d image(s), %d caption(s), %d item(s) skipped", len(coll.images), len(coll.texts), len(coll.skipped))
+    log.info(
+        "collection: %d image(s), %d caption(s), %d item(s) skipped",
+        len(coll.images),
+        len(coll.texts),
+        len(coll.skipped),
+    )
     return coll
 
 

@@ -1,19 +1,21 @@
 """`retrieval`: train the heads, calibrate their match probabilities, evaluate on a caption dataset,
 serve the index over gRPC, query a server, or run the self-contained demo. `retrieval SUBCOMMAND --help`
 explains each."""
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from retrieval.flags import OneLineErrorParser, run_command
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Off a terminal, progress comes as log lines (retrieval.progress): shown without --verbose too.
     logging.getLogger("retrieval.progress").setLevel(logging.INFO)
 

@@ -3,6 +3,7 @@
 Library code raises these; the gRPC layer maps them to status codes in one place
 (`retrieval.serving.status`), and the CLIs print their message without a traceback.
 """
+
 from __future__ import annotations
 
 

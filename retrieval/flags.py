@@ -6,6 +6,7 @@ default can come from the environment: `env_prefix="RETRIEVAL_"` makes `RETRIEVA
 the default of `port`. A flag and its variable are parsed by the same rules (`parse_value`);
 an invalid variable is a `ConfigError` naming it, raised only when no flag overrides it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ def parse_value(kind: type, raw: str) -> Any:
 class FromEnv:
     """A default taken from an environment variable, parsed when the config is built (so that a
     flag given on the command line overrides an invalid variable)."""
+
     variable: str
     raw: str
     kind: type
@@ -61,6 +63,7 @@ def _field_type(cls: type, f: dataclasses.Field) -> type:
 
 def _flag_type(kind: type):
     """argparse `type=` for a field: parse_value, with argparse's own one-line error on failure."""
+
     def parse(raw: str) -> Any:
         try:
             return parse_value(kind, raw)
@@ -80,8 +83,13 @@ def _default(f: dataclasses.Field, kind: type, env_prefix: str | None) -> Any:
     return f.default if f.default is not dataclasses.MISSING else None
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, help: dict[str, str],
-                            env_prefix: str | None = None, positional: tuple[str, ...] = ()) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    help: dict[str, str],
+    env_prefix: str | None = None,
+    positional: tuple[str, ...] = (),
+) -> None:
     for f in dataclasses.fields(cls):
         kind = _field_type(cls, f)
         default = _default(f, kind, env_prefix)
@@ -92,12 +100,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, help: di
         if f.name in positional:
             parser.add_argument(f.name, type=_flag_type(kind), help=text)
         elif kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=default, help=text)
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default, help=text
+            )
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=_flag_type(kind), default=default,
-                                required=required, metavar=f.name.upper(),
-                                help=text + ("" if required else " (default: %(default)s)"))
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=_flag_type(kind),
+                default=default,
+                required=required,
+                metavar=f.name.upper(),
+                help=text + ("" if required else " (default: %(default)s)"),
+            )
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace):

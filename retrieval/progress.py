@@ -12,6 +12,7 @@ forms count, time and estimate alike.
             ...
             bar.update(len(batch))
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,13 +38,14 @@ class Progress(Protocol):
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Progress": ...
+    def __enter__(self) -> Progress: ...
 
     def __exit__(self, *exc: Any) -> Any: ...
 
 
-def meter(total: int | None, desc: str, unit: str = "it", enabled: bool = True, *, initial: int = 0,
-             interval_s: float = 10.0) -> Progress:
+def meter(
+    total: int | None, desc: str, unit: str = "it", enabled: bool = True, *, initial: int = 0, interval_s: float = 10.0
+) -> Progress:
     """A progress meter of `total` units (None: unknown) starting at `initial`: a tqdm bar when
     stderr is a terminal, else a `LogProgress` that logs at most every `interval_s` seconds;
     a silent one when not `enabled`."""
@@ -76,8 +78,16 @@ class LogProgress:
     tqdm's formatter: a tqdm bar writing to a logger would still emit '\\r' frames, start a
     monitor thread and join its global list of bars.)"""
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it", *, initial: int = 0,
-                 interval_s: float = 10.0, logger: logging.Logger = log):
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str = "it",
+        *,
+        initial: int = 0,
+        interval_s: float = 10.0,
+        logger: logging.Logger = log,
+    ):
         self.total, self.desc, self.unit, self.initial = total, desc, unit, initial
         self.n = initial
         self.interval_s, self.logger = interval_s, logger
@@ -101,9 +111,16 @@ class LogProgress:
 
     def line(self, now: float | None = None) -> str:
         elapsed = (time.monotonic() if now is None else now) - self.start
-        return tqdm.format_meter(self.n, self.total, elapsed, prefix=self.desc, unit=self.unit,
-                                 initial=self.initial, postfix=self.postfix or None,
-                                 bar_format=LINE_FORMAT if self.total else LINE_FORMAT_NO_TOTAL)
+        return tqdm.format_meter(
+            self.n,
+            self.total,
+            elapsed,
+            prefix=self.desc,
+            unit=self.unit,
+            initial=self.initial,
+            postfix=self.postfix or None,
+            bar_format=LINE_FORMAT if self.total else LINE_FORMAT_NO_TOTAL,
+        )
 
     def close(self) -> None:
         if not self.closed:
@@ -111,7 +128,7 @@ class LogProgress:
             if self.n != self._logged_n:  # else the last line said it all
                 self._log(time.monotonic())
 
-    def __enter__(self) -> "LogProgress":
+    def __enter__(self) -> LogProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

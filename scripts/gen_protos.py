@@ -8,6 +8,7 @@ moved flat into the package and their `from retrieval.v1 import` lines rewritten
 `from retrieval.pb import`, so the stubs import inside the installed package. The output only
 depends on the proto and the grpcio-tools version (which the stubs record).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ OUTPUTS = ["retrieval_pb2.py", "retrieval_pb2.pyi", "retrieval_pb2_grpc.py"]
 
 
 def generate(out: Path) -> list[Path]:
-    from grpc_tools import protoc  # dev extra: pip install grpcio-tools
     import grpc_tools
+    from grpc_tools import protoc  # dev extra: pip install grpcio-tools
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     out.mkdir(parents=True, exist_ok=True)
@@ -32,8 +33,17 @@ def generate(out: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         for proto in PROTOS:
             # Relative paths: the descriptor records the proto's name, never this machine's paths.
-            rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}",
-                              f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", str(PROTO_ROOT / proto)])
+            rc = protoc.main(
+                [
+                    "grpc_tools.protoc",
+                    f"-I{PROTO_ROOT}",
+                    f"-I{include}",
+                    f"--python_out={tmp}",
+                    f"--pyi_out={tmp}",
+                    f"--grpc_python_out={tmp}",
+                    str(PROTO_ROOT / proto),
+                ]
+            )
             if rc != 0:
                 raise SystemExit(f"protoc failed on {proto} (exit {rc})")
         gen_dir = Path(tmp) / "retrieval" / "v1"
@@ -43,7 +53,9 @@ def generate(out: Path) -> list[Path]:
             (out / name).write_text(text)
             written.append(out / name)
     init = out / "__init__.py"
-    init.write_text('"""Generated gRPC stubs of protos/retrieval/v1/retrieval.proto: do not edit, run scripts/gen_protos.py."""\n')
+    init.write_text(
+        '"""Generated gRPC stubs of protos/retrieval/v1/retrieval.proto: do not edit, run scripts/gen_protos.py."""\n'
+    )
     return [init, *written]
 
 

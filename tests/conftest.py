@@ -1,6 +1,7 @@
 """Shared fixtures: the Flickr8k folder (tests that need it skip with a message when it is
 absent), a small real caption dataset cut from it, the default model loaded once, and a
 self-signed TLS certificate and key."""
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k"))
+FLICKR8K = Path(
+    os.environ.get("FLICKR8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flickr8k")
+)
 
 
 def require_flickr8k() -> Path:
@@ -55,11 +58,15 @@ def make_tiny_open_clip(folder: Path, name: str = "tiny-test-clip"):
 
     cfg_dir = folder / "configs"
     cfg_dir.mkdir()
-    (cfg_dir / f"{name}.json").write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-    }))
+    (cfg_dir / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+            }
+        )
+    )
     open_clip.add_model_config(cfg_dir)
     torch.manual_seed(0)
     reference = open_clip.create_model(name)
@@ -89,7 +96,26 @@ def tls_pair(tmp_path_factory) -> tuple[Path, Path]:
         pytest.skip("openssl is not installed; it makes the test's self-signed certificate")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key

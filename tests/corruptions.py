@@ -1,6 +1,7 @@
 """Planting known corruptions in a caption-dataset folder (what the audit's test and bench measure it
 against): near-duplicate images (a copy re-encoded at another JPEG quality, or a crop) and captions
 moved to another image. Deterministic for a seed."""
+
 from __future__ import annotations
 
 import csv
@@ -9,12 +10,20 @@ from pathlib import Path
 
 from PIL import Image
 
-REENCODE_QUALITY = 30   # (the bench's) Flickr8k's JPEGs are of higher quality: the copy differs in every block
-CROP_KEEP = 0.8         # (the bench's) a crop keeps this fraction of each side, at a random offset
+REENCODE_QUALITY = 30  # (the bench's) Flickr8k's JPEGs are of higher quality: the copy differs in every block
+CROP_KEEP = 0.8  # (the bench's) a crop keeps this fraction of each side, at a random offset
 
 
-def plant(dataset: Path, split: str, reencoded: int, cropped: int, moved: int, seed: int = 0,
-          quality: int = REENCODE_QUALITY, crop_keep: float = CROP_KEEP) -> dict:
+def plant(
+    dataset: Path,
+    split: str,
+    reencoded: int,
+    cropped: int,
+    moved: int,
+    seed: int = 0,
+    quality: int = REENCODE_QUALITY,
+    crop_keep: float = CROP_KEEP,
+) -> dict:
     """Adds `reencoded` + `cropped` near-duplicate copies of distinct images of `split` (named
     `dup_<original>`, listed in the split, without captions) and moves `moved` of the split's captions
     to another image of the split (rewriting captions.csv). Returns the truth: {"duplicates": [[original,

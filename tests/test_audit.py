@@ -3,6 +3,7 @@ corruptions (two copies re-encoded at JPEG quality 75, one 90% crop, two caption
 images) is built into an index; `index-builder audit` flags the planted duplicates and moved
 captions, with their evidence; the version's geometry is in its manifest, in GetIndexInfo of a
 live server and in /metrics, and a version built before geometry was measured leaves it unset."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from corruptions import plant
+
 from retrieval.client import RetrievalClient
 from retrieval.serving.server import ServeConfig, ServerThread
 from retrieval.sphere import hubness, k_occurrence, l2_normalize, skewness
@@ -34,8 +35,24 @@ def planted(flickr_mini, tmp_path_factory) -> tuple[Path, Path, dict]:
     # reach 31, bench/results/audit.md)
     truth = plant(data, "test", reencoded=2, cropped=1, moved=2, seed=3, quality=75, crop_keep=0.9)
     root = data.parent / "index"
-    assert main(["-q", "build", "--out", str(root), "--images", str(data / "images"), "--captions",
-                 str(data / "captions.csv"), "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--images",
+                str(data / "images"),
+                "--captions",
+                str(data / "captions.csv"),
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root, data, truth
 
 
@@ -78,8 +95,24 @@ def test_report_files_and_options(planted, audited, tmp_path):
     assert report.startswith("# Audit of v0001") and "## Near-duplicate images" in report
     assert not [p for p in (root / "v0001").iterdir() if "audit" in p.name]  # the version itself is untouched
     out, md = tmp_path / "a.json", tmp_path / "a.md"
-    assert main(["-q", "audit", str(root), "--version", "v0001", "--near-duplicate-angle", "0",
-                 "--json", str(out), "--report", str(md)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "audit",
+                str(root),
+                "--version",
+                "v0001",
+                "--near-duplicate-angle",
+                "0",
+                "--json",
+                str(out),
+                "--report",
+                str(md),
+            ]
+        )
+        == 0
+    )
     strict = json.loads(out.read_text())
     assert strict["config"]["near_duplicate_angle"] == 0 and md.is_file()
     assert len(strict["near_duplicates"]) <= len(audited["near_duplicates"])

@@ -2,6 +2,7 @@
 skipped, the builder indexes exactly the image formats the server decodes, results name images by
 their collection key (never a host path), a build with no change publishes nothing, and only
 published versions are listed, whatever a kill left behind."""
+
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,8 @@ from index_builder.build import BuildConfig, build
 from index_builder.cli import main
 from index_builder.publish import gc, incomplete_dirs, list_index, new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
-from retrieval.errors import InvalidInputError
 from retrieval.encoding.images import IMAGE_SUFFIXES, load_image
+from retrieval.errors import InvalidInputError
 from retrieval.store.layout import CURRENT, list_versions, read_current
 
 MODEL = "lite0-minilm"
@@ -61,15 +62,17 @@ def test_every_caption_row_is_either_indexed_or_skipped_never_both(tmp_path, fli
     a, b = _photos(flickr_mini, photos, 2)
     (photos / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(3000))
     shutil.copyfile(photos / a, tmp_path / "outside.jpg")
-    rows = [(a, "a caption of the first photo"),                           # caps.csv:2
-            (b, "a caption of the second photo"),                          # caps.csv:3
-            ("missing.jpg", "a caption of an image that does not exist"),  # caps.csv:4
-            (a, ""),                                                       # caps.csv:5
-            ("", "a caption with no image"),                               # caps.csv:6
-            ("https://cdn.example/x.jpg", "a caption of an image named by URL"),
-            ("corrupt.jpg", "a caption of an image that does not decode"),
-            ("../outside.jpg", "a caption of an image outside the folder"),
-            ("missing.jpg", "another caption of the missing image")]       # caps.csv:10
+    rows = [
+        (a, "a caption of the first photo"),  # caps.csv:2
+        (b, "a caption of the second photo"),  # caps.csv:3
+        ("missing.jpg", "a caption of an image that does not exist"),  # caps.csv:4
+        (a, ""),  # caps.csv:5
+        ("", "a caption with no image"),  # caps.csv:6
+        ("https://cdn.example/x.jpg", "a caption of an image named by URL"),
+        ("corrupt.jpg", "a caption of an image that does not decode"),
+        ("../outside.jpg", "a caption of an image outside the folder"),
+        ("missing.jpg", "another caption of the missing image"),
+    ]  # caps.csv:10
     _write_csv(tmp_path / "caps.csv", rows)
     m = _build(default_model, tmp_path / "idx", images=str(photos), captions=str(tmp_path / "caps.csv"))
 
@@ -86,9 +89,13 @@ def test_every_caption_row_is_either_indexed_or_skipped_never_both(tmp_path, fli
     assert reasons["corrupt.jpg"].endswith("; its 1 caption(s) are skipped too")
     for line, (image, caption) in enumerate(rows, start=2):
         listed = f"caps.csv:{line}" in reasons or image in reasons
-        assert listed != (caption in indexed), (line, image, caption)   # one or the other, never both
-    assert indexed == {"a caption of the first photo", "a caption of the second photo", "a caption with no image",
-                       "a caption of an image named by URL"}
+        assert listed != (caption in indexed), (line, image, caption)  # one or the other, never both
+    assert indexed == {
+        "a caption of the first photo",
+        "a caption of the second photo",
+        "a caption with no image",
+        "a caption of an image named by URL",
+    }
     c = m["report"]["counts"]
     assert m["num_texts"] == c["texts_indexed"] == len(indexed) == 4
     assert c["texts_found"] - c["texts_dropped_with_bad_image"] == c["texts_indexed"]
@@ -105,16 +112,25 @@ def test_builder_indexes_exactly_the_formats_the_server_decodes(tmp_path, flickr
     with Image.open(src) as im:
         photo = im.convert("RGB").resize((160, 120))
     written = {}
-    for fmt, name in [("JPEG", "a.jpg"), ("JPEG", "b.jpeg"), ("PNG", "c.png"), ("WEBP", "d.webp"), ("GIF", "e.gif"),
-                      ("BMP", "f.bmp"), ("TIFF", "g.tif"), ("PPM", "h.ppm"), ("ICO", "i.ico"),
-                      ("TIFF", "tiff-inside.jpg")]:
+    for fmt, name in [
+        ("JPEG", "a.jpg"),
+        ("JPEG", "b.jpeg"),
+        ("PNG", "c.png"),
+        ("WEBP", "d.webp"),
+        ("GIF", "e.gif"),
+        ("BMP", "f.bmp"),
+        ("TIFF", "g.tif"),
+        ("PPM", "h.ppm"),
+        ("ICO", "i.ico"),
+        ("TIFF", "tiff-inside.jpg"),
+    ]:
         buf = io.BytesIO()
         photo.save(buf, fmt)
         written[name] = buf.getvalue()
         photos.mkdir(exist_ok=True)
         (photos / name).write_bytes(written[name])
 
-    def server_decodes(data: bytes) -> bool:   # what the server does with a query's bytes
+    def server_decodes(data: bytes) -> bool:  # what the server does with a query's bytes
         try:
             load_image(data)
             return True
@@ -145,21 +161,42 @@ def test_uris_are_collection_keys_under_an_optional_prefix(tmp_path, flickr_mini
     plain = tmp_path / "plain"
     _build(default_model, plain, images=str(photos), captions=str(tmp_path / "caps.csv"))
     images, texts = uris(plain, "v0001")
-    assert images == {stable_id("image", k): k for k in keys}                 # relative to the image folder
+    assert images == {stable_id("image", k): k for k in keys}  # relative to the image folder
     assert texts == {f"caption {i}": k for i, k in enumerate(keys)}
 
     prefix = "https://cdn.example/photos/"
     cdn = tmp_path / "cdn"
-    assert main(["-q", "build", "--out", str(cdn), "--images", str(photos), "--captions", str(tmp_path / "caps.csv"),
-                 "--uri-prefix", prefix, "--no-progress", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(cdn),
+                "--images",
+                str(photos),
+                "--captions",
+                str(tmp_path / "caps.csv"),
+                "--uri-prefix",
+                prefix,
+                "--no-progress",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     images, texts = uris(cdn, "v0001")
-    assert images == {stable_id("image", k): prefix + k for k in keys}       # same ids, prefixed uris
+    assert images == {stable_id("image", k): prefix + k for k in keys}  # same ids, prefixed uris
     assert texts == {f"caption {i}": prefix + k for i, k in enumerate(keys)}
 
     # captions only: the images are those the file names, relative to its folder
     alone = tmp_path / "alone"
-    _write_csv(tmp_path / "caps2.csv", [(f"photos/{k}", f"caption {i}") for i, k in enumerate(keys)]
-               + [(str(flickr_mini / "images" / names[0]), "an absolute path outside the folder")])
+    _write_csv(
+        tmp_path / "caps2.csv",
+        [(f"photos/{k}", f"caption {i}") for i, k in enumerate(keys)]
+        + [(str(flickr_mini / "images" / names[0]), "an absolute path outside the folder")],
+    )
     m = _build(default_model, alone, captions=str(tmp_path / "caps2.csv"))
     images, texts = uris(alone, "v0001")
     assert sorted(images.values()) == sorted(f"photos/{k}" for k in keys)
@@ -170,15 +207,17 @@ def test_uris_are_collection_keys_under_an_optional_prefix(tmp_path, flickr_mini
     ds = tmp_path / "ds"
     m = _build(default_model, ds, dataset=str(flickr_mini), split="dev", uri_prefix="s3://bucket/")
     images, texts = uris(ds, "v0001")
-    assert len(images) == 16 and all(u.startswith("s3://bucket/") and "/" not in u[len("s3://bucket/"):]
-                                      for u in images.values())
+    assert len(images) == 16 and all(
+        u.startswith("s3://bucket/") and "/" not in u[len("s3://bucket/") :] for u in images.values()
+    )
 
     # nowhere does a uri carry this machine's paths
     for root in (plain, cdn, alone, ds):
         for version in list_versions(root):
             for (uri,) in _rows(root / version, "SELECT uri FROM images UNION ALL SELECT image_uri FROM texts"):
-                assert uri is None or (str(tmp_path) not in uri and str(flickr_mini) not in uri
-                                       and not uri.startswith("/")), uri
+                assert uri is None or (
+                    str(tmp_path) not in uri and str(flickr_mini) not in uri and not uri.startswith("/")
+                ), uri
 
 
 def test_an_incremental_build_with_no_change_publishes_nothing(tmp_path, flickr_mini, default_model, capsys):
@@ -196,10 +235,27 @@ def test_an_incremental_build_with_no_change_publishes_nothing(tmp_path, flickr_
     again = _build(default_model, root, **kw)
     assert again["up_to_date"] is True and again["version"] == "v0001" and again["num_images"] == 3
     assert sorted(p.name for p in root.iterdir()) == before and read_current(root) == "v0001"
-    assert main(["build", "--out", str(root), "--images", str(photos), "--captions", str(tmp_path / "caps.csv"),
-                 "--incremental", "--no-progress", "--workers", "0"]) == 0
-    assert capsys.readouterr().out.strip() == ("the index is up to date: v0001 already holds these 3 images and "
-                                               "3 captions; nothing published")
+    assert (
+        main(
+            [
+                "build",
+                "--out",
+                str(root),
+                "--images",
+                str(photos),
+                "--captions",
+                str(tmp_path / "caps.csv"),
+                "--incremental",
+                "--no-progress",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == (
+        "the index is up to date: v0001 already holds these 3 images and 3 captions; nothing published"
+    )
     assert sorted(p.name for p in root.iterdir()) == before and list_versions(root) == ["v0001"]
 
     # any change to what results would show publishes: a caption, the uri prefix
@@ -207,21 +263,39 @@ def test_an_incremental_build_with_no_change_publishes_nothing(tmp_path, flickr_
     assert _build(default_model, root, **kw)["version"] == "v0002"
     assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/")["version"] == "v0003"
     assert _build(default_model, root, **kw, uri_prefix="https://cdn.example/").get("up_to_date")
-    assert _build(default_model, root, **{**kw, "incremental": False})["version"] == "v0004"   # a full one always does
+    assert _build(default_model, root, **{**kw, "incremental": False})["version"] == "v0004"  # a full one always does
 
 
 def test_build_log_off_a_terminal_has_progress_lines_not_frames(tmp_path, flickr_mini):
     photos = tmp_path / "photos"
     names = _photos(flickr_mini, photos, 3)
     _write_csv(tmp_path / "caps.csv", [(n, f"caption {i}") for i, n in enumerate(names)])
-    proc = subprocess.run([sys.executable, "-m", "index_builder", "build", "--out", str(tmp_path / "idx"),
-                           "--images", str(photos), "--captions", str(tmp_path / "caps.csv"), "--workers", "0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "index_builder",
+            "build",
+            "--out",
+            str(tmp_path / "idx"),
+            "--images",
+            str(photos),
+            "--captions",
+            str(tmp_path / "caps.csv"),
+            "--workers",
+            "0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "\r" not in proc.stderr                        # stderr is a pipe here: no bar frames, the model's either
-    assert re.search(r"INFO retrieval\.progress: encode images: 3/3 \(100\.0%\), .*img/s, ETA 00:00$", proc.stderr,
-                     re.M)
+    assert "\r" not in proc.stderr  # stderr is a pipe here: no bar frames, the model's either
+    assert re.search(
+        r"INFO retrieval\.progress: encode images: 3/3 \(100\.0%\), .*img/s, ETA 00:00$", proc.stderr, re.M
+    )
     assert re.search(r"INFO retrieval\.progress: encode captions: 3/3 \(100\.0%\)", proc.stderr)
     assert proc.stdout.startswith("published v0001: 3 images, 3 captions")
 
@@ -262,9 +336,9 @@ def test_only_published_versions_are_listed_whatever_a_kill_left(tmp_path, capsy
     out = capsys.readouterr().out
     assert "v0009: not a version" in out and ".tmp" not in out and "CURRENT" not in out
 
-    assert next_version(root) == "v0010"                           # never reuses a name on disk
+    assert next_version(root) == "v0010"  # never reuses a name on disk
     result = gc(root, keep=2)
     assert result["removed_versions"] == ["v0001"] and result["versions"] == ["v0002", "v0003"]
     assert sorted(p.name for p in root.iterdir()) == [".lock", CURRENT, "v0002", "v0003", "v0009"]
-    write_current(root, "v0003")                                    # the renamed version is usable: roll forward
+    write_current(root, "v0003")  # the renamed version is usable: roll forward
     assert [(v.name, v.current) for v in list_index(root)] == [("v0002", False), ("v0003", True)]

@@ -2,6 +2,7 @@
 predict_proba, probabilities lie in [0, 1] and rise with the cosine, the calibration round-trips
 through a checkpoint and its fingerprint, and a live server attaches them, drops results under
 min_probability, says no_confident_match and refuses bad values."""
+
 from __future__ import annotations
 
 import math
@@ -101,13 +102,32 @@ def test_calibration_round_trips_through_the_checkpoint_and_fingerprint(calibrat
 
 # -- a live server over a calibrated model -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(calibrated_file, flickr_mini, tmp_path_factory):
     from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("calibrated-server") / "index"
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(flickr_mini), "--split", "test",
-                 "--model", str(calibrated_file[0]), "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(flickr_mini),
+                "--split",
+                "test",
+                "--model",
+                str(calibrated_file[0]),
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     srv = ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)).start()
     yield srv, root
     srv.stop(grace=0)
@@ -122,8 +142,9 @@ def client(server):
 QUERY = "A dog runs through the grass ."
 
 
-def test_cross_modal_results_carry_the_models_probabilities(client, server, calibrated_file, flickr_mini,
-                                                            default_model):
+def test_cross_modal_results_carry_the_models_probabilities(
+    client, server, calibrated_file, flickr_mini, default_model
+):
     _, root = server
     model = calibrated_file[1]
     assert client.index_info().calibrated
@@ -139,8 +160,9 @@ def test_cross_modal_results_carry_the_models_probabilities(client, server, cali
     finally:
         version.close()
     assert [h.id for h in hits] == ids[0, :5].tolist()
-    np.testing.assert_allclose([h.match_probability for h in hits], cal.match_probability(q, cos, bias)[0, :5],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [h.match_probability for h in hits], cal.match_probability(q, cos, bias)[0, :5], rtol=1e-6
+    )
     image = (flickr_mini / "images" / (flickr_mini / "splits" / "test.txt").read_text().split()[0]).read_bytes()
     captions = client.search_image(image, k=3)
     assert all(0 <= h.match_probability <= 1 for h in captions)

@@ -1,6 +1,7 @@
 """The sync and async clients are one API: the same public methods with the same signatures, and
 the same answers from a live server over a real index (every method, including min_score,
 embedding search, batch search and embed)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,11 @@ TEXT = "two dogs play in the snow"
 
 
 def public_methods(cls: type) -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(fn) for name, fn in inspect.getmembers(cls, inspect.isfunction)
-            if not name.startswith("_")}
+    return {
+        name: inspect.signature(fn)
+        for name, fn in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
 
 
 def test_async_client_has_every_method_of_the_sync_client_with_the_same_signature():
@@ -39,8 +43,24 @@ def server(flickr_mini, tmp_path_factory):
     from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("client") / "index"
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(flickr_mini), "--split", "test",
-                 "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(flickr_mini),
+                "--split",
+                "test",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     srv = ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)).start()
     yield srv
     srv.stop(grace=0)

@@ -1,6 +1,7 @@
 """Composed queries, more like this, Walk, caps and diversity on a live server over a real Flickr8k
 build: each answer equals the same geometry done in-process on the stored vectors, and every bad
 input gets its status and message."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,15 +28,40 @@ def index_root(flickr_mini, tmp_path_factory):
     from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("compose") / "index"
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(flickr_mini), "--split", "test",
-                 "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(flickr_mini),
+                "--split",
+                "test",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 @pytest.fixture(scope="module")
 def server(index_root):
-    srv = ServerThread(ServeConfig(index=str(index_root), port=0, metrics_port=-1, max_k=MAX_K, max_terms=MAX_TERMS,
-                                   max_walk_steps=MAX_STEPS, rerank_pool=MAX_K)).start()
+    srv = ServerThread(
+        ServeConfig(
+            index=str(index_root),
+            port=0,
+            metrics_port=-1,
+            max_k=MAX_K,
+            max_terms=MAX_TERMS,
+            max_walk_steps=MAX_STEPS,
+            rerank_pool=MAX_K,
+        )
+    ).start()
     yield srv
     srv.stop(grace=0)
 
@@ -115,7 +141,7 @@ def test_a_cap_is_every_item_within_the_angle_ranked_as_the_search_ranks(client,
     vector = client.embed_text(query)
     every = faiss.vector_to_array(index.indexes[target].id_map)
     stored = index.rows(target, every)
-    cos = stored[:, :index.dim] @ vector
+    cos = stored[:, : index.dim] @ vector
     theta = float(np.degrees(np.arccos(np.sort(cos)[-16:-14])).mean())  # 15 items inside, none on the rim
     inside = np.flatnonzero(C.in_cap(cos, theta))
     rank = cos[inside] + (stored[inside, index.dim] if target == "image" else 0)  # text -> image: cross-modal
@@ -176,21 +202,40 @@ def test_bad_inputs_get_their_status(client):
     expect(INVALID, client.search_composed, [(TEXTS[0], -1.0)], match="negative terms only")
     expect(INVALID, client.search_composed, [TEXTS[0]] * (MAX_TERMS + 1), match=f"limit of {MAX_TERMS}")
     expect(INVALID, client.search_composed, [], match="at least one term")
-    expect(INVALID, client.search_composed, [(TEXTS[0], 1.0), (TEXTS[0], -1.0)], combine="linear",
-           match="zero total weight")
+    expect(
+        INVALID,
+        client.search_composed,
+        [(TEXTS[0], 1.0), (TEXTS[0], -1.0)],
+        combine="linear",
+        match="zero total weight",
+    )
     expect(INVALID, client.search_composed, [(TEXTS[0], 1.0), (TEXTS[0], -1.0)], match="coincides")
     expect(INVALID, client.search_composed, [TEXTS[0], ""], match="terms[1]: text is empty")
-    expect(INVALID, client.search_composed, [np.ones(3, np.float32)], target="image",
-           match="terms[0]: embedding has dimension 3")
-    expect(INVALID, client.search_composed, [np.ones(client.index_info().dim, np.float32)],
-           match="must name its target")
+    expect(
+        INVALID,
+        client.search_composed,
+        [np.ones(3, np.float32)],
+        target="image",
+        match="terms[0]: embedding has dimension 3",
+    )
+    expect(
+        INVALID, client.search_composed, [np.ones(client.index_info().dim, np.float32)], match="must name its target"
+    )
     expect(INVALID, client.search_text, TEXTS[0], max_angle_deg=181.0, match="max_angle_deg")
     expect(INVALID, client.search_text, TEXTS[0], dedup_angle_deg=-1.0, match="dedup_angle_deg")
     expect(INVALID, client.search_text, TEXTS[0], diversity=1.5, match="diversity must lie in [0, 1]")
-    expect(INVALID, client.batch_search, [search_request(text=TEXTS[0]), search_request(terms=[(TEXTS[0], 0.0)])],
-           match="requests[1]: terms[0] has weight 0")
-    expect(NOT_FOUND, client.batch_search, [search_request(item=ItemRef(10**9, "text")), search_request(text="x")],
-           match="requests[0]: no text")
+    expect(
+        INVALID,
+        client.batch_search,
+        [search_request(text=TEXTS[0]), search_request(terms=[(TEXTS[0], 0.0)])],
+        match="requests[1]: terms[0] has weight 0",
+    )
+    expect(
+        NOT_FOUND,
+        client.batch_search,
+        [search_request(item=ItemRef(10**9, "text")), search_request(text="x")],
+        match="requests[0]: no text",
+    )
 
 
 def test_bad_walks_get_their_status(client):

@@ -1,4 +1,5 @@
 """Bad input to training and evaluation: one clear error, or a counted and reported skip."""
+
 import shutil
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 
 from retrieval.cli import main as retrieval_main
 from retrieval.encoding.datasets import load_caption_dataset
-from retrieval.errors import DatasetError, InvalidInputError
 from retrieval.encoding.images import load_image
+from retrieval.errors import DatasetError, InvalidInputError
 
 
 @pytest.fixture
@@ -64,11 +65,14 @@ def test_an_unreadable_image_is_skipped_and_reported_by_eval(dataset, default_mo
     assert 0 <= result["recall"]["t2i_R@1"] <= 100 and "modality_gap" in result["geometry"]
 
 
-@pytest.mark.parametrize("payload, reason", [
-    (b"", "empty"),
-    (b"GIF89a not really", "not a decodable image|could not be decoded"),
-    (b"plain text", "not a decodable image"),
-])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"", "empty"),
+        (b"GIF89a not really", "not a decodable image|could not be decoded"),
+        (b"plain text", "not a decodable image"),
+    ],
+)
 def test_load_image_errors_name_the_problem(payload, reason):
     with pytest.raises(InvalidInputError, match=reason):
         load_image(payload)

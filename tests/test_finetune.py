@@ -1,6 +1,7 @@
 """Fine-tuning an open_clip model (a tiny random-init architecture, no download) on a real
 96-image Flickr8k cut: the loss falls, the checkpoint round-trips, resume continues, and an index
 built with the tuned model serves."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_mini_dataset, make_tiny_open_clip
 
 import retrieval.training.finetune as finetune_mod
-from conftest import make_mini_dataset, make_tiny_open_clip
 from retrieval.client import RetrievalClient
 from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.embedding.factory import create_model
@@ -31,8 +32,19 @@ def data(tmp_path_factory) -> Path:
 
 
 def _cfg(data: Path, model: str, out: Path, **kw) -> FinetuneConfig:
-    return FinetuneConfig(**{"data": str(data), "model": model, "out": str(out), "epochs": 4, "batch_size": 16,
-                             "lr": 1e-3, "warmup_epochs": 0.5, "workers": 0, **kw})
+    return FinetuneConfig(
+        **{
+            "data": str(data),
+            "model": model,
+            "out": str(out),
+            "epochs": 4,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "warmup_epochs": 0.5,
+            "workers": 0,
+            **kw,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +113,9 @@ def test_full_finetune_tunes_both_towers(data, tiny, tmp_path):
     model, _, _ = create_model(tiny)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
     summary = finetune(_cfg(data, tiny, tmp_path, finetune="full", epochs=2), model)
-    changed = {k.split(".")[0] for k, v in model.net.state_dict().items()
-               if not torch.equal(v, before[k].half().float())}
+    changed = {
+        k.split(".")[0] for k, v in model.net.state_dict().items() if not torch.equal(v, before[k].half().float())
+    }
     assert {"visual", "transformer"} <= changed
     assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
 
@@ -119,13 +132,33 @@ def test_an_index_built_with_the_tuned_model_serves(lit_run, data, tmp_path):
 
     _, model, summary, _ = lit_run
     root = tmp_path / "index"
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(data), "--split", "test", "--model",
-                 summary["checkpoint"], "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(data),
+                "--split",
+                "test",
+                "--model",
+                summary["checkpoint"],
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     names = (data / "splits" / "test.txt").read_text().split()
     image = (data / "images" / names[3]).read_bytes()
     # the version carries its own copy of the checkpoint, so the server needs no --model
-    with ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv, \
-            RetrievalClient(srv.address, timeout=30) as c:
+    with (
+        ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv,
+        RetrievalClient(srv.address, timeout=30) as c,
+    ):
         hits = c.search_image(image, k=3, target="image")
         assert hits[0].score == pytest.approx(1.0, abs=1e-3)
         found = c.search_text("a dog runs through the grass", k=5)

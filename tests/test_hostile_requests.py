@@ -2,6 +2,7 @@
 fresh process): images whose cost would explode, clients that give up, replies too large to
 send, bytes that are not a request, vectors that overflow, and messages that would leak host paths.
 Each gets its status, costs what a normal request costs, and the server keeps serving."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,12 +26,12 @@ import torch
 from PIL import Image
 
 from retrieval.client import RetrievalClient, search_request
+from retrieval.encoding.images import MAX_ASPECT, load_image
+from retrieval.errors import BatchItemError, DeadlineExceededError, IndexCorruptError
+from retrieval.pb import retrieval_pb2 as pb
 from retrieval.serving.config import Limits
 from retrieval.serving.encoder import cached_model
 from retrieval.serving.engine import Engine
-from retrieval.errors import BatchItemError, DeadlineExceededError, IndexCorruptError
-from retrieval.encoding.images import MAX_ASPECT, load_image
-from retrieval.pb import retrieval_pb2 as pb
 from retrieval.serving.server import MiB, ServeConfig, ServerThread
 from retrieval.serving.status import status_for
 
@@ -48,11 +49,16 @@ def png(width: int, height: int) -> bytes:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height RGB pixels and holds none: a few bytes, a huge promise."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +66,26 @@ def index_root(flickr_mini, tmp_path_factory):
     from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("hostile") / "index"
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(flickr_mini), "--split", "dev", "--model", MODEL,
-                 "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(flickr_mini),
+                "--split",
+                "dev",
+                "--model",
+                MODEL,
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -123,23 +147,35 @@ def test_thin_and_bomb_images_cost_bounded_memory(tmp_path):
     """Decoded and preprocessed as the server and the builder do, in a fresh process (peak RSS is
     per process). Before the bound, the 20000x1 PNG (99 bytes) resized to 4,480,000x224 pixels:
     +4 GB and half a minute."""
-    images = {"20000x1": png(20000, 1), "1x20000": png(1, 20000), "60000x60000": png_header(60000, 60000),
-              "9000x9000": png_header(9000, 9000)}
+    images = {
+        "20000x1": png(20000, 1),
+        "1x20000": png(1, 20000),
+        "60000x60000": png_header(60000, 60000),
+        "9000x9000": png_header(9000, 9000),
+    }
     for name, data in images.items():
         (tmp_path / f"{name}.png").write_bytes(data)
-    run = subprocess.run([sys.executable, "-c", RSS_PROBE, *(str(tmp_path / f"{n}.png") for n in images)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, *(str(tmp_path / f"{n}.png") for n in images)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     *lines, growth = run.stdout.strip().splitlines()
     assert lines[:2] == ["20000x1 (224, 224, 3)", "1x20000 (224, 224, 3)"]  # cropped to 4:1, then as usual
     assert lines[2].startswith("60000x60000 refused: image bytes: the header declares too many pixels")  # PIL's bound
-    assert lines[3] == ("9000x9000 refused: image bytes: the header declares 9000x9000 pixels, over the limit "
-                        "of 64,000,000")
+    assert lines[3] == (
+        "9000x9000 refused: image bytes: the header declares 9000x9000 pixels, over the limit of 64,000,000"
+    )
     assert float(growth) < 100, f"peak RSS grew {growth} MB beyond a normal large photo's"
 
 
-@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1920, 1080), (2340, 1080), (2520, 1080), (3840, 1080),
-                                  (4 * 300, 300), (300, 4 * 300)])
+@pytest.mark.parametrize(
+    "size",
+    [(640, 480), (480, 640), (1920, 1080), (2340, 1080), (2520, 1080), (3840, 1080), (4 * 300, 300), (300, 4 * 300)],
+)
 def test_usual_formats_decode_bit_for_bit_as_before(bundle, flickr_mini, size):
     """Up to MAX_ASPECT:1, nothing is cropped: the pixels, and the encoder's input, are the full decode's."""
     _, preprocess, _ = bundle
@@ -168,8 +204,12 @@ def test_longer_images_are_center_cropped_to_the_same_view(bundle, flickr_mini, 
 
 def test_bomb_and_thin_images_at_once_do_not_stall_the_server(client):
     stub = client.stub
-    images = {"20000x1": png(20000, 1), "1x20000": png(1, 20000), "60000x60000": png_header(60000, 60000),
-              "9000x9000": png_header(9000, 9000)}
+    images = {
+        "20000x1": png(20000, 1),
+        "1x20000": png(1, 20000),
+        "60000x60000": png_header(60000, 60000),
+        "9000x9000": png_header(9000, 9000),
+    }
     calls = {name: stub.Search.future(search_request(image=data, k=3), timeout=120) for name, data in images.items()}
     text = stub.Search(search_request(text="a dog runs on the grass", k=3), timeout=120)
     assert len(text.results) == 3
@@ -183,6 +223,7 @@ def test_bomb_and_thin_images_at_once_do_not_stall_the_server(client):
 
 
 # -- 3. a client's deadline stops its work ---------------------------------------------------------------
+
 
 class GatedModel:
     """The real model, whose image encoder waits at a gate and counts the images it encodes."""
@@ -210,16 +251,23 @@ def wait_until(condition, what: str, seconds: float = 60) -> None:
 def test_a_request_whose_deadline_passed_is_never_encoded(index_root, bundle, flickr_mini):
     gated = GatedModel(bundle[0])
     cfg = ServeConfig(index=str(index_root), port=0, metrics_port=-1, image_concurrency=1)
-    with ServerThread(cfg, model_loader=lambda name: (gated, *bundle[1:])) as srv, \
-            RetrievalClient(srv.address, timeout=120) as c:
+    with (
+        ServerThread(cfg, model_loader=lambda name: (gated, *bundle[1:])) as srv,
+        RetrievalClient(srv.address, timeout=120) as c,
+    ):
         busy = c.stub.Search.future(search_request(image=photo(flickr_mini, 0), k=2), timeout=120)
         assert gated.busy.wait(60)  # the only encoder slot is taken
         with pytest.raises(grpc.RpcError) as err:
             c.stub.Search(search_request(image=photo(flickr_mini, 1), k=2), timeout=0.5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         count = srv.server.metrics.registry.get_sample_value
-        wait_until(lambda: any(count("retrieval_requests_total", {"method": "Search", "code": code})
-                               for code in ("CANCELLED", "DEADLINE_EXCEEDED")), "the server to give the call up")
+        wait_until(
+            lambda: any(
+                count("retrieval_requests_total", {"method": "Search", "code": code})
+                for code in ("CANCELLED", "DEADLINE_EXCEEDED")
+            ),
+            "the server to give the call up",
+        )
         gated.gate.set()
         assert len(busy.result().results) == 2
         assert len(c.search_image(photo(flickr_mini, 2), k=2)) == 2
@@ -232,7 +280,9 @@ def test_the_engine_stops_a_request_its_caller_gave_up(index_root, bundle, flick
     import retrieval.serving.encoder
 
     decoded = []
-    monkeypatch.setattr(retrieval.serving.encoder, "load_image", lambda *a, **kw: decoded.append(1) or load_image(*a, **kw))
+    monkeypatch.setattr(
+        retrieval.serving.encoder, "load_image", lambda *a, **kw: decoded.append(1) or load_image(*a, **kw)
+    )
     gated = GatedModel(bundle[0])
     gated.gate.set()
     executor = ThreadPoolExecutor(2)
@@ -256,6 +306,7 @@ def test_the_engine_stops_a_request_its_caller_gave_up(index_root, bundle, flick
 
 
 # -- 4. a reply too large to send is refused before any work ---------------------------------------------
+
 
 def test_a_batch_whose_reply_cannot_fit_is_refused_before_any_work(server, client):
     count = server.server.metrics.registry.get_sample_value
@@ -285,6 +336,7 @@ def test_the_reply_bound_is_never_below_a_real_reply(server, client, flickr_mini
 
 
 # -- 5. every malformed request gets INVALID_ARGUMENT ------------------------------------------------------
+
 
 def raw_call(address: str, method: str, data: bytes):
     with grpc.insecure_channel(address) as channel:
@@ -322,12 +374,15 @@ def test_huge_finite_embeddings_rank_as_their_direction(client):
 
 
 def test_a_failing_batch_item_is_named_by_its_position(client):
-    queries = [search_request(text="a dog", k=2)] * 3 + [search_request(image=b"GIF89a not an image", k=2),
-                                                          search_request(text="a cat", k=2)]
+    queries = [search_request(text="a dog", k=2)] * 3 + [
+        search_request(image=b"GIF89a not an image", k=2),
+        search_request(text="a cat", k=2),
+    ]
     with pytest.raises(grpc.RpcError) as err:
         client.batch_search(queries)
-    assert err.value.code() == INVALID and err.value.details().startswith("requests[3]: image bytes"), \
+    assert err.value.code() == INVALID and err.value.details().startswith("requests[3]: image bytes"), (
         err.value.details()
+    )
 
 
 def test_every_kind_of_batch_item_error_names_its_position(caplog):
@@ -358,7 +413,9 @@ def test_an_unavailable_index_names_no_host_path(tmp_path, bundle):
 
 def test_index_errors_reach_clients_with_file_names_only(tmp_path):
     path = tmp_path / "srv" / "index" / "v0003" / "images.faiss"
-    code, message = status_for(IndexCorruptError(f"{path} is missing or does not match its checksum; "
-                                                 f"cannot read '{path.parent.parent}'"), "Search")
+    code, message = status_for(
+        IndexCorruptError(f"{path} is missing or does not match its checksum; cannot read '{path.parent.parent}'"),
+        "Search",
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert message == "v0003/images.faiss is missing or does not match its checksum; cannot read 'index'"

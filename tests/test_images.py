@@ -1,5 +1,6 @@
 """Bulk image loading: the pixels the encoder gets do not depend on how they were decoded
 (in a worker process or not, batch size), and CPU forward passes reuse memory."""
+
 import os
 import platform
 import subprocess
@@ -100,8 +101,13 @@ with ThreadPoolExecutor(1) as worker:
 
 
 def forward_pass_faults(mode: str) -> int:
-    run = subprocess.run([sys.executable, "-c", FAULT_PROBE, mode], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "1"})
+    run = subprocess.run(
+        [sys.executable, "-c", FAULT_PROBE, mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "1"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return int(run.stdout.split()[-1])
 

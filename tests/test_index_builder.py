@@ -1,5 +1,6 @@
 """The batch index builder on real Flickr8k images: inputs, consistency with the model, bad files,
 incremental builds, atomic publish under SIGKILL with resume, list/gc, and CLI errors."""
+
 from __future__ import annotations
 
 import csv
@@ -20,13 +21,13 @@ from PIL import Image
 
 from index_builder.build import BuildConfig, build
 from index_builder.cli import main
-from retrieval.store.schema import write_metadata
 from index_builder.publish import BuildLockedError, RootLock, new_temp_dir, next_version, publish, write_current
 from index_builder.sources import stable_id
+from retrieval.embedding.querybank import querybank_of
 from retrieval.errors import FingerprintMismatchError
 from retrieval.store.layout import FORMAT, list_versions, read_current, sha256_file
 from retrieval.store.reader import IndexVersion
-from retrieval.embedding.querybank import querybank_of
+from retrieval.store.schema import write_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "lite0-minilm"
@@ -46,7 +47,7 @@ def _build(bundle, out: Path, **kw) -> dict:
 def _images(src: Path, dest: Path, n: int, start: int = 0) -> list[str]:
     """Copy n real images (sorted names) into dest; returns their names."""
     dest.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.name for p in (src / "images").iterdir())[start:start + n]
+    names = sorted(p.name for p in (src / "images").iterdir())[start : start + n]
     for name in names:
         shutil.copyfile(src / "images" / name, dest / name)
     return names
@@ -75,8 +76,21 @@ def test_dataset_build_is_consistent_with_the_model(tmp_path, flickr_mini, bundl
     root = tmp_path / "idx"
     m = _build(bundle, root, dataset=str(flickr_mini), split="test")
     assert read_current(root) == "v0001" == m["version"]
-    for key in ("format", "version", "model", "fingerprint", "dim", "num_images", "num_texts", "index_factory",
-                "recall_at_10", "created_at", "build_seconds", "files", "report"):
+    for key in (
+        "format",
+        "version",
+        "model",
+        "fingerprint",
+        "dim",
+        "num_images",
+        "num_texts",
+        "index_factory",
+        "recall_at_10",
+        "created_at",
+        "build_seconds",
+        "files",
+        "report",
+    ):
         assert key in m, key
     on_disk = json.loads((root / "v0001" / "manifest.json").read_text())
     assert on_disk == m and m["model"] == MODEL and m["fingerprint"] == bundle[0].fingerprint()
@@ -89,11 +103,12 @@ def test_dataset_build_is_consistent_with_the_model(tmp_path, flickr_mini, bundl
     version = IndexVersion.open(root)
     image_rows = _rows(root / "v0001", "SELECT id, uri FROM images ORDER BY uri")
     ids = np.array([r[0] for r in image_rows], np.int64)
-    stored = version.indexes["image"].reconstruct_batch(ids)                  # (N, D+1): [g, b_g]
+    stored = version.indexes["image"].reconstruct_batch(ids)  # (N, D+1): [g, b_g]
     emb, bias = stored[:, :-1], stored[:, -1]
-    assert all(r[1] == Path(r[1]).name for r in image_rows)                     # uris: names under images/
-    model_vecs, bad = encode_image_files(bundle[0], [flickr_mini / "images" / r[1] for r in image_rows[:8]], bundle[1],
-                                         workers=0, progress=False)
+    assert all(r[1] == Path(r[1]).name for r in image_rows)  # uris: names under images/
+    model_vecs, bad = encode_image_files(
+        bundle[0], [flickr_mini / "images" / r[1] for r in image_rows[:8]], bundle[1], workers=0, progress=False
+    )
     assert not bad and np.allclose(emb[:8], model_vecs, atol=1e-5)
     assert m["querybank"]["beta"] > 0 and np.allclose(bias, querybank_of(bundle[0]).bias(emb, "image"), atol=1e-6)
     assert np.ptp(bias) > 0.01, "the shipped model's inverted softmax should give items different biases"
@@ -140,7 +155,7 @@ def test_images_and_captions_files_csv_and_jsonl(tmp_path, flickr_mini, bundle):
     rows = _rows(root / "v0001", "SELECT caption, image_id, image_uri FROM texts")
     by_caption = {c: (i, u) for c, i, u in rows}
     assert by_caption[caps[names[0]][0]] == (stable_id("image", rel[0]), rel[0])
-    assert "a caption whose image is not there" not in by_caption   # skipped, so not indexed
+    assert "a caption whose image is not there" not in by_caption  # skipped, so not indexed
 
     with (tmp_path / "caps.jsonl").open("w") as f:
         for i, (r, n) in enumerate(zip(rel, names)):
@@ -204,10 +219,10 @@ def test_incremental_encodes_only_changes(tmp_path, flickr_mini, bundle):
     assert _build(bundle, root, images=str(photos), captions=str(photos.parent / "caps.csv"))["num_images"] == 5
     v1 = IndexVersion.open(root, "v0001")
 
-    new = _images(flickr_mini, photos, 1, start=10)[0]       # added
-    with Image.open(photos / names[1]) as im:                   # changed (same name, new bytes)
+    new = _images(flickr_mini, photos, 1, start=10)[0]  # added
+    with Image.open(photos / names[1]) as im:  # changed (same name, new bytes)
         im.rotate(180).save(photos / names[1], quality=90)
-    (photos / names[2]).unlink()                                # deleted
+    (photos / names[2]).unlink()  # deleted
     write_captions([n for n in names if n != names[2]] + [new])
     m2 = _build(bundle, root, images=str(photos), captions=str(photos.parent / "caps.csv"), incremental=True)
     c = m2["report"]["counts"]
@@ -216,18 +231,20 @@ def test_incremental_encodes_only_changes(tmp_path, flickr_mini, bundle):
     assert (c["texts_encoded"], c["texts_reused"], m2["num_texts"]) == (1, 4, 5)
 
     v2 = IndexVersion.open(root)
-    old = dict(_rows(v1.path, "SELECT uri, id FROM images"))                  # uris: names under photos/
+    old = dict(_rows(v1.path, "SELECT uri, id FROM images"))  # uris: names under photos/
     now = dict(_rows(v2.path, "SELECT uri, id FROM images"))
     for n in (names[0], names[3], names[4], names[1]):
         assert now[n] == old[n]  # ids of unchanged (and changed) items are stable
     assert names[2] not in now and now[new] == stable_id("image", new)
     same = np.array([old[names[0]]], np.int64)
     before, after = v1.indexes["image"].reconstruct_batch(same), v2.indexes["image"].reconstruct_batch(same)
-    assert np.array_equal(before[:, :-1], after[:, :-1])   # the vector itself is reused, bit for bit
+    assert np.array_equal(before[:, :-1], after[:, :-1])  # the vector itself is reused, bit for bit
     # its bias is recomputed over a block of another size: BLAS may round that matmul differently in the last bit
     assert np.allclose(before[:, -1], after[:, -1], rtol=0, atol=1e-6)
     changed = np.array([old[names[1]]], np.int64)
-    assert not np.allclose(v1.indexes["image"].reconstruct_batch(changed), v2.indexes["image"].reconstruct_batch(changed))
+    assert not np.allclose(
+        v1.indexes["image"].reconstruct_batch(changed), v2.indexes["image"].reconstruct_batch(changed)
+    )
     v1.close()
     v2.close()
 
@@ -239,7 +256,8 @@ def test_ivf_index_searches_restricted_ids_and_pq_needs_a_rotation(tmp_path, fli
     version = IndexVersion.open(root)
     ids = np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM images")], np.int64)
     query = version.indexes["text"].reconstruct_batch(
-        np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM texts LIMIT 3")], np.int64))[:, :-1]
+        np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM texts LIMIT 3")], np.int64)
+    )[:, :-1]
     _, found = version.search("image", query, 5, cross_modal=True, allowed=ids[:4])
     assert set(found[found >= 0].tolist()) <= set(ids[:4].tolist())
     version.close()
@@ -264,10 +282,29 @@ def test_sigkill_leaves_current_and_rerun_resumes(tmp_path, flickr_mini, bundle)
     _build(bundle, root, dataset=str(flickr_mini), split="dev")
     assert read_current(root) == "v0001"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "index_builder", "-q", "build", "--out", str(root), "--dataset", str(flickr_mini),
-           "--split", "train", "--shard-size", "4", "--batch-size", "4", "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "index_builder",
+        "-q",
+        "build",
+        "--out",
+        str(root),
+        "--dataset",
+        str(flickr_mini),
+        "--split",
+        "train",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while not [p for p in root.glob(".work-*/images/shard-*.npz") if ".tmp" not in p.name]:  # a complete shard
@@ -280,8 +317,13 @@ def test_sigkill_leaves_current_and_rerun_resumes(tmp_path, flickr_mini, bundle)
     assert proc.returncode == -signal.SIGKILL
     assert read_current(root) == "v0001" and list_versions(root) == ["v0001"]
     version = IndexVersion.open(root)
-    scores, ids = version.search("image", version.indexes["image"].reconstruct_batch(
-        np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM images LIMIT 2")], np.int64))[:, :-1], 3)
+    scores, ids = version.search(
+        "image",
+        version.indexes["image"].reconstruct_batch(
+            np.array([r[0] for r in _rows(root / "v0001", "SELECT id FROM images LIMIT 2")], np.int64)
+        )[:, :-1],
+        3,
+    )
     assert (ids >= 0).all() and np.allclose(scores[:, 0], 1.0, atol=1e-4)  # the old version loads and answers
     version.close()
 
@@ -308,21 +350,27 @@ time.sleep(600)
 
 def test_root_lock_dies_with_the_builder_not_with_its_forked_children(tmp_path):
     root = tmp_path / "idx"
-    builder = subprocess.Popen([sys.executable, "-c", _LOCK_AND_FORK, str(root)], cwd=REPO, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    builder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_AND_FORK, str(root)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     child = None
     try:
         child = int(builder.stdout.readline())
         with pytest.raises(BuildLockedError, match="another index-builder"):
-            RootLock(root).__enter__()                 # held while the builder lives
+            RootLock(root).__enter__()  # held while the builder lives
         builder.kill()
         assert builder.wait(timeout=60) == -signal.SIGKILL
-        os.kill(child, 0)                              # the forked child still lives, descriptor open
-        with RootLock(root) as lock:                   # yet the lock died with the builder
+        os.kill(child, 0)  # the forked child still lives, descriptor open
+        with RootLock(root) as lock:  # yet the lock died with the builder
             assert lock.fd is not None
             with pytest.raises(BuildLockedError):
-                RootLock(root).__enter__()             # and a second lock in one process is refused too
-        with RootLock(root):                           # released on exit
+                RootLock(root).__enter__()  # and a second lock in one process is refused too
+        with RootLock(root):  # released on exit
             pass
     finally:
         builder.kill()
@@ -345,7 +393,12 @@ def test_list_and_gc_keep_n_never_remove_current(tmp_path, capsys):
     (root / ".tmp-leftover").mkdir()
     assert main(["list", str(root), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["versions"]
-    assert [(v["version"], v["current"]) for v in listed] == [("v0001", False), ("v0002", True), ("v0003", False), ("v0004", False)]
+    assert [(v["version"], v["current"]) for v in listed] == [
+        ("v0001", False),
+        ("v0002", True),
+        ("v0003", False),
+        ("v0004", False),
+    ]
     assert main(["-q", "gc", str(root), "--keep", "1"]) == 0
     assert "removed 2 version(s)" in capsys.readouterr().out
     assert list_versions(root) == ["v0002", "v0004"] and read_current(root) == "v0002"
@@ -356,10 +409,19 @@ def test_list_and_gc_keep_n_never_remove_current(tmp_path, capsys):
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, flickr_mini, bundle, capsys):
     out = str(tmp_path / "idx")
-    proc = subprocess.run([sys.executable, "-m", "index_builder", "build", "--out", out, "--images", str(tmp_path / "nope")],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "index_builder", "build", "--out", out, "--images", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("index-builder build: error: image folder") and "does not exist" in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("index-builder build: error: image folder")
+        and "does not exist" in proc.stderr
+    )
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "caps.xml").write_text("<x/>")
@@ -385,8 +447,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, flickr_mini, bundle, cap
         faiss.write_index(faiss.index_factory(257, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), str(tmp / name))
     write_metadata(tmp / "meta.sqlite", [], [])
     files = {name: sha256_file(tmp / name) for name in ("images.faiss", "texts.faiss", "meta.sqlite")}
-    (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT, "model": "other", "fingerprint": "0123",
-                                                   "dim": 256, "files": files}))
+    (tmp / "manifest.json").write_text(
+        json.dumps({"format": FORMAT, "model": "other", "fingerprint": "0123", "dim": 256, "files": files})
+    )
     publish(root, tmp, "v0001", keep=3)
     with pytest.raises(FingerprintMismatchError, match="run a full build"):
         _build(bundle, root, dataset=str(flickr_mini), split="test", incremental=True)

@@ -1,6 +1,7 @@
 """IVF indexes built in blocks and merged on disk (index_builder.ivf_ondisk): they serve exactly what
 the same index built in memory serves, from a directory renamed after the build, with blocks added
 in this process or in worker processes; and the builder publishes them memory-mapped."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,18 +36,20 @@ def _rows(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def gallery():
-    ids = np.random.default_rng(1).choice(2**62, N, replace=False).astype(np.int64)   # arbitrary int64 ids
+    ids = np.random.default_rng(1).choice(2**62, N, replace=False).astype(np.int64)  # arbitrary int64 ids
     rows = _rows(N, 2)
 
     def blocks():
         for s in range(0, N, 4096):
-            yield ids[s:s + 4096], rows[s:s + 4096]
+            yield ids[s : s + 4096], rows[s : s + 4096]
+
     return ids, rows, blocks
 
 
 def _build(blocks, out: Path, **kw) -> list[str]:
-    built = ivf_ondisk.build(blocks, N, D + 1, FACTORY, out, "images", out.parent / f"work-{out.name}",
-                             block_rows=6000, **kw)
+    built = ivf_ondisk.build(
+        blocks, N, D + 1, FACTORY, out, "images", out.parent / f"work-{out.name}", block_rows=6000, **kw
+    )
     assert set(built.seconds) == {"train", "add", "merge"}
     return built.files
 
@@ -61,12 +64,14 @@ def test_merged_on_disk_index_serves_what_the_in_memory_one_serves(tmp_path, gal
     out.mkdir()
     files = _build(blocks, out)
     assert files == ["images.faiss", "images.ivfdata", "images.ids.npy", "images.bias.npy"]
-    assert not (tmp_path / "work-.tmp-build").exists()            # block files are gone after the merge
+    assert not (tmp_path / "work-.tmp-build").exists()  # block files are gone after the merge
     final = tmp_path / "v0001"
-    out.rename(final)                                              # what publishing does to the directory
+    out.rename(final)  # what publishing does to the directory
 
     on_disk = read_index_file(final / "images.faiss", STORAGE_MMAP)
-    assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(on_disk).invlists), faiss.OnDiskInvertedLists)
+    assert isinstance(
+        faiss.downcast_InvertedLists(faiss.extract_index_ivf(on_disk).invlists), faiss.OnDiskInvertedLists
+    )
     # the same trained quantizer, every row added in memory in one go
     in_memory = faiss_index.make_index(D + 1, FACTORY, id_map=False)
     in_memory.train(faiss_index.sample(blocks, N, faiss_index.MAX_TRAIN))
@@ -119,8 +124,18 @@ def test_builder_publishes_an_on_disk_version_served_memory_mapped(tmp_path, fli
     root = tmp_path / "idx"
 
     def run(**kw) -> dict:
-        return build(BuildConfig(out=str(root), model="lite0-minilm", dataset=str(flickr_mini), split="test",
-                                 progress=False, workers=0, **kw), loaded=default_model)
+        return build(
+            BuildConfig(
+                out=str(root),
+                model="lite0-minilm",
+                dataset=str(flickr_mini),
+                split="test",
+                progress=False,
+                workers=0,
+                **kw,
+            ),
+            loaded=default_model,
+        )
 
     m = run(on_disk=True)
     assert m["storage"] == {"image": "mmap", "text": "mmap"} and m["index_factory"]["image"].startswith("IVF")
@@ -137,8 +152,11 @@ def test_builder_publishes_an_on_disk_version_served_memory_mapped(tmp_path, fli
     counts = m2["report"]["counts"]
     assert (counts["images_reused"], counts["images_encoded"], counts["texts_reused"]) == (32, 0, 160)
     assert m2["storage"] == {"image": "memory", "text": "memory"} and "images.ivfdata" not in m2["files"]
-    assert all(m2["recall"][mod][kind]["recall_at_10"] == 1.0 for mod in ("image", "text")
-               for kind in ("cross_modal", "same_modal"))
+    assert all(
+        m2["recall"][mod][kind]["recall_at_10"] == 1.0
+        for mod in ("image", "text")
+        for kind in ("cross_modal", "same_modal")
+    )
 
     mapped, exact = IndexVersion.open(root, "v0001"), IndexVersion.open(root, "v0002")
     text_ids = np.array(sorted(exact.bias_tables.get("text", mapped.bias_tables["text"]).ids), np.int64)
@@ -146,10 +164,13 @@ def test_builder_publishes_an_on_disk_version_served_memory_mapped(tmp_path, fli
     image_ids = np.asarray(mapped.bias_tables["image"].ids)
     for cross_modal in (True, False):
         scores, found = mapped.search("image", queries, 5, cross_modal=cross_modal, allowed=image_ids[:10])
-        hit = found >= 0                                 # the allowed ids in the probed lists
+        hit = found >= 0  # the allowed ids in the probed lists
         assert hit.sum() >= 10 and set(found[hit].tolist()) <= set(image_ids[:10].tolist())
-        cosines = np.einsum("bd,bd->b", np.repeat(queries, 5, axis=0)[hit.ravel()],
-                            exact.indexes["image"].reconstruct_batch(found[hit])[:, :-1])
-        assert np.allclose(scores[hit], cosines, atol=1e-5)   # the score is the cosine, the bias taken off
+        cosines = np.einsum(
+            "bd,bd->b",
+            np.repeat(queries, 5, axis=0)[hit.ravel()],
+            exact.indexes["image"].reconstruct_batch(found[hit])[:, :-1],
+        )
+        assert np.allclose(scores[hit], cosines, atol=1e-5)  # the score is the cosine, the bias taken off
     mapped.close()
     exact.close()

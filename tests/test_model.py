@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_open_clip
-from retrieval.errors import ModelError
+
 from retrieval.embedding.factory import create_model, list_models
 from retrieval.encoding.images import load_image
+from retrieval.errors import ModelError
 
 
 def test_registry_lists_the_default_and_rejects_unknown_names():
@@ -30,9 +30,9 @@ def test_both_towers_return_float32_unit_vectors(default_model, flickr_mini):
 
 def test_default_model_matches_captions_to_their_photos(default_model, flickr_mini):
     """The shipped heads are trained: on real photos, each caption's own image beats chance by far."""
+    from retrieval.encoding.bulk import encode_image_files, encode_texts
     from retrieval.encoding.datasets import load_caption_dataset
     from retrieval.sphere.recall import recall_at_k
-    from retrieval.encoding.bulk import encode_image_files, encode_texts
 
     model, preprocess, tokenizer = default_model
     ds = load_caption_dataset(flickr_mini, "test")
@@ -109,7 +109,6 @@ def test_shipped_heads_survived_the_move_to_safetensors_bit_for_bit(default_mode
 
     from retrieval.embedding.checkpoint import load_checkpoint
     from retrieval.embedding.factory import get_model_config, shipped_weights_path
-
     from retrieval.embedding.model import CALIBRATION_KEYS, state_fingerprint
 
     model, _, tokenizer = default_model
@@ -129,9 +128,19 @@ def test_shipped_heads_survived_the_move_to_safetensors_bit_for_bit(default_mode
     text = model.encode_text(tokenizer(["a dog runs on the beach", "two children play in the snow"]))
     pixels = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     image = model.encode_image(pixels)
-    np.testing.assert_allclose(text[:, :6].numpy(), [[0.043874, -0.016474, -0.058636, -0.027768, -0.067172, -0.099581],
-                                                     [0.012593, -0.024993, -0.047263, 0.099818, 0.04678, -0.065769]],
-                               atol=1e-4)  # other CPUs round differently; the digests above are exact
-    np.testing.assert_allclose(image[:, :6].numpy(), [[-0.046674, 0.057541, -0.060666, 0.056536, -0.12538, -0.079815],
-                                                      [-0.048193, 0.044493, -0.059719, 0.064506, -0.110715, -0.075762]],
-                               atol=1e-4)  # other CPUs round differently; the digests above are exact
+    np.testing.assert_allclose(
+        text[:, :6].numpy(),
+        [
+            [0.043874, -0.016474, -0.058636, -0.027768, -0.067172, -0.099581],
+            [0.012593, -0.024993, -0.047263, 0.099818, 0.04678, -0.065769],
+        ],
+        atol=1e-4,
+    )  # other CPUs round differently; the digests above are exact
+    np.testing.assert_allclose(
+        image[:, :6].numpy(),
+        [
+            [-0.046674, 0.057541, -0.060666, 0.056536, -0.12538, -0.079815],
+            [-0.048193, 0.044493, -0.059719, 0.064506, -0.110715, -0.075762],
+        ],
+        atol=1e-4,
+    )  # other CPUs round differently; the digests above are exact

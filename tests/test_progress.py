@@ -1,5 +1,6 @@
 """Progress meters: a tqdm bar on a terminal; off one, periodic one-line INFO records with count,
 rate and ETA (tqdm's own formatting), and a last line on close; nothing when disabled."""
+
 from __future__ import annotations
 
 import io
@@ -59,8 +60,7 @@ def test_a_resumed_meter_rates_only_its_own_work_and_shows_its_postfix(clock, ca
     assert caplog.records == []  # 20 s < 30 s
     bar.close()
     bar.close()  # closing twice logs once
-    assert [r.getMessage() for r in caplog.records] == [
-        "epochs: 8/10 (80.0%), 10.00s/epoch, ETA 00:20, loss=0.512"]
+    assert [r.getMessage() for r in caplog.records] == ["epochs: 8/10 (80.0%), 10.00s/epoch, ETA 00:20, loss=0.512"]
     with meter(10, "epochs", "epoch", initial=6):
         pass  # nothing done, nothing to tell
     assert len(caplog.records) == 1

@@ -1,4 +1,5 @@
 """The committed stubs in retrieval/pb/ are exactly what scripts/gen_protos.py makes from the proto."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,15 +25,18 @@ def test_stubs_match_the_proto(tmp_path):
     committed = (REPO / "retrieval" / "pb" / "retrieval_pb2_grpc.py").read_text()
     made_with = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", committed).group(1)
     if version("grpcio-tools") != made_with:
-        pytest.skip(f"stubs were generated with grpcio-tools {made_with}, {version('grpcio-tools')} is installed; "
-                    f"regenerating would differ in its version stamps only")
+        pytest.skip(
+            f"stubs were generated with grpcio-tools {made_with}, {version('grpcio-tools')} is installed; "
+            f"regenerating would differ in its version stamps only"
+        )
     assert grpc_tools
     written = _load_generator().generate(tmp_path)
     for path in written:
         ours = REPO / "retrieval" / "pb" / path.name
         assert ours.is_file(), f"{ours} is missing: run python scripts/gen_protos.py and commit"
-        assert ours.read_bytes() == path.read_bytes(), \
+        assert ours.read_bytes() == path.read_bytes(), (
             f"{ours} drifted from protos/: run python scripts/gen_protos.py and commit the result"
+        )
     assert {p.name for p in (REPO / "retrieval" / "pb").glob("*.py*")} == {p.name for p in written}
 
 

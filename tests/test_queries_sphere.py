@@ -1,4 +1,5 @@
 """The geometry of composed queries (retrieval.sphere.compose): exact properties."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,10 @@ def test_weighted_karcher_mean_of_two_points_divides_the_arc_by_the_weights():
 def test_karcher_mean_differs_from_the_linear_mean_for_unequal_spreads():
     pts = np.stack([unit(1, 0, 0), unit(0, 1, 0), unit(0, 0.9, 0.1)])
     g, lin = C.karcher_mean(pts), C.compose_linear(pts, np.ones(3))
-    residual = lambda m: (C.log_map(m, pts)).sum(0)  # the Karcher mean's first-order condition
+
+    def residual(m):  # the Karcher mean's first-order condition
+        return C.log_map(m, pts).sum(0)
+
     assert np.linalg.norm(residual(g)) < 1e-6 < np.linalg.norm(residual(lin))
 
 
@@ -56,8 +60,9 @@ def test_linear_is_the_normalized_weighted_sum():
     np.testing.assert_allclose(C.compose_linear(x, np.array([2.0, 1.0, -1.0])), unit(2, 1, -1), atol=1e-6)
 
 
-@pytest.mark.parametrize("weights, message", [([1.0, 0.0], "weight 0"), ([-1.0, -2.0], "negative terms only"),
-                                              ([1.0, np.inf], "finite")])
+@pytest.mark.parametrize(
+    "weights, message", [([1.0, 0.0], "weight 0"), ([-1.0, -2.0], "negative terms only"), ([1.0, np.inf], "finite")]
+)
 def test_bad_weights(weights, message):
     x = np.stack([unit(1, 0, 0), unit(0, 1, 0)])
     for combine in (C.compose_geodesic, C.compose_linear):

@@ -12,6 +12,7 @@ Ray on Linux binds every node to the machine's network address, never to loopbac
 cluster runs in a network namespace of its own whose only interface is loopback (`loopback_only`),
 so its traffic stays on 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -19,9 +20,9 @@ import fcntl
 import importlib.util
 import json
 import os
+import signal
 import socket
 import struct
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,6 @@ import faiss
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_mini_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,8 +100,10 @@ def reference(mini, default_model, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build(BuildConfig(out=str(out), dataset=str(mini), shard_size=SHARD, workers=0, progress=False),
-              loaded=default_model)
+        build(
+            BuildConfig(out=str(out), dataset=str(mini), shard_size=SHARD, workers=0, progress=False),
+            loaded=default_model,
+        )
     finally:
         torch.set_num_threads(threads)
     return out
@@ -142,8 +144,9 @@ def test_ray_build_matches_single_process_build(mini, cluster, reference, defaul
 
     monkeypatch.setenv("RAY_ADDRESS", cluster)
     out = tmp_path / "index"
-    build(BuildConfig(out=str(out), dataset=str(mini), shard_size=SHARD, progress=False, ray="auto"),
-          loaded=default_model)
+    build(
+        BuildConfig(out=str(out), dataset=str(mini), shard_size=SHARD, progress=False, ray="auto"), loaded=default_model
+    )
     manifest = assert_same_index(out, reference)
     expected, _ = published(reference)
     assert manifest["report"]["counts"] == expected["report"]["counts"]
@@ -157,11 +160,28 @@ def test_killed_ray_build_resumes_from_its_shards(mini, cluster, reference, defa
     from index_builder.build import BuildConfig, build
 
     out = tmp_path / "index"
-    env = {**os.environ, "RAY_ADDRESS": cluster,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": cluster,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     # shards of one forward pass (8 images), so that most are still to come when the first appears
-    argv = [sys.executable, "-m", "index_builder", "-q", "build", "--out", str(out), "--dataset", str(mini),
-            "--shard-size", "8", "--no-progress", "--ray", "auto"]
+    argv = [
+        sys.executable,
+        "-m",
+        "index_builder",
+        "-q",
+        "build",
+        "--out",
+        str(out),
+        "--dataset",
+        str(mini),
+        "--shard-size",
+        "8",
+        "--no-progress",
+        "--ray",
+        "auto",
+    ]
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
@@ -180,8 +200,9 @@ def test_killed_ray_build_resumes_from_its_shards(mini, cluster, reference, defa
             written.update(z["sha"].tolist() + z["bad_sha"].tolist())
     assert written
 
-    manifest = build(BuildConfig(out=str(out), dataset=str(mini), shard_size=8, progress=False, ray=cluster),
-                     loaded=default_model)
+    manifest = build(
+        BuildConfig(out=str(out), dataset=str(mini), shard_size=8, progress=False, ray=cluster), loaded=default_model
+    )
     counts = manifest["report"]["counts"]
     expected = published(reference)[0]["report"]["counts"]
     good, bad = expected["images_encoded"], expected["images_skipped"]
@@ -208,8 +229,10 @@ def test_ray_workers_refuse_a_model_other_than_the_drivers(mini, cluster, defaul
         next(changed.parameters()).add_(1e-3)
     out = tmp_path / "index"
     with pytest.raises(FingerprintMismatchError, match="every node needs the same model") as raised:
-        build(BuildConfig(out=str(out), dataset=str(mini), progress=False, ray=cluster),
-              loaded=(changed, preprocess, tokenizer))
+        build(
+            BuildConfig(out=str(out), dataset=str(mini), progress=False, ray=cluster),
+            loaded=(changed, preprocess, tokenizer),
+        )
     assert len(str(raised.value).splitlines()) == 1
     assert not list(out.glob(".work-*/*/shard-*.npz"))
 

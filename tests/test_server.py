@@ -2,6 +2,7 @@
 made from real Flickr8k photos. Rankings over gRPC equal the in-process model + index; every bad
 input gets its status code and the server keeps answering; auth, TLS, health, reflection,
 metrics, the `retrieval query` CLI, a fingerprint mismatch and SIGTERM."""
+
 from __future__ import annotations
 
 import csv
@@ -26,12 +27,12 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.client import RetrievalClient, search_request
-from retrieval.serving.encoder import cached_model
 from retrieval.encoding.images import load_image
-from retrieval.store.reader import IndexVersion
 from retrieval.pb import retrieval_pb2 as pb
+from retrieval.serving.encoder import cached_model
 from retrieval.serving.server import ServeConfig, ServerThread
 from retrieval.serving.servicer import SERVICE_NAME
+from retrieval.store.reader import IndexVersion
 
 pytestmark = pytest.mark.dataset
 MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")
@@ -44,8 +45,26 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 def build_index(root: Path, dataset: Path, split: str) -> None:
     from index_builder.cli import main
 
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(dataset), "--split", split, "--model", MODEL,
-                 "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(dataset),
+                "--split",
+                split,
+                "--model",
+                MODEL,
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def split_items(dataset: Path, split: str) -> tuple[list[str], list[str]]:
@@ -53,8 +72,6 @@ def split_items(dataset: Path, split: str) -> tuple[list[str], list[str]]:
     with (dataset / "captions.csv").open(newline="") as f:
         captions = [r["caption"] for r in csv.DictReader(f) if r["image"] in set(names)]
     return names, captions
-
-
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +88,17 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def server(index_root, bundle):
-    srv = ServerThread(ServeConfig(index=str(index_root), port=0, metrics_port=0, max_message_mb=1.0, max_k=MAX_K,
-                                   max_text_chars=MAX_TEXT, watch_interval_s=0.2)).start()
+    srv = ServerThread(
+        ServeConfig(
+            index=str(index_root),
+            port=0,
+            metrics_port=0,
+            max_message_mb=1.0,
+            max_k=MAX_K,
+            max_text_chars=MAX_TEXT,
+            watch_interval_s=0.2,
+        )
+    ).start()
     yield srv
     srv.stop(grace=0)
 
@@ -89,6 +115,7 @@ def health_stub(address: str, creds=None):
 
 
 # -- same answers as the in-process pipeline --------------------------------------------------------
+
 
 def in_process(bundle, index: IndexVersion, query, target: str, k: int):
     model, preprocess, tokenizer = bundle
@@ -109,8 +136,9 @@ def test_text_queries_rank_like_the_in_process_model(client, bundle, index_root,
         ids, scores = in_process(bundle, index, text, target or "image", 10)
         assert [r.id for r in results] == ids
         np.testing.assert_allclose([r.score for r in results], scores, atol=1e-4)
-        np.testing.assert_allclose([r.angle_deg for r in results], np.degrees(np.arccos(np.clip(scores, -1, 1))),
-                                   atol=1e-2)
+        np.testing.assert_allclose(
+            [r.angle_deg for r in results], np.degrees(np.arccos(np.clip(scores, -1, 1))), atol=1e-2
+        )
         assert all(r.modality == (target or "image") for r in results)
     if target is None:
         assert all(r.uri.endswith(".jpg") for r in results)
@@ -160,6 +188,7 @@ def test_embed_embedding_search_batch_and_min_score(client, bundle, index_root):
 
 # -- bad input: its status code, a message that names it, and the server keeps serving ---------------
 
+
 def _truncated_jpeg(flickr_mini) -> bytes:
     return next((flickr_mini / "images").iterdir()).read_bytes()[:2000]
 
@@ -174,12 +203,18 @@ BAD_SEARCHES = {
     "k zero": (lambda d: search_request(text="a dog", k=0), f"k must be between 1 and {MAX_K}, got 0"),
     "k negative": (lambda d: search_request(text="a dog", k=-2), "got -2"),
     "k over the maximum": (lambda d: search_request(text="a dog", k=MAX_K + 1), f"got {MAX_K + 1}"),
-    "embedding of the wrong dimension": (lambda d: search_request(embedding=[1.0, 0.0, 0.0], target="image"),
-                                         "dimension 3, the index expects 256"),
+    "embedding of the wrong dimension": (
+        lambda d: search_request(embedding=[1.0, 0.0, 0.0], target="image"),
+        "dimension 3, the index expects 256",
+    ),
     "zero-norm embedding": (lambda d: search_request(embedding=np.zeros(256), target="image"), "zero norm"),
     "embedding without a target": (lambda d: search_request(embedding=np.ones(256)), "must name its target"),
-    "embedding of an unknown modality": (lambda d: pb.SearchRequest(query=pb.Query(embedding=pb.Embedding(
-        values=[1.0] * 256, modality=7)), target=pb.MODALITY_IMAGE, k=3), "unknown embedding modality 7"),
+    "embedding of an unknown modality": (
+        lambda d: pb.SearchRequest(
+            query=pb.Query(embedding=pb.Embedding(values=[1.0] * 256, modality=7)), target=pb.MODALITY_IMAGE, k=3
+        ),
+        "unknown embedding modality 7",
+    ),
     "min_score out of range": (lambda d: search_request(text="a dog", min_score=1.5), "min_score"),
     "no query": (lambda d: pb.SearchRequest(k=5), "query is empty"),
 }
@@ -198,7 +233,10 @@ def test_bad_search_is_invalid_argument_and_server_keeps_serving(client, flickr_
 
 def test_bad_batch_and_embed_requests(client):
     for call, message in [
-        (lambda: client.batch_search([search_request(text="a dog"), search_request(text="")]), "requests[1]: text is empty"),
+        (
+            lambda: client.batch_search([search_request(text="a dog"), search_request(text="")]),
+            "requests[1]: text is empty",
+        ),
         (lambda: client.batch_search([]), "requests is empty"),
         (lambda: client.embed_text(""), "text is empty"),
         (lambda: client.embed_image(b"\x89PNG\r\n\x1a\n broken"), "image"),
@@ -218,6 +256,7 @@ def test_oversize_message_is_resource_exhausted(client):
 
 
 # -- auth and TLS ---------------------------------------------------------------------------------------
+
 
 def test_bearer_token_is_required_when_set(index_root, bundle):
     cfg = ServeConfig(index=str(index_root), port=0, metrics_port=0, token="s3cret")
@@ -239,8 +278,9 @@ def test_bearer_token_is_required_when_set(index_root, bundle):
 
 def test_tls(index_root, bundle, tls_pair):
     cert, key = tls_pair
-    cfg = ServeConfig(index=str(index_root), host="localhost", port=0, metrics_port=-1, tls_cert=str(cert),
-                      tls_key=str(key))
+    cfg = ServeConfig(
+        index=str(index_root), host="localhost", port=0, metrics_port=-1, tls_cert=str(cert), tls_key=str(key)
+    )
     with ServerThread(cfg) as srv:
         with RetrievalClient(srv.address, timeout=30, tls_ca=str(cert)) as c:
             assert len(c.search_text("a dog", k=2)) == 2
@@ -271,12 +311,16 @@ def test_health_cli_over_tls_on_every_interface(index_root, bundle, tls_pair, mo
     """The container's settings: RETRIEVAL_HOST 0.0.0.0 and a certificate for another name than
     the address probed; the probe trusts the server's own certificate."""
     cert, key = tls_pair
-    cfg = ServeConfig(index=str(index_root), host="0.0.0.0", port=0, metrics_port=-1, tls_cert=str(cert),
-                      tls_key=str(key))
+    cfg = ServeConfig(
+        index=str(index_root), host="0.0.0.0", port=0, metrics_port=-1, tls_cert=str(cert), tls_key=str(key)
+    )
     with ServerThread(cfg) as srv:
         port = srv.server.port
         for host, probed in (("0.0.0.0", "localhost"), ("127.0.0.1", "127.0.0.1")):
-            assert health_cli(monkeypatch, capsys, host, port, cert) == (0, f"retrieval health: {probed}:{port}: SERVING")
+            assert health_cli(monkeypatch, capsys, host, port, cert) == (
+                0,
+                f"retrieval health: {probed}:{port}: SERVING",
+            )
         code, line = health_cli(monkeypatch, capsys, "0.0.0.0", port)  # a plaintext probe fails against TLS
         assert code == 1 and "UNAVAILABLE" in line
 
@@ -294,6 +338,7 @@ def test_health_cli_plaintext(server, monkeypatch, capsys):
 
 # -- no index yet, health, reflection, metrics ------------------------------------------------------------
 
+
 def test_no_index_is_unavailable_until_one_is_published(index_root, bundle, tmp_path, monkeypatch, capsys):
     root = tmp_path / "empty-root"
     cfg = ServeConfig(index=str(root), port=0, metrics_port=-1, model=MODEL, watch_interval_s=0.1)
@@ -301,8 +346,10 @@ def test_no_index_is_unavailable_until_one_is_published(index_root, bundle, tmp_
         channel, health = health_stub(srv.address)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == NOT_SERVING
         port = srv.server.port
-        assert health_cli(monkeypatch, capsys, "127.0.0.1", port) == (1, f"retrieval health: 127.0.0.1:{port}: "
-                                                                         "NOT_SERVING")
+        assert health_cli(monkeypatch, capsys, "127.0.0.1", port) == (
+            1,
+            f"retrieval health: 127.0.0.1:{port}: NOT_SERVING",
+        )
         for call in (lambda: c.search_text("a dog"), lambda: c.index_info(), lambda: c.embed_text("a dog")):
             with pytest.raises(grpc.RpcError) as err:
                 call()
@@ -325,8 +372,10 @@ def test_reflection_lists_the_service(server):
 
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="retrieval.v1.RetrievalService")]
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="retrieval.v1.RetrievalService"),
+        ]
         listing, files = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
     names = {s.name for s in listing.list_services_response.service}
     assert {"retrieval.v1.RetrievalService", "grpc.health.v1.Health"} <= names
@@ -367,17 +416,22 @@ def test_readme_grpcurl_examples_work(server, client):
     """Every `grpcurl` line of README.md, run as written (but for the address) through reflection."""
     grpcurl = grpcurl_binary()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    commands = [shlex.split(line) for line in readme.splitlines()  # filters need attributes: test_filters.py
-                if line.startswith("grpcurl ") and '"filters"' not in line]
+    commands = [
+        shlex.split(line)
+        for line in readme.splitlines()  # filters need attributes: test_filters.py
+        if line.startswith("grpcurl ") and '"filters"' not in line
+    ]
     assert {"list", "retrieval.v1.RetrievalService/Search", "retrieval.v1.RetrievalService/GetIndexInfo"} <= {
-        argv[-1] for argv in commands}, "the README should show listing, Search and GetIndexInfo"
+        argv[-1] for argv in commands
+    }, "the README should show listing, Search and GetIndexInfo"
     real_id = client.search_text("a dog", k=1)[0].id
     for argv in commands:
         assert argv[-2] == "localhost:50051", argv
         if "-d" in argv:  # an item the README names by a placeholder id: one this index holds
             argv[argv.index("-d") + 1] = argv[argv.index("-d") + 1].replace('"id": 1234', f'"id": {real_id}')
-        run = subprocess.run([grpcurl, *argv[1:-2], server.address, argv[-1]], capture_output=True, text=True,
-                             timeout=60)
+        run = subprocess.run(
+            [grpcurl, *argv[1:-2], server.address, argv[-1]], capture_output=True, text=True, timeout=60
+        )
         assert run.returncode == 0, f"{argv}: {run.stderr}"
         if argv[-1] == "list":
             assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(run.stdout.split())
@@ -402,8 +456,13 @@ def test_metrics_endpoint(server, client):
     assert 'retrieval_encoder_batch_size_count{modality="text"}' in text
     assert "retrieval_index_version 1.0" in text
     # the standard process, platform and GC metrics, from the server's own registry
-    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "python_info",
-                 "python_gc_collections_total"):
+    for name in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "python_info",
+        "python_gc_collections_total",
+    ):
         assert f"\n{name}" in text, name
     for path in ("/", "/metric", "/metrics/x", "/favicon.ico", "/metrics%00"):
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -431,8 +490,10 @@ class BlockingTextModel:
 def test_deadline_exceeded_and_cancelled_calls_are_counted_as_such(index_root, bundle):
     model = BlockingTextModel(bundle[0])
     cfg = ServeConfig(index=str(index_root), port=0, metrics_port=0)
-    with ServerThread(cfg, model_loader=lambda name: (model, *bundle[1:])) as srv, \
-            RetrievalClient(srv.address, timeout=60) as client:
+    with (
+        ServerThread(cfg, model_loader=lambda name: (model, *bundle[1:])) as srv,
+        RetrievalClient(srv.address, timeout=60) as client,
+    ):
         # First the cancelled call, while `entered` counts only its own entry into the encoder (a call
         # whose deadline passes may or may not reach the encoder, so it must not come before).
         call = client.stub.Search.future(search_request(text="a cat"), timeout=60)
@@ -461,6 +522,7 @@ def test_health_goes_not_serving_on_shutdown(index_root, bundle):
 
 
 # -- CLIs ---------------------------------------------------------------------------------------------------
+
 
 def test_query_cli_json_and_text(server, flickr_mini, capsys):
     from retrieval.cli import main
@@ -503,8 +565,13 @@ def _free_port() -> int:
 def test_serve_cli_logs_lines_and_stops_gracefully_on_sigterm(index_root):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRIEVAL_METRICS_PORT": "-1", "RETRIEVAL_GRACE_S": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_root), "--port",
-                             str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_root), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         channel, health = health_stub(f"127.0.0.1:{port}")
         deadline = time.monotonic() + 180

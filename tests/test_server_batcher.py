@@ -1,4 +1,5 @@
 """The asyncio micro-batcher on its own: grouping, order, max batch, errors, lone clients."""
+
 from __future__ import annotations
 
 import asyncio
@@ -70,7 +71,7 @@ def test_a_lone_client_stops_paying_the_wait():
     times = run(main())
     assert min(times[:2]) >= 0.19  # waited for company that never came
     assert max(times[2:4]) < 0.15  # then stopped waiting
-    assert times[4] >= 0.19        # and probes again now and then (every 2 * patience batches)
+    assert times[4] >= 0.19  # and probes again now and then (every 2 * patience batches)
 
 
 def test_cancelled_callers_are_skipped():

@@ -1,6 +1,7 @@
 """Hot swap: while a client loop keeps querying, the index builder publishes a new version; no
 request fails, versions only move forward, and once the swap happened answers come from the new
 version (its images and captions)."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,26 @@ MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")
 def build(root, dataset, split) -> None:
     from index_builder.cli import main
 
-    assert main(["-q", "build", "--out", str(root), "--dataset", str(dataset), "--split", split, "--model", MODEL,
-                 "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--dataset",
+                str(dataset),
+                "--split",
+                split,
+                "--model",
+                MODEL,
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_hot_swap_fails_no_request(flickr_mini, tmp_path):

@@ -45,18 +45,18 @@ def test_recall_at_k_exact_on_a_constructed_case():
     texts = unit([[1, 0.1, 0], [0.2, 1, 0], [0, 0.1, 1], [0, 0, 1]])
     owner = np.array([0, 0, 1, 2])
     r = recall_at_k(images, texts, owner, ks=(1, 2))
-    assert r["t2i_R@1"] == pytest.approx(50.0)       # captions 0 and 3 find their image first
+    assert r["t2i_R@1"] == pytest.approx(50.0)  # captions 0 and 3 find their image first
     assert r["t2i_R@2"] == pytest.approx(100.0)
-    assert r["i2t_R@1"] == pytest.approx(200 / 3)    # image 1's best caption (1) is not its own
+    assert r["i2t_R@1"] == pytest.approx(200 / 3)  # image 1's best caption (1) is not its own
     g = sphere.diagnostics(images, texts, owner)
     assert 0 <= g["alignment"] <= 4 and g["positive_angle_deg_mean"] > 0
 
 
 def test_recall_from_scores_ranks_each_direction_by_its_own_matrix():
     owner = np.array([0, 0, 1])
-    t2i = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])      # (C, N): caption 1 prefers image 1
-    i2t = np.array([[0.1, 0.9, 0.0], [0.0, 0.1, 0.6]])        # (N, C): each image prefers its own
+    t2i = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])  # (C, N): caption 1 prefers image 1
+    i2t = np.array([[0.1, 0.9, 0.0], [0.0, 0.1, 0.6]])  # (N, C): each image prefers its own
     r = recall_from_scores(t2i, i2t, owner, ks=(1,))
     assert r["t2i_R@1"] == pytest.approx(200 / 3)
-    assert r["i2t_R@1"] == pytest.approx(100.0)               # t2i.T would give 50: image 1 -> caption 1
+    assert r["i2t_R@1"] == pytest.approx(100.0)  # t2i.T would give 50: image 1 -> caption 1
     assert recall_from_scores(t2i, t2i.T, owner, ks=(1,))["i2t_R@1"] == pytest.approx(50.0)

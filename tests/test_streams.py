@@ -1,5 +1,6 @@
 """threaded_map: every item once, in real parallel threads sharing torch's intra-op threads, errors
 and early exits handled; and the builder's image encoding gives the same vectors with 1 or 2 streams."""
+
 import threading
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Training on a small real subset: the loss falls, checkpoints round-trip, resume is exact."""
+
 import json
 from pathlib import Path
 
@@ -14,8 +15,18 @@ from retrieval.training.train import TrainConfig, train
 
 
 def _cfg(data, tmp_path, **kw):
-    base = dict(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path.parent / "feature-cache"),
-                views=2, epochs=6, batch_size=16, lr=3e-3, warmup_epochs=1, workers=0, seed=3)
+    base = dict(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path.parent / "feature-cache"),
+        views=2,
+        epochs=6,
+        batch_size=16,
+        lr=3e-3,
+        warmup_epochs=1,
+        workers=0,
+        seed=3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -45,8 +56,10 @@ def test_checkpoint_is_self_describing_and_round_trips_exactly(trained, flickr_m
     # train() leaves the model equal to the exported model.safetensors (best epoch, float16-rounded heads)
     loaded, _, tokenizer = create_model(summary["checkpoint"])
     captions = ["A man rides a bike .", "A black dog swims in a lake ."]
-    np.testing.assert_array_equal(encode_texts(model.eval(), tokenizer, captions, progress=False),
-                                  encode_texts(loaded, tokenizer, captions, progress=False))
+    np.testing.assert_array_equal(
+        encode_texts(model.eval(), tokenizer, captions, progress=False),
+        encode_texts(loaded, tokenizer, captions, progress=False),
+    )
     assert loaded.fingerprint() == model.fingerprint()
     # the inverted softmax's banks ship in the file: every training caption (240 < the bank size
     # of 1,000) and image, and the beta chosen on dev
@@ -90,15 +103,17 @@ def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini,
 
 def test_augmented_views_do_not_depend_on_workers_or_batch_size(flickr_mini, default_model):
     """The cached training crops are the same whatever machine (worker count) encodes them."""
-    from retrieval.encoding.datasets import load_caption_dataset
     from retrieval.embedding.factory import image_preprocess
     from retrieval.encoding.bulk import encode_image_files
+    from retrieval.encoding.datasets import load_caption_dataset
 
     model = default_model[0]
     paths = load_caption_dataset(str(flickr_mini), "train").image_paths()[:6]
     crops = image_preprocess(model, train=True)
-    runs = [encode_image_files(model, paths, crops, project=False, batch_size=b, workers=w, seed=7, progress=False)[0]
-            for b, w in ((2, 0), (3, 1), (6, 0))]
+    runs = [
+        encode_image_files(model, paths, crops, project=False, batch_size=b, workers=w, seed=7, progress=False)[0]
+        for b, w in ((2, 0), (3, 1), (6, 0))
+    ]
     for other in runs[1:]:
         np.testing.assert_allclose(other, runs[0], atol=1e-4)
     differently_seeded = encode_image_files(model, paths, crops, project=False, seed=8, progress=False)[0]
@@ -118,6 +133,24 @@ def test_retrieval_calibrate_writes_the_file_train_wrote(trained, flickr_mini, t
     assert set(model.calibration()) == {"t2i", "i2t"}
     assert load_checkpoint(summary["checkpoint"])["metrics"]["calibration"]["split"] == "dev"
     out = tmp_path / "calibrated.safetensors"
-    assert main(["calibrate", "--model", summary["checkpoint"], "--data", str(flickr_mini), "--split", "dev",
-                 "--out", str(out), "--cache-dir", cfg.cache_dir, "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                summary["checkpoint"],
+                "--data",
+                str(flickr_mini),
+                "--split",
+                "dev",
+                "--out",
+                str(out),
+                "--cache-dir",
+                cfg.cache_dir,
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes() == Path(summary["checkpoint"]).read_bytes()

@@ -3,10 +3,11 @@ retried once its files change (issue 11, items 1 and 7). Each attack is a real f
 pickle whose unpickling would create a marker file, manifests that point outside their version,
 symlinks out of the index root. The index is built from the scikit-image gallery the demo uses
 (no dataset needed)."""
+
 from __future__ import annotations
 
-import dataclasses
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,12 +22,12 @@ import pytest
 import torch
 
 from retrieval.client import RetrievalClient
+from retrieval.errors import IndexCorruptError, ModelError, RetrievalError
 from retrieval.serving.encoder import cached_model
 from retrieval.serving.engine import Engine
-from retrieval.errors import IndexCorruptError, ModelError, RetrievalError
+from retrieval.serving.server import ServeConfig, ServerThread
 from retrieval.store.layout import sha256_file
 from retrieval.store.reader import IndexVersion
-from retrieval.serving.server import ServeConfig, ServerThread
 
 MODEL = "lite0-minilm"
 
@@ -44,8 +45,25 @@ class Plant:
 def build(root: Path, images: Path, captions: Path, *extra: str) -> None:
     from index_builder.cli import main
 
-    assert main(["-q", "build", "--out", str(root), "--images", str(images), "--captions", str(captions),
-                 "--workers", "0", "--no-progress", *extra]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "build",
+                "--out",
+                str(root),
+                "--images",
+                str(images),
+                "--captions",
+                str(captions),
+                "--workers",
+                "0",
+                "--no-progress",
+                *extra,
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +122,7 @@ def wait_for(predicate, what: str, timeout: float = 60) -> None:
 
 # -- the pickled-model attack ---------------------------------------------------------------------------
 
+
 def test_pickled_model_named_by_a_manifest_is_refused_at_start_up_and_nothing_runs(root, tmp_path):
     marker = tmp_path / "pwned"
     version = root / "v0001"
@@ -112,10 +131,10 @@ def test_pickled_model_named_by_a_manifest_is_refused_at_start_up_and_nothing_ru
     plant_pickle(outside, marker)
     inside = plant_pickle(version / "model.safetensors", marker)  # a pickle wearing the right name
     cases = [
-        ({"model": str(outside)}, "field 'model'"),                                  # a file elsewhere
+        ({"model": str(outside)}, "field 'model'"),  # a file elsewhere
         ({"model": "model.safetensors", "files": {**files, "model.safetensors": inside}}, "is not a"),
         ({"model": "model.safetensors", "files": files}, "no checksum for model.safetensors"),  # unlisted
-        ({"model": f"open_clip:RN50@{outside}"}, "field 'model'"),                   # another loader
+        ({"model": f"open_clip:RN50@{outside}"}, "field 'model'"),  # another loader
     ]
     for changes, message in cases:
         edit_manifest(version, **changes)
@@ -170,8 +189,9 @@ def test_a_checkpoint_cannot_choose_which_module_its_text_tower_imports(tmp_path
     from retrieval.embedding.factory import create_model
 
     model, _, _ = create_model(MODEL, load_weights=False)
-    model.config = dataclasses.replace(model.config,
-                                       text_tower=dataclasses.replace(model.config.text_tower, model="package:this"))
+    model.config = dataclasses.replace(
+        model.config, text_tower=dataclasses.replace(model.config.text_tower, model="package:this")
+    )
     path = save_checkpoint(tmp_path / "m.safetensors", model)
     sys.modules.pop("this", None)
     with pytest.raises(ModelError, match="names the text model 'package:this', which no registered model uses"):
@@ -181,12 +201,16 @@ def test_a_checkpoint_cannot_choose_which_module_its_text_tower_imports(tmp_path
 
 # -- the manifest and the version directory ------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, message", [
-    ({"dim": "256"}, "manifest.json: field 'dim' must be an integer, got \"256\""),
-    ({"fingerprint": None}, "manifest.json: field 'fingerprint' must be a non-empty string, got null"),
-    ({"files": ["images.faiss"]}, "manifest.json: field 'files' must be an object, got [\"images.faiss\"]"),
-    ({"model": 7}, "manifest.json: field 'model' must be a non-empty string, got 7"),
-])
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"dim": "256"}, "manifest.json: field 'dim' must be an integer, got \"256\""),
+        ({"fingerprint": None}, "manifest.json: field 'fingerprint' must be a non-empty string, got null"),
+        ({"files": ["images.faiss"]}, "manifest.json: field 'files' must be an object, got [\"images.faiss\"]"),
+        ({"model": 7}, "manifest.json: field 'model' must be a non-empty string, got 7"),
+    ],
+)
 def test_a_manifest_field_of_the_wrong_type_is_one_error_naming_it(root, changes, message):
     edit_manifest(root / "v0001", **changes)
     with pytest.raises(IndexCorruptError) as err:
@@ -216,8 +240,10 @@ def test_a_manifest_model_outside_its_version_is_refused_even_a_valid_checkpoint
         assert str(tmp_path) not in str(err.value)
         version.close()
     # the server's own --model is trusted: it serves the version with the model it was told to
-    with ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1, model=str(checkpoint))) as srv, \
-            RetrievalClient(srv.address, timeout=60) as client:
+    with (
+        ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1, model=str(checkpoint))) as srv,
+        RetrievalClient(srv.address, timeout=60) as client,
+    ):
         assert client.index_info().version == "v0001"
 
 
@@ -262,6 +288,7 @@ def test_a_fifo_in_place_of_an_index_file_is_refused_without_blocking(root):
 
 # -- the builder copies a checkpoint-file model into the version ----------------------------------------------
 
+
 def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_there(gallery, tmp_path):
     from retrieval.embedding.factory import get_model_config, list_models, shipped_weights_path
 
@@ -277,8 +304,10 @@ def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_ther
     assert version.model_source(list_models()) == str(root / "v0001" / "model.safetensors")
     version.close()
     checkpoint.unlink()  # the version needs nothing outside itself
-    with ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv, \
-            RetrievalClient(srv.address, timeout=60) as client:
+    with (
+        ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)) as srv,
+        RetrievalClient(srv.address, timeout=60) as client,
+    ):
         info = client.index_info()
         assert (info.version, info.model, info.model_fingerprint) == ("v0001", "model.safetensors", "7590283e66e90215")
         assert len(client.search_text("a cat", k=2)) == 2
@@ -286,13 +315,14 @@ def test_a_checkpoint_file_model_is_copied_into_the_version_and_served_from_ther
 
 # -- a refused version is retried once its files change, and logged once per change --------------------------
 
+
 def test_a_rejected_version_is_retried_only_when_its_files_change(root, caplog):
     rejected: list[tuple[str, str]] = []
     engine = Engine(root, on_reject=lambda version, reason: rejected.append((version, reason)))
     assert engine.load()
     bad = publish(root, "v0001", "v0002")
     good = (bad / "texts.faiss").read_bytes()
-    (bad / "texts.faiss").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))   # one flipped bit
+    (bad / "texts.faiss").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit
 
     async def polls(n: int) -> list[bool]:
         return [await engine.poll_once() for _ in range(n)]
@@ -302,7 +332,8 @@ def test_a_rejected_version_is_retried_only_when_its_files_change(root, caplog):
     assert rejected == [("v0002", "v0002/texts.faiss does not match its checksum in the manifest")]
     assert [r.getMessage() for r in caplog.records].count(
         "not swapping to index version v0002: v0002/texts.faiss does not match its checksum in the manifest "
-        "(retried when its files change)") == 1
+        "(retried when its files change)"
+    ) == 1
     info = engine.info()
     assert (info["version"], info["rejected_version"]) == ("v0001", "v0002")
     assert info["rejected_reason"] == rejected[0][1]

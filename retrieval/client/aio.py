@@ -1,10 +1,12 @@
 """The asyncio client (grpc.aio): the methods of `RetrievalClient`, as coroutines. Every call carries a
 deadline (`timeout` seconds, per client or per call);
 errors arrive as `grpc.aio.AioRpcError` with the server's status code and message."""
+
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,8 +22,11 @@ class AsyncRetrievalClient(ClientBase):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.channel = (grpc.aio.secure_channel(self.address, self.credentials, self.options) if self.credentials else
-                        grpc.aio.insecure_channel(self.address, self.options))
+        self.channel = (
+            grpc.aio.secure_channel(self.address, self.credentials, self.options)
+            if self.credentials
+            else grpc.aio.insecure_channel(self.address, self.options)
+        )
         self.stub = pb_grpc.RetrievalServiceStub(self.channel)
 
     async def _send(self, call: Call, timeout: float | None) -> Any:
@@ -32,58 +37,159 @@ class AsyncRetrievalClient(ClientBase):
     async def search(self, request: pb.SearchRequest, timeout: float | None = None) -> list[Hit]:
         return await self._send(self._search_call(request), timeout)
 
-    async def search_text(self, text: str, k: int = 10, target: str | None = None, min_score: float | None = None,
-                    timeout: float | None = None, *, max_angle_deg: float | None = None,
-                          diversity: float | None = None, dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
-        return await self.search(search_request(text=text, target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+    async def search_text(
+        self,
+        text: str,
+        k: int = 10,
+        target: str | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
+        return await self.search(
+            search_request(
+                text=text,
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    async def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
-                     min_score: float | None = None, timeout: float | None = None, *,
-                     max_angle_deg: float | None = None, diversity: float | None = None,
-                     dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
-        return await self.search(search_request(image=image, target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+    async def search_image(
+        self,
+        image: bytes | str | Path,
+        k: int = 10,
+        target: str | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
+        return await self.search(
+            search_request(
+                image=image,
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    async def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
-                         timeout: float | None = None, modality: str | None = None, *,
-                         max_angle_deg: float | None = None, diversity: float | None = None,
-                         dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
+    async def search_embedding(
+        self,
+        embedding,
+        target: str,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        modality: str | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
         """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
-        return await self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
-                                          embedding_modality=modality, max_angle_deg=max_angle_deg,
-                                          diversity=diversity, dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+        return await self.search(
+            search_request(
+                embedding=embedding,
+                target=target,
+                k=k,
+                min_score=min_score,
+                embedding_modality=modality,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    async def search_composed(self, terms: Sequence[TermValue], target: str | None = None, k: int = 10,
-                        combine: str = "geodesic", min_score: float | None = None, timeout: float | None = None,
-                        *, max_angle_deg: float | None = None, diversity: float | None = None,
-                        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
+    async def search_composed(
+        self,
+        terms: Sequence[TermValue],
+        target: str | None = None,
+        k: int = 10,
+        combine: str = "geodesic",
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
         """A composed query: terms are values (weight 1) or (value, weight); a str is a text, bytes or a
         Path an image, an array an embedding, an ItemRef a stored item; weights < 0 push the query away."""
-        return await self.search(search_request(terms=terms, combine=combine, target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+        return await self.search(
+            search_request(
+                terms=terms,
+                combine=combine,
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    async def more_like_this(self, item_id: int, gallery: str, k: int = 10, target: str | None = None,
-                       min_score: float | None = None, timeout: float | None = None, *,
-                       max_angle_deg: float | None = None, diversity: float | None = None,
-                       dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
+    async def more_like_this(
+        self,
+        item_id: int,
+        gallery: str,
+        k: int = 10,
+        target: str | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
         """The nearest items to a stored one (of `gallery`; by default in that gallery), without it."""
-        return await self.search(search_request(item=ItemRef(item_id, gallery), target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+        return await self.search(
+            search_request(
+                item=ItemRef(item_id, gallery),
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
     async def search_page(self, request: pb.SearchRequest, timeout: float | None = None) -> tuple[list[Hit], str]:
         """One page of a paged search (request.page_size set): its hits and the next page's token, "" after
@@ -94,12 +200,18 @@ class AsyncRetrievalClient(ClientBase):
         """`search` with the whole reply: the results, the index version, no_confident_match."""
         return await self._send(self._search_answer_call(request), timeout)
 
-    async def batch_search(self, requests: Sequence[pb.SearchRequest],
-                           timeout: float | None = None) -> list[list[Hit]]:
+    async def batch_search(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[list[Hit]]:
         return await self._send(self._batch_search_call(requests), timeout)
 
-    async def walk(self, start: TermValue, end: TermValue, steps: int, k: int = 5, target: str | None = None,
-                   timeout: float | None = None) -> AsyncIterator[WalkStep]:
+    async def walk(
+        self,
+        start: TermValue,
+        end: TermValue,
+        steps: int,
+        k: int = 5,
+        target: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[WalkStep]:
         """The steps of a path from `start` to `end` on the sphere, as the server streams them."""
         call = self._walk_call(start, end, steps, k, target)
         stream = self.stub.Walk(call.request, timeout=self._deadline(timeout), metadata=self.metadata)

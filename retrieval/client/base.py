@@ -1,11 +1,13 @@
 """What the sync and async clients share (httpx's `Client` / `AsyncClient` over one base is the
 model): connection settings, and for every RPC a `Call` (the method name, the request and the
 parser of its reply), so the two clients differ only in how they send a call."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,15 +23,27 @@ _MODALITY = {pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text", pb.MODALITY_U
 
 
 def hits_of(resp: pb.SearchResponse) -> list[Hit]:
-    return [Hit(r.id, r.score, r.angle_deg, _MODALITY[r.modality], r.uri, r.caption, r.image_id, r.image_uri,
-                r.match_probability if r.HasField("match_probability") else None)
-            for r in resp.results]
+    return [
+        Hit(
+            r.id,
+            r.score,
+            r.angle_deg,
+            _MODALITY[r.modality],
+            r.uri,
+            r.caption,
+            r.image_id,
+            r.image_uri,
+            r.match_probability if r.HasField("match_probability") else None,
+        )
+        for r in resp.results
+    ]
 
 
 @dataclass(frozen=True)
 class SearchAnswer:
     """A search's whole reply: its results, the index version that answered, and whether
     `min_probability` was set and no result reached it."""
+
     hits: list[Hit]
     index_version: str
     no_confident_match: bool
@@ -57,8 +71,11 @@ def _fill(message: pb.Query | pb.QueryTerm, value: TermValue, embedding_modality
     elif isinstance(value, ItemRef):
         message.item.CopyFrom(pb.ItemRef(id=value.id, gallery=_TARGETS[value.gallery]))
     else:
-        message.embedding.CopyFrom(pb.Embedding(values=np.asarray(value, np.float32).reshape(-1).tolist(),
-                                                modality=_TARGETS[embedding_modality]))
+        message.embedding.CopyFrom(
+            pb.Embedding(
+                values=np.asarray(value, np.float32).reshape(-1).tolist(), modality=_TARGETS[embedding_modality]
+            )
+        )
 
 
 def query_message(value: TermValue, embedding_modality: str | None = None) -> pb.Query:
@@ -81,13 +98,26 @@ def composed_query(terms: Sequence[TermValue], combine: str = "geodesic") -> pb.
     return pb.Query(composed=pb.ComposedQuery(terms=out, combine=_COMBINE[combine]))
 
 
-def search_request(text: str | None = None, image: bytes | str | Path | None = None, embedding=None,
-                   target: str | None = None, k: int = 10, min_score: float | None = None,
-                   embedding_modality: str | None = None, *, item: ItemRef | None = None,
-                   filters: Sequence[pb.Filter] = (), page_size: int = 0, page_token: str = "",
-                   terms: Sequence[TermValue] | None = None, combine: str = "geodesic",
-                   max_angle_deg: float | None = None, diversity: float | None = None,
-                   dedup_angle_deg: float | None = None, min_probability: float | None = None) -> pb.SearchRequest:
+def search_request(
+    text: str | None = None,
+    image: bytes | str | Path | None = None,
+    embedding=None,
+    target: str | None = None,
+    k: int = 10,
+    min_score: float | None = None,
+    embedding_modality: str | None = None,
+    *,
+    item: ItemRef | None = None,
+    filters: Sequence[pb.Filter] = (),
+    page_size: int = 0,
+    page_token: str = "",
+    terms: Sequence[TermValue] | None = None,
+    combine: str = "geodesic",
+    max_angle_deg: float | None = None,
+    diversity: float | None = None,
+    dedup_angle_deg: float | None = None,
+    min_probability: float | None = None,
+) -> pb.SearchRequest:
     """One query: exactly one of text, image (bytes or a path), embedding, item (more like this) or
     terms (a composed query, see `composed_query`); `embedding_modality` ("text" or "image", what the
     embedding encodes) makes it rank as that query would. `max_angle_deg`: a spherical cap;
@@ -103,10 +133,16 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
         query = query_message(image if isinstance(image, (bytes, bytearray)) else Path(image))
     else:
         query = query_message(next(x for x in (text, item, embedding) if x is not None), embedding_modality)
-    req = pb.SearchRequest(query=query, target=_TARGETS[target], k=k, filters=list(filters), page_size=page_size,
-                           page_token=page_token)
-    for name, value in (("min_score", min_score), ("max_angle_deg", max_angle_deg), ("diversity", diversity),
-                        ("dedup_angle_deg", dedup_angle_deg), ("min_probability", min_probability)):
+    req = pb.SearchRequest(
+        query=query, target=_TARGETS[target], k=k, filters=list(filters), page_size=page_size, page_token=page_token
+    )
+    for name, value in (
+        ("min_score", min_score),
+        ("max_angle_deg", max_angle_deg),
+        ("diversity", diversity),
+        ("dedup_angle_deg", dedup_angle_deg),
+        ("min_probability", min_probability),
+    ):
         if value is not None:
             setattr(req, name, value)
     return req
@@ -115,6 +151,7 @@ def search_request(text: str | None = None, image: bytes | str | Path | None = N
 @dataclass(frozen=True)
 class WalkStep:
     """One streamed step of a walk: its position t in [0, 1], its angle from the start, its new hits."""
+
     step: int
     t: float
     angle_deg: float
@@ -128,8 +165,7 @@ def walk_step(resp: pb.WalkStep) -> WalkStep:
 
 def walk_request(start: TermValue, end: TermValue, steps: int, k: int = 5, target: str | None = None) -> pb.WalkRequest:
     """A Walk from `start` to `end` (each a text, an image, an embedding or an ItemRef)."""
-    return pb.WalkRequest(start=query_message(start), end=query_message(end), target=_TARGETS[target], steps=steps,
-                          k=k)
+    return pb.WalkRequest(start=query_message(start), end=query_message(end), target=_TARGETS[target], steps=steps, k=k)
 
 
 def _vector(resp: pb.EmbedResponse) -> np.ndarray:
@@ -139,6 +175,7 @@ def _vector(resp: pb.EmbedResponse) -> np.ndarray:
 @dataclass(frozen=True)
 class Call:
     """One RPC to make: `method` names the stub's method, `parse` turns its reply into the result."""
+
     method: str
     request: Any
     parse: Callable[[Any], Any]
@@ -147,11 +184,19 @@ class Call:
 class ClientBase:
     """Settings and the calls of every method; subclasses open a channel and send calls."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None,
-                 tls_ca: str | bytes | None = None, max_message_mb: float = 20.0):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        tls_ca: str | bytes | None = None,
+        max_message_mb: float = 20.0,
+    ):
         self.address, self.timeout = address, timeout
-        self.options = [("grpc.max_send_message_length", int(max_message_mb * MiB)),
-                        ("grpc.max_receive_message_length", int(max_message_mb * MiB))]
+        self.options = [
+            ("grpc.max_send_message_length", int(max_message_mb * MiB)),
+            ("grpc.max_receive_message_length", int(max_message_mb * MiB)),
+        ]
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.credentials = None
         if tls_ca is not None:
@@ -176,8 +221,11 @@ class ClientBase:
 
     @staticmethod
     def _batch_search_call(requests: Sequence[pb.SearchRequest]) -> Call:
-        return Call("BatchSearch", pb.BatchSearchRequest(requests=list(requests)),
-                    lambda resp: [hits_of(r) for r in resp.responses])
+        return Call(
+            "BatchSearch",
+            pb.BatchSearchRequest(requests=list(requests)),
+            lambda resp: [hits_of(r) for r in resp.responses],
+        )
 
     @staticmethod
     def _embed_call(text: str | None = None, image: bytes | str | Path | None = None) -> Call:

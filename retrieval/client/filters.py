@@ -7,10 +7,12 @@ A Python str is a string value, an int or float a number, a `datetime.date` / `d
 (sent as ISO 8601; `date_value("2012-05-01")` sends a string as a date). A field's type is the one
 the index stores (`GetIndexInfo.filter_fields` lists the fields; the server refuses another type).
 """
+
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 from retrieval.pb import retrieval_pb2 as pb
 
@@ -86,8 +88,9 @@ def parse(expression: str) -> pb.Filter:
             return between(field.strip(), bound, None) if op == ">=" else between(field.strip(), None, bound)
     field, sep, text = expression.partition("=")
     if not sep or not field.strip() or not text.strip():
-        raise ValueError(f"a filter is field=value, field=a|b, field>=low, field<=high or field=low..high: "
-                         f"{expression!r}")
+        raise ValueError(
+            f"a filter is field=value, field=a|b, field>=low, field<=high or field=low..high: {expression!r}"
+        )
     if ".." in text and not text.strip().startswith('"'):
         low, _, high = text.partition("..")
         return between(field.strip(), _scalar(low), _scalar(high))

@@ -1,9 +1,11 @@
 """The blocking client: every call carries a deadline (`timeout` seconds, per client or per call);
 errors arrive as `grpc.RpcError` with the server's status code and message."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,8 +21,11 @@ class RetrievalClient(ClientBase):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.channel = (grpc.secure_channel(self.address, self.credentials, self.options) if self.credentials else
-                        grpc.insecure_channel(self.address, self.options))
+        self.channel = (
+            grpc.secure_channel(self.address, self.credentials, self.options)
+            if self.credentials
+            else grpc.insecure_channel(self.address, self.options)
+        )
         self.stub = pb_grpc.RetrievalServiceStub(self.channel)
 
     def _send(self, call: Call, timeout: float | None) -> Any:
@@ -30,58 +35,159 @@ class RetrievalClient(ClientBase):
     def search(self, request: pb.SearchRequest, timeout: float | None = None) -> list[Hit]:
         return self._send(self._search_call(request), timeout)
 
-    def search_text(self, text: str, k: int = 10, target: str | None = None, min_score: float | None = None,
-                    timeout: float | None = None, *, max_angle_deg: float | None = None,
-                    diversity: float | None = None, dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
-        return self.search(search_request(text=text, target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+    def search_text(
+        self,
+        text: str,
+        k: int = 10,
+        target: str | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
+        return self.search(
+            search_request(
+                text=text,
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    def search_image(self, image: bytes | str | Path, k: int = 10, target: str | None = None,
-                     min_score: float | None = None, timeout: float | None = None, *,
-                     max_angle_deg: float | None = None, diversity: float | None = None,
-                     dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
-        return self.search(search_request(image=image, target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+    def search_image(
+        self,
+        image: bytes | str | Path,
+        k: int = 10,
+        target: str | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
+        return self.search(
+            search_request(
+                image=image,
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    def search_embedding(self, embedding, target: str, k: int = 10, min_score: float | None = None,
-                         timeout: float | None = None, modality: str | None = None, *,
-                         max_angle_deg: float | None = None, diversity: float | None = None,
-                         dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
+    def search_embedding(
+        self,
+        embedding,
+        target: str,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        modality: str | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
         """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
-        return self.search(search_request(embedding=embedding, target=target, k=k, min_score=min_score,
-                                          embedding_modality=modality, max_angle_deg=max_angle_deg,
-                                          diversity=diversity, dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+        return self.search(
+            search_request(
+                embedding=embedding,
+                target=target,
+                k=k,
+                min_score=min_score,
+                embedding_modality=modality,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    def search_composed(self, terms: Sequence[TermValue], target: str | None = None, k: int = 10,
-                        combine: str = "geodesic", min_score: float | None = None, timeout: float | None = None,
-                        *, max_angle_deg: float | None = None, diversity: float | None = None,
-                        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
+    def search_composed(
+        self,
+        terms: Sequence[TermValue],
+        target: str | None = None,
+        k: int = 10,
+        combine: str = "geodesic",
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
         """A composed query: terms are values (weight 1) or (value, weight); a str is a text, bytes or a
         Path an image, an array an embedding, an ItemRef a stored item; weights < 0 push the query away."""
-        return self.search(search_request(terms=terms, combine=combine, target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+        return self.search(
+            search_request(
+                terms=terms,
+                combine=combine,
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
-    def more_like_this(self, item_id: int, gallery: str, k: int = 10, target: str | None = None,
-                       min_score: float | None = None, timeout: float | None = None, *,
-                       max_angle_deg: float | None = None, diversity: float | None = None,
-                       dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (), min_probability: float | None = None) -> list[Hit]:
+    def more_like_this(
+        self,
+        item_id: int,
+        gallery: str,
+        k: int = 10,
+        target: str | None = None,
+        min_score: float | None = None,
+        timeout: float | None = None,
+        *,
+        max_angle_deg: float | None = None,
+        diversity: float | None = None,
+        dedup_angle_deg: float | None = None,
+        filters: Sequence[pb.Filter] = (),
+        min_probability: float | None = None,
+    ) -> list[Hit]:
         """The nearest items to a stored one (of `gallery`; by default in that gallery), without it."""
-        return self.search(search_request(item=ItemRef(item_id, gallery), target=target, k=k, min_score=min_score,
-                                          max_angle_deg=max_angle_deg, diversity=diversity,
-                                          dedup_angle_deg=dedup_angle_deg, filters=filters,
-                                          min_probability=min_probability), timeout)
+        return self.search(
+            search_request(
+                item=ItemRef(item_id, gallery),
+                target=target,
+                k=k,
+                min_score=min_score,
+                max_angle_deg=max_angle_deg,
+                diversity=diversity,
+                dedup_angle_deg=dedup_angle_deg,
+                filters=filters,
+                min_probability=min_probability,
+            ),
+            timeout,
+        )
 
     def search_page(self, request: pb.SearchRequest, timeout: float | None = None) -> tuple[list[Hit], str]:
         """One page of a paged search (request.page_size set): its hits and the next page's token, "" after
@@ -95,8 +201,15 @@ class RetrievalClient(ClientBase):
     def batch_search(self, requests: Sequence[pb.SearchRequest], timeout: float | None = None) -> list[list[Hit]]:
         return self._send(self._batch_search_call(requests), timeout)
 
-    def walk(self, start: TermValue, end: TermValue, steps: int, k: int = 5, target: str | None = None,
-             timeout: float | None = None) -> Iterator[WalkStep]:
+    def walk(
+        self,
+        start: TermValue,
+        end: TermValue,
+        steps: int,
+        k: int = 5,
+        target: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[WalkStep]:
         """The steps of a path from `start` to `end` on the sphere, as the server streams them."""
         call = self._walk_call(start, end, steps, k, target)
         for reply in self.stub.Walk(call.request, timeout=self._deadline(timeout), metadata=self.metadata):

@@ -5,6 +5,7 @@ loaded offline) with a caption for each, or takes `--images DIR`; builds an inde
 the index builder; starts the gRPC server on a free loopback port; asks it text-to-image and
 image-to-text queries through the Python client; prints the answers; and stops the server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,7 @@ def run_demo(work: Path, images: Path | None, model: str, k: int) -> int:
         print(f"gallery: {len(GALLERY)} photographs from scikit-image with one caption each -> {images}")
     else:
         captions = None
-        image_queries = list(scan_image_folder(images)[0].values())[:2]   # two of the images the builder indexes
+        image_queries = list(scan_image_folder(images)[0].values())[:2]  # two of the images the builder indexes
     root = work / "index"
     argv = ["-q", "build", "--out", str(root), "--images", str(images), "--model", model, "--no-progress"]
     if captions is not None:
@@ -85,8 +86,10 @@ def run_demo(work: Path, images: Path | None, model: str, k: int) -> int:
     print("starting the gRPC server ...")
     with ServerThread(config) as server, RetrievalClient(server.address, timeout=60) as client:
         info = client.index_info()
-        print(f"serving {info.version} at {server.address}: {info.image_count} images, {info.text_count} captions, "
-              f"model {info.model} ({info.model_fingerprint})\n")
+        print(
+            f"serving {info.version} at {server.address}: {info.image_count} images, {info.text_count} captions, "
+            f"model {info.model} ({info.model_fingerprint})\n"
+        )
         for text in TEXT_QUERIES:
             print(f"text -> image: {text!r}")
             print(format_results(client.search_text(text, k=k)) + "\n")
@@ -111,8 +114,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build an index over a small real gallery, serve it, query it, stop",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="build an index over a small real gallery, serve it, query it, stop",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", default=None, help="use this image folder instead of the scikit-image gallery")
     p.add_argument("--model", default="lite0-minilm", help="model name or checkpoint (default: %(default)s)")
     p.add_argument("--work", default=None, help="keep the gallery and index here (default: a temporary folder)")

@@ -6,16 +6,17 @@ and the compose file's healthcheck run it, configured by the same RETRIEVAL_* va
 
 It imports grpc and nothing of the model (no torch): it runs every few seconds beside the server.
 """
+
 from __future__ import annotations
 
 import argparse
 import ssl
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from retrieval.flags import OneLineErrorParser, add_dataclass_arguments, dataclass_from_args
 from retrieval.errors import ConfigError
+from retrieval.flags import OneLineErrorParser, add_dataclass_arguments, dataclass_from_args
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
@@ -23,6 +24,7 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 @dataclass
 class HealthConfig:
     """What `retrieval serve` listens with (the same defaults and variables)."""
+
     host: str = "127.0.0.1"
     port: int = 50051
     tls_cert: str | None = None
@@ -37,15 +39,21 @@ HELP = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, HealthConfig, HELP, env_prefix="RETRIEVAL_")
-    p.add_argument("--tls-name", default=None,
-                   help="name to check the certificate for (default: its first DNS name, else its common name)")
+    p.add_argument(
+        "--tls-name",
+        default=None,
+        help="name to check the certificate for (default: its first DNS name, else its common name)",
+    )
     p.add_argument("--service", default="", help="service to ask about (default: the whole server)")
     p.add_argument("--timeout", type=float, default=4.0, help="deadline in seconds (default: %(default)s)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("health", help="exit 0 when the server answers SERVING on the gRPC health service",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "health",
+        help="exit 0 when the server answers SERVING on the gRPC health service",
+        description=__doc__.split("\n\n")[0],
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -79,8 +87,9 @@ def _channel(config: HealthConfig, tls_name: str | None):
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options=options), target
 
 
-def check(config: HealthConfig, service: str = "", timeout: float = 4.0,
-          tls_name: str | None = None) -> tuple[bool, str]:
+def check(
+    config: HealthConfig, service: str = "", timeout: float = 4.0, tls_name: str | None = None
+) -> tuple[bool, str]:
     """(serving, one line saying what the server answered or why it did not)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -88,8 +97,9 @@ def check(config: HealthConfig, service: str = "", timeout: float = 4.0,
     channel, target = _channel(config, tls_name)
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                             timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError as e:
             details = " ".join((e.details() or "").split())
             return False, f"{target}: {e.code().name}: {details}"

@@ -1,4 +1,5 @@
 """`retrieval serve`: the gRPC server over an index root (flags or RETRIEVAL_* environment variables)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,11 @@ SERVE_HELP = {
     "model": "model to load instead of the one the index manifest names (its fingerprint must match)",
     "max_batch": "most text queries per text-encoder forward pass (1 disables micro-batching)",
     "max_image_batch": "most image queries per image-encoder forward pass (Lite0 alone encodes faster per "
-                       "image in bigger batches, but on 2 CPU cores shared with gRPC, caps of 16 or 32 served "
-                       "no more image queries per second than 4 and had a longer p99: bench/results/server*.json)",
+    "image in bigger batches, but on 2 CPU cores shared with gRPC, caps of 16 or 32 served "
+    "no more image queries per second than 4 and had a longer p99: bench/results/server*.json)",
     "text_concurrency": "text-encoder batches that may run at once",
     "image_concurrency": "image-encoder batches that may run at once (on 2 CPU cores, two batch-1 forward passes "
-                         "side by side serve ~1.4x the images per second of one: bench/results/server.md)",
+    "side by side serve ~1.4x the images per second of one: bench/results/server.md)",
     "max_wait_ms": "longest a queued query waits for others to fill its batch",
     "max_message_mb": "largest request or response in MiB (image queries travel whole)",
     "max_k": "largest k a query may ask for",
@@ -41,10 +42,13 @@ SERVE_HELP = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve an index over gRPC (health, reflection, metrics, hot swap)",
-                       description="gRPC retrieval server. Loads ROOT/CURRENT and the model its manifest names, "
-                                   "refuses to start on a fingerprint mismatch, swaps to newly published versions "
-                                   "without failing requests, and stops gracefully on SIGTERM.")
+    p = sub.add_parser(
+        "serve",
+        help="serve an index over gRPC (health, reflection, metrics, hot swap)",
+        description="gRPC retrieval server. Loads ROOT/CURRENT and the model its manifest names, "
+        "refuses to start on a fingerprint mismatch, swaps to newly published versions "
+        "without failing requests, and stops gracefully on SIGTERM.",
+    )
     add_dataclass_arguments(p, ServeConfig, SERVE_HELP, env_prefix="RETRIEVAL_")
     p.set_defaults(func=run)
 

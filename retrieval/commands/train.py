@@ -1,4 +1,5 @@
 """`retrieval train`: contrastive training of the projection heads on a caption dataset."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,9 @@ from retrieval.training.train import TrainConfig
 TRAIN_HELP = {
     "data": "caption-dataset folder (images/, captions.csv, splits/) such as ../shared/datasets/flickr8k",
     "model": "registered model name to train (its towers and head shape), a checkpoint to continue from, or "
-             "open_clip:ARCH[@PRETRAINED] to fine-tune an open_clip model (see --finetune)",
+    "open_clip:ARCH[@PRETRAINED] to fine-tune an open_clip model (see --finetune)",
     "out": "output folder for model.safetensors (the trained model), best.safetensors, last.safetensors and "
-           "summary.json",
+    "summary.json",
     "cache_dir": "where frozen-tower features are cached (reused across runs)",
     "views": "image views cached per training image: 1 center crop + (views-1) random crops",
     "crop_scale_min": "smallest area fraction of a random crop",
@@ -27,7 +28,7 @@ TRAIN_HELP = {
     "max_logit_scale": "clamp of the learnable inverse temperature exp(t)",
     "center": "subtract each modality's training mean before normalizing (modality-gap correction)",
     "querybank_size": "training queries per modality kept in the model for the inverted softmax, a query-time "
-                      "correction of hubness whose beta is chosen on dev (0: none)",
+    "correction of hubness whose beta is chosen on dev (0: none)",
     "seed": "random seed (crops, batches, init)",
     "workers": "image-decoding worker processes (default: cores - 1, at most 4; none on 2 cores or fewer)",
     "resume": "continue from OUT/last.safetensors when present",
@@ -37,12 +38,19 @@ TRAIN_HELP = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the projection heads on a caption dataset",
-                       description="Contrastive training of the heads on cached frozen-tower features.")
+    p = sub.add_parser(
+        "train",
+        help="train the projection heads on a caption dataset",
+        description="Contrastive training of the heads on cached frozen-tower features.",
+    )
     add_dataclass_arguments(p, TrainConfig, TRAIN_HELP)
     g = p.add_argument_group("open_clip fine-tuning (with --model open_clip:ARCH[@PRETRAINED])")
-    g.add_argument("--finetune", choices=MODES, default="lit",
-                   help="lit: lock the image tower, tune the text tower; full: tune every weight")
+    g.add_argument(
+        "--finetune",
+        choices=MODES,
+        default="lit",
+        help="lit: lock the image tower, tune the text tower; full: tune every weight",
+    )
     g.add_argument("--device", default="cpu", help="torch device to fine-tune on (cpu, cuda, cuda:1)")
     p.set_defaults(func=run)
 
@@ -54,8 +62,9 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     head_defaults = TrainConfig(data="")
     shared = {f.name for f in dataclasses.fields(FinetuneConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: getattr(heads, k) for k in shared if getattr(heads, k) != getattr(head_defaults, k)}
-    return FinetuneConfig(**{**values, "data": heads.data, "model": heads.model, "finetune": args.finetune,
-                             "device": args.device})
+    return FinetuneConfig(
+        **{**values, "data": heads.data, "model": heads.model, "finetune": args.finetune, "device": args.device}
+    )
 
 
 def run(args: argparse.Namespace) -> int:

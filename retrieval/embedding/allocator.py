@@ -24,6 +24,7 @@ PyTorch's CPU tuning guide fixes the same problem by preloading jemalloc or tcma
 no preload and no extra package (why it is hand-written: `mallopt` is one libc call). Elsewhere
 than glibc it does nothing.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -15,6 +15,7 @@ LogisticRegression, fitted on held-out pairs (`retrieval.training.calibration`).
 ship, inside the model (a float64 buffer per direction, so the fingerprint covers them), and
 this module evaluates them with numpy and scipy: no fitted object is ever pickled or loaded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ import numpy as np
 from scipy.special import expit
 
 FEATURES = ("cosine", "bias", "margin", "query_to_mean", "log_rank")
-DIRECTIONS = ("t2i", "i2t")   # text query -> image gallery, image query -> caption gallery
-TOP_K = 10                    # candidates per query the features see (and the fit used)
-_HEAD = 2                     # packed layout: [top_k, intercept, mean (F), scale (F), coef (F), center (D)]
+DIRECTIONS = ("t2i", "i2t")  # text query -> image gallery, image query -> caption gallery
+TOP_K = 10  # candidates per query the features see (and the fit used)
+_HEAD = 2  # packed layout: [top_k, intercept, mean (F), scale (F), coef (F), center (D)]
 
 
 def direction_of(source: str, target: str) -> str:
@@ -37,26 +38,28 @@ def direction_of(source: str, target: str) -> str:
 class Calibration:
     """One direction's calibrator: the scaler's mean and scale, the logistic coefficients and
     intercept, the candidates per query it was fitted on and the gallery's mean direction."""
-    mean: np.ndarray        # (F,)
-    scale: np.ndarray       # (F,)
-    coef: np.ndarray        # (F,)
+
+    mean: np.ndarray  # (F,)
+    scale: np.ndarray  # (F,)
+    coef: np.ndarray  # (F,)
     intercept: float
     top_k: int
-    center: np.ndarray      # (D,) unit mean direction of the calibration gallery
+    center: np.ndarray  # (D,) unit mean direction of the calibration gallery
 
     def pack(self) -> np.ndarray:
         """One float64 vector (the model buffer's layout)."""
-        return np.concatenate([[float(self.top_k), self.intercept], self.mean, self.scale, self.coef,
-                               self.center]).astype(np.float64)
+        return np.concatenate(
+            [[float(self.top_k), self.intercept], self.mean, self.scale, self.coef, self.center]
+        ).astype(np.float64)
 
     @classmethod
-    def unpack(cls, packed: np.ndarray) -> "Calibration":
+    def unpack(cls, packed: np.ndarray) -> Calibration:
         v = np.asarray(packed, np.float64).reshape(-1)
         f = len(FEATURES)
         if len(v) <= _HEAD + 3 * f:
             raise ValueError(f"a packed calibration has more than {_HEAD + 3 * f} numbers, got {len(v)}")
-        mean, scale, coef = (v[_HEAD + i * f:_HEAD + (i + 1) * f] for i in range(3))
-        return cls(mean, scale, coef, float(v[1]), int(v[0]), v[_HEAD + 3 * f:])
+        mean, scale, coef = (v[_HEAD + i * f : _HEAD + (i + 1) * f] for i in range(3))
+        return cls(mean, scale, coef, float(v[1]), int(v[0]), v[_HEAD + 3 * f :])
 
     def features(self, queries: np.ndarray, cosines: np.ndarray, biases: np.ndarray) -> np.ndarray:
         """(B, D) unit queries and their (B, n) candidates' cosines and biases, ranked by cosine + bias
@@ -64,12 +67,14 @@ class Calibration:
         cos, bias = np.asarray(cosines, np.float64), np.asarray(biases, np.float64)
         score = cos + bias
         n = score.shape[1]
-        other = np.repeat(score[:, :1], n, axis=1)                  # the first, for every later candidate
-        other[:, 0] = score[:, 1] if n > 1 else score[:, 0]         # the second, for the first
-        to_mean = np.asarray(queries, np.float64) @ self.center      # (B,)
+        other = np.repeat(score[:, :1], n, axis=1)  # the first, for every later candidate
+        other[:, 0] = score[:, 1] if n > 1 else score[:, 0]  # the second, for the first
+        to_mean = np.asarray(queries, np.float64) @ self.center  # (B,)
         log_rank = np.log(np.arange(1, n + 1, dtype=np.float64))
-        return np.stack([cos, bias, score - other, np.repeat(to_mean[:, None], n, axis=1),
-                         np.broadcast_to(log_rank, score.shape)], axis=-1)
+        return np.stack(
+            [cos, bias, score - other, np.repeat(to_mean[:, None], n, axis=1), np.broadcast_to(log_rank, score.shape)],
+            axis=-1,
+        )
 
     def probability(self, features: np.ndarray) -> np.ndarray:
         """(..., F) features -> (...) probabilities: what the fitted pipeline's predict_proba[:, 1] gives."""

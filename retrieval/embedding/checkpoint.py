@@ -8,6 +8,7 @@ Reading never unpickles: safetensors parses a JSON header and raw tensor bytes, 
 goes through `json.loads`, so a checkpoint is data and cannot run code. Pickled `.pt`
 checkpoints of earlier versions are refused for that reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ from retrieval.errors import ModelError
 FORMAT = "retrieval-sphere-checkpoint/2"  # /2: safetensors + JSON (/1 was a torch pickle)
 SUFFIX = ".safetensors"
 _METADATA_KEY = "retrieval"  # the one metadata entry (one key keeps the header's bytes deterministic)
-_STATE = "state/"            # prefix of the tensors that are not heads (optimizer, RNG)
+_STATE = "state/"  # prefix of the tensors that are not heads (optimizer, RNG)
 
 
 def save_checkpoint(path: str | Path, model, half: bool = False, **extra: Any) -> Path:
@@ -40,8 +41,13 @@ def save_checkpoint(path: str | Path, model, half: bool = False, **extra: Any) -
     if half:
         heads = {k: v.half() if _halved(k, v) else v for k, v in heads.items()}
     tensors = {k: v.contiguous() for k, v in heads.items()}
-    document = {"format": FORMAT, "name": model.name, "config": _config_dict(model.config), "fingerprint": model.fingerprint(),
-                **{k: _pack(v, tensors, f"{_STATE}{k}") for k, v in extra.items()}}
+    document = {
+        "format": FORMAT,
+        "name": model.name,
+        "config": _config_dict(model.config),
+        "fingerprint": model.fingerprint(),
+        **{k: _pack(v, tensors, f"{_STATE}{k}") for k, v in extra.items()},
+    }
     blob = safetensors.torch.save(tensors, metadata={_METADATA_KEY: json.dumps(document)})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -72,9 +78,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"'{path}' is not a {FORMAT} checkpoint: it cannot be read as safetensors ({e}); "
-                         f"pickled .pt checkpoints of earlier versions are not read, since loading one can run "
-                         f"code") from None
+        raise ModelError(
+            f"'{path}' is not a {FORMAT} checkpoint: it cannot be read as safetensors ({e}); "
+            f"pickled .pt checkpoints of earlier versions are not read, since loading one can run "
+            f"code"
+        ) from None
     try:
         document = json.loads(header[_METADATA_KEY])
         if not isinstance(document, dict) or document.get("format") != FORMAT:

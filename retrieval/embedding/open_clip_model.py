@@ -8,6 +8,7 @@ added with `open_clip.add_model_config`), and its tensors are the whole tuned st
 strictly. It names no module, no folder and no other file, so it is self-contained: the index
 builder copies it into a version like any other checkpoint.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from retrieval.errors import ModelError
 from retrieval.embedding.model import state_fingerprint
+from retrieval.errors import ModelError
 
 
 class OpenClipEncoder(nn.Module):
@@ -63,7 +64,7 @@ class OpenClipEncoder(nn.Module):
     def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state, strict=True)
 
-    def tuned(self, finetune: str) -> "OpenClipEncoder":
+    def tuned(self, finetune: str) -> OpenClipEncoder:
         """Marks this model as fine-tuned (`finetune` names how): its config then names the
         architecture only, no pretrained file, since the checkpoint carries every weight."""
         self.name = f"open_clip:{self.arch}"

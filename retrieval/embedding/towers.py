@@ -2,11 +2,12 @@
 sentence-transformers text tower. Each maps a batch to a flat feature vector (B, F) that the
 trainable heads project onto the sphere. Towers are loaded offline from PyPI packages.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -63,7 +64,9 @@ class EfficientNetLiteTower(nn.Module):
         self.net = timm.create_model(arch, pretrained=False, num_classes=0)
         self._load_packaged(weights)
         self.taps = list(taps)
-        dims = {i: blk[-1].conv_pwl.out_channels for i, blk in enumerate(self.net.blocks) if hasattr(blk[-1], "conv_pwl")}
+        dims = {
+            i: blk[-1].conv_pwl.out_channels for i, blk in enumerate(self.net.blocks) if hasattr(blk[-1], "conv_pwl")
+        }
         dims["head"] = self.net.num_features
         self.block_taps = sorted(self._block_index(t) for t in self.taps if t != "head")
         self.out_dim = sum(dims[self._block_index(t)] if t != "head" else dims["head"] for t in self.taps)
@@ -117,7 +120,9 @@ class HFTextTower(nn.Module):
         mask = (token_ids != self.pad_id).long()
         length = int(mask.sum(1).max().clamp(min=1))
         token_ids, mask = token_ids[:, :length], mask[:, :length]  # trim shared padding
-        out = self.net(input_ids=token_ids, attention_mask=mask, output_hidden_states=len(self.layers) > 1 or self.layers != [-1])
+        out = self.net(
+            input_ids=token_ids, attention_mask=mask, output_hidden_states=len(self.layers) > 1 or self.layers != [-1]
+        )
         states = out.hidden_states if out.hidden_states is not None else (out.last_hidden_state,)
         m = mask.unsqueeze(-1).to(states[-1].dtype)  # (B, L, 1)
         pooled = [(states[i] * m).sum(1) / m.sum(1).clamp(min=1.0) for i in self.layers]

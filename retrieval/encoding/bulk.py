@@ -4,12 +4,13 @@ streams).
 `encode_image_files(..., project=False)` returns tower features (B, F) for training;
 `project=True` returns the model's unit vectors (B, D).
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,8 +50,14 @@ def default_streams(workers: int) -> int:
     return 2 if workers == 0 and torch.get_num_threads() >= 2 else 1
 
 
-def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: int, batch_size: int,
-                 workers: int | None, seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def image_loader(
+    paths: Sequence[str | Path],
+    transform: Callable,
+    image_size: int,
+    batch_size: int,
+    workers: int | None,
+    seed: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """(indices (B,), pixels (B, 3, S, S) float, errors (B strings, "" when fine)) per batch.
     With `workers` > 0, worker processes decode and preprocess while this process runs the
     encoder; with 0, this process decodes each batch as it is drawn (in the thread that draws it);
@@ -63,8 +70,9 @@ def image_loader(paths: Sequence[str | Path], transform: Callable, image_size: i
         yield idx, per_batch(pixels), errors
 
 
-def image_dataset(paths: Sequence[str | Path], transform: Callable, image_size: int,
-                  seed: int | None = None) -> tuple[ImageFileDataset, Callable[[torch.Tensor], torch.Tensor]]:
+def image_dataset(
+    paths: Sequence[str | Path], transform: Callable, image_size: int, seed: int | None = None
+) -> tuple[ImageFileDataset, Callable[[torch.Tensor], torch.Tensor]]:
     """(dataset of each file's per-image pixels, the transform's per-batch tail): `image_loader`'s
     decoding, for callers that batch and place the work themselves (`index_builder.ray_encode`)."""
     per_image, per_batch = split_transform(transform)
@@ -73,9 +81,18 @@ def image_dataset(paths: Sequence[str | Path], transform: Callable, image_size: 
     return ImageFileDataset(paths, per_image, image_size, placeholder, seed), per_batch
 
 
-def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, *, project: bool = True,
-                       batch_size: int = IMAGE_BATCH, workers: int | None = None, seed: int = 0,
-                       desc: str = "images", progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
+def encode_image_files(
+    model,
+    paths: Sequence[str | Path],
+    transform: Callable,
+    *,
+    project: bool = True,
+    batch_size: int = IMAGE_BATCH,
+    workers: int | None = None,
+    seed: int = 0,
+    desc: str = "images",
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[int, str]]:
     """Returns (vectors (N, D or F) float32, {index: reason} of files that did not decode;
     their rows are zeros)."""
     size = input_size(model, transform)
@@ -84,12 +101,14 @@ def encode_image_files(model, paths: Sequence[str | Path], transform: Callable, 
     bad: dict[int, str] = {}
     # Random crops reseed torch's RNG per item: in-process (workers=0) that is the global one, so
     # fork it: the caller's random stream is left untouched.
-    with torch.random.fork_rng(), torch.inference_mode(), \
-            meter(len(paths), desc, "img", enabled=progress) as bar:
+    with torch.random.fork_rng(), torch.inference_mode(), meter(len(paths), desc, "img", enabled=progress) as bar:
         for idx, pixels, errors in loader:
             # encode_image feeds its tower channels-last itself; the bare tower gets the same layout
-            vecs = (model.encode_image(pixels) if project
-                    else model.image_tower(pixels.contiguous(memory_format=torch.channels_last)))
+            vecs = (
+                model.encode_image(pixels)
+                if project
+                else model.image_tower(pixels.contiguous(memory_format=torch.channels_last))
+            )
             vecs = vecs.float().numpy()
             if out is None:
                 out = np.zeros((len(paths), vecs.shape[1]), np.float32)
@@ -115,14 +134,22 @@ def _transform_size(transform: Callable) -> int:
     raise ValueError("cannot infer the image size from the transform")
 
 
-def encode_texts(model, tokenizer: Callable, texts: Sequence[str], *, project: bool = True,
-                 batch_size: int = 256, desc: str = "captions", progress: bool = True) -> np.ndarray:
+def encode_texts(
+    model,
+    tokenizer: Callable,
+    texts: Sequence[str],
+    *,
+    project: bool = True,
+    batch_size: int = 256,
+    desc: str = "captions",
+    progress: bool = True,
+) -> np.ndarray:
     """(N, D or F) float32. Texts are batched by length (less padding), results in input order."""
     order = np.argsort([len(t) for t in texts], kind="stable")
     out: np.ndarray | None = None
     with torch.inference_mode(), meter(len(texts), desc, "txt", enabled=progress) as bar:
         for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             ids = tokenizer([texts[i] for i in rows])
             vecs = (model.encode_text(ids) if project else model.text_tower(ids)).float().numpy()
             if out is None:

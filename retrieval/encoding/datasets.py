@@ -6,6 +6,7 @@ captions) raise one DatasetError. Item-level problems (an empty caption, an imag
 missing) are skipped, counted and reported in `skipped`; images that exist but do not decode
 are found, skipped and reported when they are encoded.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,15 +22,15 @@ from retrieval.errors import DatasetError
 class CaptionDataset:
     root: Path
     split: str | None
-    images: list[str]                 # names relative to root/images, in split order
-    captions: list[str]               # (C,)
-    caption_image: np.ndarray         # (C,) int64 index into `images`
+    images: list[str]  # names relative to root/images, in split order
+    captions: list[str]  # (C,)
+    caption_image: np.ndarray  # (C,) int64 index into `images`
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
 
     def image_paths(self) -> list[Path]:
         return [self.root / "images" / name for name in self.images]
 
-    def drop_images(self, bad: dict[int, str]) -> "CaptionDataset":
+    def drop_images(self, bad: dict[int, str]) -> CaptionDataset:
         """A copy without the images at indices `bad` (and their captions), reasons recorded."""
         if not bad:
             return self
@@ -38,8 +39,11 @@ class CaptionDataset:
         remap[keep] = np.arange(len(keep))
         cap_keep = remap[self.caption_image] >= 0
         return CaptionDataset(
-            self.root, self.split, [self.images[i] for i in keep],
-            [c for c, k in zip(self.captions, cap_keep) if k], remap[self.caption_image[cap_keep]],
+            self.root,
+            self.split,
+            [self.images[i] for i in keep],
+            [c for c, k in zip(self.captions, cap_keep) if k],
+            remap[self.caption_image[cap_keep]],
             self.skipped + [(self.images[i], reason) for i, reason in sorted(bad.items())],
         )
 
@@ -79,8 +83,9 @@ def load_caption_dataset(root: str | Path, split: str | None = None) -> CaptionD
     names = read_split(root, split) if split else sorted(by_image)
     unknown = [n for n in names if n not in by_image]
     if unknown:
-        raise DatasetError(f"split '{split}' names {len(unknown)} image(s) with no captions in {csv_path}, "
-                           f"e.g. {unknown[:3]}")
+        raise DatasetError(
+            f"split '{split}' names {len(unknown)} image(s) with no captions in {csv_path}, e.g. {unknown[:3]}"
+        )
     present = []
     for name in names:
         if (root / "images" / name).is_file():

@@ -2,13 +2,14 @@
 crashes on a bad file (a file that does not decode yields a placeholder and its reason, counted by
 the caller); and the split of a preprocessing pipeline into per-image and per-batch parts that bulk
 encoding uses."""
+
 from __future__ import annotations
 
 import functools
 import io
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,8 +60,9 @@ def load_image(source: str | Path | bytes, min_side: int | None = None) -> Image
                 if img.width < 1 or img.height < 1:
                     raise InvalidInputError(f"{what}: the header declares {img.width}x{img.height} pixels, none")
                 if img.width * img.height > MAX_PIXELS:
-                    raise InvalidInputError(f"{what}: the header declares {img.width}x{img.height} pixels, over the "
-                                            f"limit of {MAX_PIXELS:,}")
+                    raise InvalidInputError(
+                        f"{what}: the header declares {img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,}"
+                    )
                 img.load()  # force the full decode here: truncated files fail now, not later
                 return bounded_aspect(img).convert("RGB")
     except InvalidInputError:
@@ -101,8 +103,10 @@ def split_transform(transform: Callable) -> tuple[Callable, Callable[[torch.Tens
 
         @functools.lru_cache(maxsize=8)
         def along_a_row(device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:  # 2x (W*C,)
-            return tuple(torch.as_tensor(v, dtype=torch.float32, device=device).repeat(width)
-                         for v in (normalize.mean, normalize.std))
+            return tuple(
+                torch.as_tensor(v, dtype=torch.float32, device=device).repeat(width)
+                for v in (normalize.mean, normalize.std)
+            )
 
         def per_batch(hwc: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) uint8 -> (B, C, H, W) float
             assert hwc.dtype == torch.uint8, f"per-batch preprocessing takes uint8 pixels, got {hwc.dtype}"
@@ -134,9 +138,21 @@ class ImageFileDataset(torch.utils.data.Dataset):
     so random crops do not depend on batch size, worker count or order (this reseeds the RNG
     of the process that decodes: in-process callers fork it around the loop)."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Callable, min_side: int, placeholder: torch.Tensor,
-                 seed: int | None = None):
-        self.paths, self.transform, self.min_side, self.placeholder, self.seed = list(paths), transform, min_side, placeholder, seed
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        transform: Callable,
+        min_side: int,
+        placeholder: torch.Tensor,
+        seed: int | None = None,
+    ):
+        self.paths, self.transform, self.min_side, self.placeholder, self.seed = (
+            list(paths),
+            transform,
+            min_side,
+            placeholder,
+            seed,
+        )
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -11,11 +11,13 @@ forward pass on the same batches decoded beforehand, and 125.6 for two raw passe
 Threads rather than processes: torch and PIL release the GIL in their kernels, and the model is
 shared, not copied.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 
@@ -42,8 +44,10 @@ def threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Iter
             yield item, fn(item)
         return
     if not _RUNNING.acquire(blocking=False):
-        raise RuntimeError("another threaded_map with several streams is running in this process; "
-                           "torch's thread count is process-wide, so they cannot share it")
+        raise RuntimeError(
+            "another threaded_map with several streams is running in this process; "
+            "torch's thread count is process-wide, so they cannot share it"
+        )
     try:
         yield from _threaded_map(items, fn, streams)
     finally:

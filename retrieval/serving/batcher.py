@@ -15,12 +15,14 @@ A caller that gave up is skipped when its batch is formed: its future is done (c
 `alive` callable it submitted with says it no longer waits (its deadline passed); the latter gets
 DeadlineExceededError. Its item is never passed to the batch function.
 """
+
 from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from retrieval.errors import DeadlineExceededError
 
@@ -34,9 +36,16 @@ def ensure_alive(alive: Alive | None) -> None:
 
 
 class MicroBatcher:
-    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch: int = 32, max_wait_s: float = 0.002,
-                 executor: Executor | None = None, on_batch: Callable[[int], None] | None = None,
-                 patience: int = 8, concurrency: int = 1):
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], Sequence[Any]],
+        max_batch: int = 32,
+        max_wait_s: float = 0.002,
+        executor: Executor | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        patience: int = 8,
+        concurrency: int = 1,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if concurrency < 1:

@@ -1,5 +1,6 @@
 """The server's typed configuration: `ServeConfig` (every `retrieval serve` setting, validated at
 the edge with an error naming the flag) and the `Limits` the engine enforces, derived from it."""
+
 from __future__ import annotations
 
 import math
@@ -19,15 +20,15 @@ class Limits:
 
     max_k: int = 1000
     max_text_chars: int = 2000
-    max_batch: int = 32          # text encoder micro-batch size (1 = unbatched)
-    max_image_batch: int = 4     # image encoder's (on CPU, large image batches are slower per image)
-    text_concurrency: int = 1    # text-encoder batches that may run at once
-    image_concurrency: int = 2   # image-encoder batches that may run at once
-    max_wait_s: float = 0.002    # how long the oldest queued item may wait for others
+    max_batch: int = 32  # text encoder micro-batch size (1 = unbatched)
+    max_image_batch: int = 4  # image encoder's (on CPU, large image batches are slower per image)
+    text_concurrency: int = 1  # text-encoder batches that may run at once
+    image_concurrency: int = 2  # image-encoder batches that may run at once
+    max_wait_s: float = 0.002  # how long the oldest queued item may wait for others
     max_reply_bytes: int | None = None  # largest reply the server may send (None: unbounded)
-    max_terms: int = 16          # terms of one composed query
-    max_walk_steps: int = 64     # steps of one Walk (and steps * k <= max_k)
-    rerank_pool: int = 200       # candidates MMR / dedup re-rank (at least k)
+    max_terms: int = 16  # terms of one composed query
+    max_walk_steps: int = 64  # steps of one Walk (and steps * k <= max_k)
+    rerank_pool: int = 200  # candidates MMR / dedup re-rank (at least k)
 
 
 @dataclass
@@ -60,9 +61,10 @@ class ServeConfig:
     verify: bool = True
     device: str = "cpu"
 
-    def validate(self) -> "ServeConfig":
+    def validate(self) -> ServeConfig:
         """Raise a ConfigError naming the flag of the first setting the server cannot run with.
         Reads the TLS files (they must be a matching PEM pair) and loads nothing else."""
+
         def require(ok: bool, flag: str, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"--{flag.replace('_', '-')} {getattr(self, flag)!s}: {rule}")
@@ -71,8 +73,18 @@ class ServeConfig:
         require(bool(self.host), "host", "must name an address to listen on")
         require(0 <= self.port <= 65535, "port", "must be a port number from 0 to 65535 (0 picks a free one)")
         require(self.metrics_port <= 65535, "metrics_port", "must be a port number up to 65535 (negative disables)")
-        for name in ("max_batch", "max_image_batch", "text_concurrency", "image_concurrency", "max_k",
-                     "max_text_chars", "max_batch_queries", "workers", "max_terms", "rerank_pool"):
+        for name in (
+            "max_batch",
+            "max_image_batch",
+            "text_concurrency",
+            "image_concurrency",
+            "max_k",
+            "max_text_chars",
+            "max_batch_queries",
+            "workers",
+            "max_terms",
+            "rerank_pool",
+        ):
             require(getattr(self, name) >= 1, name, "must be at least 1")
         require(self.max_walk_steps >= 2, "max_walk_steps", "must be at least 2 (a walk has two ends)")
         for name in ("max_message_mb", "watch_interval_s"):
@@ -93,8 +105,16 @@ class ServeConfig:
     @property
     def limits(self) -> Limits:
         """The engine's share of the settings."""
-        return Limits(max_k=self.max_k, max_text_chars=self.max_text_chars, max_batch=self.max_batch,
-                      max_image_batch=self.max_image_batch, text_concurrency=self.text_concurrency,
-                      image_concurrency=self.image_concurrency, max_wait_s=self.max_wait_ms / 1000.0,
-                      max_reply_bytes=int(self.max_message_mb * MiB), max_terms=self.max_terms,
-                      max_walk_steps=self.max_walk_steps, rerank_pool=self.rerank_pool)
+        return Limits(
+            max_k=self.max_k,
+            max_text_chars=self.max_text_chars,
+            max_batch=self.max_batch,
+            max_image_batch=self.max_image_batch,
+            text_concurrency=self.text_concurrency,
+            image_concurrency=self.image_concurrency,
+            max_wait_s=self.max_wait_ms / 1000.0,
+            max_reply_bytes=int(self.max_message_mb * MiB),
+            max_terms=self.max_terms,
+            max_walk_steps=self.max_walk_steps,
+            rerank_pool=self.rerank_pool,
+        )

@@ -1,11 +1,12 @@
 """The model behind the server: loaded once per process (`cached_model`), with its preprocessing
 split as bulk encoding splits it and one micro-batcher per modality (`Encoder`)."""
+
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,8 +30,14 @@ def cached_model(name: str, device: str = "cpu"):
 class Encoder:
     """One model with its preprocessing and one micro-batcher per modality."""
 
-    def __init__(self, name: str, bundle: tuple, limits: Limits, executor: Executor | None,
-                 on_batch: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        bundle: tuple,
+        limits: Limits,
+        executor: Executor | None,
+        on_batch: Callable[[str, int], None] | None = None,
+    ):
         self.name = name
         self.model, self.preprocess, self.tokenizer = bundle
         # as bulk encoding does: per-image steps in the request's thread, scaling and normalization
@@ -42,11 +49,23 @@ class Encoder:
         self.device = next(self.model.parameters()).device  # inputs go there, vectors come back to the CPU
         self.image_size = input_size(self.model, self.preprocess)
         self.executor = executor
-        hook = (lambda kind: (lambda n: on_batch(kind, n))) if on_batch else (lambda kind: None)
-        self.text_batcher = MicroBatcher(self._encode_texts, limits.max_batch, limits.max_wait_s, executor, hook("text"),
-                                         concurrency=limits.text_concurrency)
-        self.image_batcher = MicroBatcher(self._encode_images, limits.max_image_batch, limits.max_wait_s, executor,
-                                          hook("image"), concurrency=limits.image_concurrency)
+        hook = (lambda kind: lambda n: on_batch(kind, n)) if on_batch else (lambda kind: None)
+        self.text_batcher = MicroBatcher(
+            self._encode_texts,
+            limits.max_batch,
+            limits.max_wait_s,
+            executor,
+            hook("text"),
+            concurrency=limits.text_concurrency,
+        )
+        self.image_batcher = MicroBatcher(
+            self._encode_images,
+            limits.max_image_batch,
+            limits.max_wait_s,
+            executor,
+            hook("image"),
+            concurrency=limits.image_concurrency,
+        )
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.model.encode_text(self.tokenizer(texts).to(self.device)).cpu().numpy())

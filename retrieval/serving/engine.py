@@ -10,33 +10,39 @@ reply it could produce against the reply size the server may send, and each imag
 `retrieval.encoding.images.load_image`). A request may carry an `alive` callable (its caller still waits):
 once it says no, the request's work stops before the next decode, encode or search.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import weakref
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import numpy as np
 
 from retrieval.embedding.calibration import direction_of
 from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.embedding.factory import list_models
-from retrieval.errors import (BatchItemError, FingerprintMismatchError, IndexUnavailableError, InvalidInputError,
-                              RetrievalError)
+from retrieval.errors import (
+    BatchItemError,
+    FingerprintMismatchError,
+    IndexUnavailableError,
+    InvalidInputError,
+    RetrievalError,
+)
 from retrieval.hits import Hit, Modality, reply_bytes, result_bytes
 from retrieval.serving.batcher import Alive, ensure_alive
 from retrieval.serving.confidence import applicable
 from retrieval.serving.config import Limits
 from retrieval.serving.encoder import Encoder, cached_model
+from retrieval.serving.pages import PageRequest, next_token, page_window
 from retrieval.serving.queries import NO_OPTIONS, Options, Point, resolve
 from retrieval.serving.ranking import lookup
 from retrieval.serving.validation import Query, QueryInput, Validator
 from retrieval.sphere.compose import walk_points
-from retrieval.serving.pages import PageRequest, next_token, page_window
 from retrieval.store.attributes import Condition
 from retrieval.store.layout import CHECKPOINT_SUFFIX, list_versions, read_current, version_signature
 from retrieval.store.reader import IndexVersion
@@ -53,11 +59,19 @@ class Live:
 class Engine:
     """Model + live index under `root`. `load()` once, then `poll_once()` periodically to hot-swap."""
 
-    def __init__(self, root: str | Path, limits: Limits = Limits(), executor: Executor | None = None,
-                 model: str | None = None, model_loader: Callable[[str], tuple] = cached_model, verify: bool = True,
-                 on_batch: Callable[[str, int], None] | None = None,
-                 on_swap: Callable[[IndexVersion], None] | None = None,
-                 on_reject: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        limits: Limits | None = None,
+        executor: Executor | None = None,
+        model: str | None = None,
+        model_loader: Callable[[str], tuple] = cached_model,
+        verify: bool = True,
+        on_batch: Callable[[str, int], None] | None = None,
+        on_swap: Callable[[IndexVersion], None] | None = None,
+        on_reject: Callable[[str, str], None] | None = None,
+    ):
+        limits = limits or Limits()
         self.root, self.limits, self.executor = Path(root), limits, executor
         self.checks = Validator(limits)
         self.model_override, self.model_loader, self.verify = model, model_loader, verify
@@ -99,10 +113,12 @@ class Engine:
                     f"index {index.name} was built with model '{index.model}' (fingerprint {index.fingerprint}), but "
                     f"the model loaded here, '{encoder.name}', has fingerprint {encoder.fingerprint}: its weights "
                     f"differ, so its queries would not match the stored vectors. Rebuild the index with this model, "
-                    f"or serve the model the index names")
+                    f"or serve the model the index names"
+                )
             if encoder.dim != index.dim:
-                raise FingerprintMismatchError(f"index {index.name} has dimension {index.dim}, model '{encoder.name}' "
-                                               f"{encoder.dim}")
+                raise FingerprintMismatchError(
+                    f"index {index.name} has dimension {index.dim}, model '{encoder.name}' {encoder.dim}"
+                )
         except BaseException:
             index.close()
             raise
@@ -110,8 +126,13 @@ class Engine:
 
     def _swap(self, live: Live) -> None:
         old, self._live = self._live, live
-        log.info("serving index version %s (%d images, %d texts, model %s)", live.index.name,
-                 live.index.count("image"), live.index.count("text"), live.encoder.name)
+        log.info(
+            "serving index version %s (%d images, %d texts, model %s)",
+            live.index.name,
+            live.index.count("image"),
+            live.index.count("text"),
+            live.encoder.name,
+        )
         if self.on_swap:
             self.on_swap(live.index)
         del old  # in-flight requests keep their own reference until they finish
@@ -145,8 +166,12 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - keep serving the previous version
             reason = self._reason(e)
             self._rejected = (name, signature, reason)
-            log.error("not swapping to index version %s: %s (retried when its files change)", name, e,
-                      exc_info=not isinstance(e, RetrievalError))
+            log.error(
+                "not swapping to index version %s: %s (retried when its files change)",
+                name,
+                e,
+                exc_info=not isinstance(e, RetrievalError),
+            )
             if self.on_reject:
                 self.on_reject(name, reason)
             return False
@@ -170,8 +195,10 @@ class Engine:
     def live(self) -> Live:
         live = self._live
         if live is None:  # clients learn nothing of the host: the index root is in the server's log
-            raise IndexUnavailableError("no index version is published yet; the server serves the first one an "
-                                        "`index-builder build` publishes under its index root")
+            raise IndexUnavailableError(
+                "no index version is published yet; the server serves the first one an "
+                "`index-builder build` publishes under its index root"
+            )
         return live
 
     async def reply_bytes(self, index: IndexVersion, asks: list[tuple[Modality, int]]) -> int:
@@ -181,7 +208,8 @@ class Engine:
         per_result = self._result_bytes.get(index)
         if per_result is None:
             per_result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: {t: result_bytes(index.longest_strings(t)) for t in ("image", "text")})
+                self.executor, lambda: {t: result_bytes(index.longest_strings(t)) for t in ("image", "text")}
+            )
             self._result_bytes[index] = per_result
         return reply_bytes([(min(k, index.count(t)), per_result[t]) for t, k in asks], index.name)
 
@@ -190,8 +218,10 @@ class Engine:
         before any work (rather than failing the reply after all of it)."""
         limit = self.limits.max_reply_bytes
         if limit is not None and (size := await self.reply_bytes(index, asks)) > limit:
-            raise InvalidInputError(f"the reply could take up to {size:,} bytes, over the server's limit of {limit:,} "
-                                    f"bytes per message: ask for fewer results (k) or send fewer queries per call")
+            raise InvalidInputError(
+                f"the reply could take up to {size:,} bytes, over the server's limit of {limit:,} "
+                f"bytes per message: ask for fewer results (k) or send fewer queries per call"
+            )
 
     # -- the operations -----------------------------------------------------------------------------
     async def embed(self, query: str | bytes, live: Live | None = None, alive: Alive | None = None) -> np.ndarray:
@@ -202,10 +232,17 @@ class Engine:
             raise InvalidInputError("image bytes are empty")
         return await live.encoder.embed_image(bytes(query), alive)
 
-    async def search(self, query: QueryInput, target: Modality | None = None, k: int = 10,
-                     min_score: float | None = None, source: Modality | None = None,
-                     alive: Alive | None = None, options: Options = NO_OPTIONS,
-                     conditions: tuple[Condition, ...] = ()) -> tuple[list[Hit], str]:
+    async def search(
+        self,
+        query: QueryInput,
+        target: Modality | None = None,
+        k: int = 10,
+        min_score: float | None = None,
+        source: Modality | None = None,
+        alive: Alive | None = None,
+        options: Options = NO_OPTIONS,
+        conditions: tuple[Condition, ...] = (),
+    ) -> tuple[list[Hit], str]:
         """Top-k hits of `target` for one query and the index version that answered. `source` is
         what a raw embedding encodes, if known (texts and image bytes are known). `options`: a cap,
         diversity, dedup (`retrieval.serving.queries`). `conditions`: only items they all hold for
@@ -216,10 +253,18 @@ class Engine:
         await self.check_reply(live.index, [(target, k)])
         return await self._search(live, query, target, k, min_score, source, options, alive, allowed)
 
-    async def search_page(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
-                          source: Modality | None, page: PageRequest, alive: Alive | None = None,
-                          conditions: tuple[Condition, ...] = (),
-                          options: Options = NO_OPTIONS) -> tuple[list[Hit], str, str]:
+    async def search_page(
+        self,
+        query: QueryInput,
+        target: Modality | None,
+        k: int,
+        min_score: float | None,
+        source: Modality | None,
+        page: PageRequest,
+        alive: Alive | None = None,
+        conditions: tuple[Condition, ...] = (),
+        options: Options = NO_OPTIONS,
+    ) -> tuple[list[Hit], str, str]:
         """One page of a search's ranking, its version and the next page's token ("" after the last):
         `retrieval.serving.pages`. The ranking is k deep when k is set (0: the server's max_k), and
         never deeper than the items that can match."""
@@ -271,31 +316,70 @@ class Engine:
 
     async def _resolve(self, live: Live, query: QueryInput, source: Modality | None, alive: Alive | None) -> Point:
         """The query's point on the sphere, its modality and the items it excludes."""
-        point = await resolve(query, source, live.index, lambda q: self.embed(q, live, alive),
-                              lambda v: self.checks.check_embedding(v, live.index.dim))
+        point = await resolve(
+            query,
+            source,
+            live.index,
+            lambda q: self.embed(q, live, alive),
+            lambda v: self.checks.check_embedding(v, live.index.dim),
+        )
         ensure_alive(alive)
         return point
 
-    async def _rank(self, live: Live, point: Point, target: Modality, k: int, min_score: float | None,
-                    options: Options, allowed: np.ndarray | None = None) -> list[Hit]:
+    async def _rank(
+        self,
+        live: Live,
+        point: Point,
+        target: Modality,
+        k: int,
+        min_score: float | None,
+        options: Options,
+        allowed: np.ndarray | None = None,
+    ) -> list[Hit]:
         # text -> image and image -> text rank with the inverted softmax's bias; same-modal searches
         # and queries of unknown modality by the plain cosine
         cross_modal = point.modality is not None and point.modality != target
         calibration = live.encoder.calibrations.get(direction_of(point.modality, target)) if cross_modal else None
         calibration = applicable(calibration, options.min_probability)  # match probabilities of this search
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, lookup, live.index, target, point, k, min_score, cross_modal, options,
-            self.limits.rerank_pool, allowed, calibration)
+            self.executor,
+            lookup,
+            live.index,
+            target,
+            point,
+            k,
+            min_score,
+            cross_modal,
+            options,
+            self.limits.rerank_pool,
+            allowed,
+            calibration,
+        )
 
-    async def _search(self, live: Live, query: QueryInput, target: Modality, k: int, min_score: float | None,
-                      source: Modality | None, options: Options, alive: Alive | None,
-                      allowed: np.ndarray | None = None) -> tuple[list[Hit], str]:
+    async def _search(
+        self,
+        live: Live,
+        query: QueryInput,
+        target: Modality,
+        k: int,
+        min_score: float | None,
+        source: Modality | None,
+        options: Options,
+        alive: Alive | None,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[list[Hit], str]:
         point = await self._resolve(live, query, source, alive)
         return await self._rank(live, point, target, k, min_score, options, allowed), live.index.name
 
-    async def walk(self, start: tuple[QueryInput, Modality | None], end: tuple[QueryInput, Modality | None],
-                   target: Modality | None, steps: int, k: int,
-                   alive: Alive | None = None) -> AsyncIterator[tuple[int, float, float, list[Hit], str]]:
+    async def walk(
+        self,
+        start: tuple[QueryInput, Modality | None],
+        end: tuple[QueryInput, Modality | None],
+        target: Modality | None,
+        steps: int,
+        k: int,
+        alive: Alive | None = None,
+    ) -> AsyncIterator[tuple[int, float, float, list[Hit], str]]:
         """A path from `start` to `end` (each a query and its declared modality) along their great
         circle in `steps` points (slerp, equal angles): (step, t, angle from start in degrees, the
         step's top k without the items an earlier step sent, version) for each. The ends' own stored
@@ -305,8 +389,10 @@ class Engine:
             raise InvalidInputError(f"steps must be between 2 and {self.limits.max_walk_steps}, got {steps}")
         self.checks.check_k(k)
         if steps * k > self.limits.max_k:
-            raise InvalidInputError(f"a walk of {steps} steps of k={k} could stream {steps * k} results, over the "
-                                    f"limit of {self.limits.max_k} (the server's max k)")
+            raise InvalidInputError(
+                f"a walk of {steps} steps of k={k} could stream {steps * k} results, over the "
+                f"limit of {self.limits.max_k} (the server's max k)"
+            )
         targets = {self.checks.check_query(q, target, s) for q, s in (start, end)}
         if target is None and len(targets) > 1:
             raise InvalidInputError("the walk's ends default to different galleries: name the target")
@@ -328,11 +414,17 @@ class Engine:
     def info(self) -> dict:
         live = self.live()
         idx = live.index
-        return {"version": idx.name, "model": idx.model, "model_fingerprint": idx.fingerprint, "dim": idx.dim,
-                "image_count": idx.count("image"), "text_count": idx.count("text"),
-                "available_versions": list_versions(self.root), "filter_fields": sorted(idx.filter_fields),
-                "calibrated": bool(live.encoder.calibrations),
-                "rejected_version": self._rejected[0] if self._rejected else "",
-                "rejected_reason": self._rejected[2] if self._rejected else "",
-                "geometry": idx.manifest.geometry}  # None for versions built before geometry was measured
-
+        return {
+            "version": idx.name,
+            "model": idx.model,
+            "model_fingerprint": idx.fingerprint,
+            "dim": idx.dim,
+            "image_count": idx.count("image"),
+            "text_count": idx.count("text"),
+            "available_versions": list_versions(self.root),
+            "filter_fields": sorted(idx.filter_fields),
+            "calibrated": bool(live.encoder.calibrations),
+            "rejected_version": self._rejected[0] if self._rejected else "",
+            "rejected_reason": self._rejected[2] if self._rejected else "",
+            "geometry": idx.manifest.geometry,
+        }  # None for versions built before geometry was measured

@@ -1,5 +1,6 @@
 """The proto side of filters and pages: `Filter` messages to typed conditions (their meaning is
 `retrieval.store.attributes`'), and the digest of a request that a page token is bound to."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,9 @@ _KINDS = {"string_value": "string", "number_value": "number", "date_value": "dat
 def _value(field: str, value: pb.Value, what: str) -> Value:
     kind = value.WhichOneof("kind")
     if kind is None:
-        raise InvalidInputError(f"filter on '{field}': {what} has no value (set string_value, number_value or "
-                                f"date_value)")
+        raise InvalidInputError(
+            f"filter on '{field}': {what} has no value (set string_value, number_value or date_value)"
+        )
     return _KINDS[kind], getattr(value, kind)
 
 
@@ -36,8 +38,10 @@ def conditions(filters) -> tuple[Condition, ...]:
         elif op == "any_of":
             out.append(Condition(f.field, op, tuple(_value(f.field, v, "an any_of entry") for v in f.any_of.values)))
         elif op == "range":
-            bounds = tuple(_value(f.field, getattr(f.range, side), side) if f.range.HasField(side) else None
-                           for side in ("min", "max"))
+            bounds = tuple(
+                _value(f.field, getattr(f.range, side), side) if f.range.HasField(side) else None
+                for side in ("min", "max")
+            )
             out.append(Condition(f.field, op, bounds))
         else:
             raise InvalidInputError(f"filter on '{f.field[:80]}' has no condition (set equals, any_of or range)")

@@ -9,6 +9,7 @@ Page n+1 continues where page n stopped because each page ranks the first offset
 items again, on the same version, and slices; the ranking's depth is bounded by the server's
 max_k (a search's own k, when set, bounds it lower), so the last page ends there.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,9 +22,9 @@ from retrieval.errors import InvalidInputError, StalePageTokenError
 
 @dataclass(frozen=True)
 class PageRequest:
-    size: int          # results per page
-    token: str         # "" for the first page
-    digest: str        # of the request, without its page fields (the servicer computes it)
+    size: int  # results per page
+    token: str  # "" for the first page
+    digest: str  # of the request, without its page fields (the servicer computes it)
 
 
 def encode_token(version: str, offset: int, digest: str) -> str:
@@ -39,16 +40,26 @@ def decode_token(token: str, version: str, digest: str) -> int:
         doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidInputError("page_token is not a token this server issued") from None
-    if not (isinstance(doc, dict) and isinstance(doc.get("v"), str) and isinstance(doc.get("h"), str)
-            and isinstance(doc.get("o"), int) and not isinstance(doc.get("o"), bool) and doc["o"] > 0):
+    if not (
+        isinstance(doc, dict)
+        and isinstance(doc.get("v"), str)
+        and isinstance(doc.get("h"), str)
+        and isinstance(doc.get("o"), int)
+        and not isinstance(doc.get("o"), bool)
+        and doc["o"] > 0
+    ):
         raise InvalidInputError("page_token is not a token this server issued")
     if doc["v"] != version:
-        raise StalePageTokenError(f"page_token belongs to index version {doc['v'][:40]!r}, and the server now serves "
-                                  f"{version}: a ranking's pages all come from one version; search again without "
-                                  f"a page_token")
+        raise StalePageTokenError(
+            f"page_token belongs to index version {doc['v'][:40]!r}, and the server now serves "
+            f"{version}: a ranking's pages all come from one version; search again without "
+            f"a page_token"
+        )
     if doc["h"] != digest:
-        raise InvalidInputError("page_token was issued for another request: a token continues the query, target, "
-                                "k, filters and options it was issued for")
+        raise InvalidInputError(
+            "page_token was issued for another request: a token continues the query, target, "
+            "k, filters and options it was issued for"
+        )
     return doc["o"]
 
 

@@ -2,6 +2,7 @@
 setting is one line naming it: an address it cannot bind, a TLS certificate and key that are not
 a matching PEM pair. grpc would refuse these later, with messages that name neither the address's
 problem nor the file (and its C core logs a line of its own)."""
+
 from __future__ import annotations
 
 import socket
@@ -46,11 +47,16 @@ def check_tls_pair(cert: str, key: str) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=texts["tls-cert"])
     except ssl.SSLError:
         swapped = "PRIVATE KEY" in texts["tls-cert"]
-        raise ConfigError(f"--tls-cert {cert}: holds no PEM certificate"
-                          + (" but a private key: are --tls-cert and --tls-key swapped?" if swapped else "")) from None
+        raise ConfigError(
+            f"--tls-cert {cert}: holds no PEM certificate"
+            + (" but a private key: are --tls-cert and --tls-key swapped?" if swapped else "")
+        ) from None
     try:  # an encrypted key gets the empty password (and fails) instead of a prompt on the terminal
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as e:
-        why = ("is not the private key of the certificate in --tls-cert" if e.reason == "KEY_VALUES_MISMATCH"
-               else "holds no unencrypted PEM private key")
+        why = (
+            "is not the private key of the certificate in --tls-cert"
+            if e.reason == "KEY_VALUES_MISMATCH"
+            else "holds no unencrypted PEM private key"
+        )
         raise ConfigError(f"--tls-key {key}: {why}") from None

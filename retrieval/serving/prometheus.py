@@ -1,6 +1,7 @@
 """Prometheus metrics of the server, in their own registry (several servers can live in one
 process, as in the tests) with the standard process, platform and GC collectors, exposed over
 HTTP at /metrics (prometheus-client's WSGI app; every other path is 404)."""
+
 from __future__ import annotations
 
 import re
@@ -8,8 +9,16 @@ import socket
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
-                               ProcessCollector, make_wsgi_app)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from retrieval.errors import ConfigError
@@ -21,27 +30,54 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("retrieval_requests", "RPCs handled, by method and status code",
-                                ["method", "code"], registry=self.registry)
-        self.latency = Histogram("retrieval_request_latency_seconds", "RPC latency inside the server, by method",
-                                 ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("retrieval_encoder_batch_size", "items per encoder forward pass, by modality",
-                                    ["modality"], buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.index_version = Gauge("retrieval_index_version", "number of the index version being served (0: none)",
-                                   registry=self.registry)
-        self.index_items = Gauge("retrieval_index_items", "items in the served index version, by modality",
-                                 ["modality"], registry=self.registry)
-        self.swaps = Counter("retrieval_index_swaps", "index versions loaded (startup and hot swaps)",
-                             registry=self.registry)
-        self.rejections = Counter("retrieval_index_rejections", "published index versions refused (corrupt, "
-                                  "untrusted or for another model); each is retried once its files change",
-                                  registry=self.registry)
-        self.rejected_version = Gauge("retrieval_index_rejected_version", "number of the last refused index version "
-                                      "(0: none since the last swap; GetIndexInfo says why)", registry=self.registry)
-        self.geometry = Gauge("retrieval_index_geometry", "the served version's geometry as measured when it was "
-                              "built (alignment, uniformity_image, uniformity_text, modality_gap, hubness_image, "
-                              "hubness_text, ...); absent for versions built before it was measured",
-                              ["metric"], registry=self.registry)
+        self.requests = Counter(
+            "retrieval_requests", "RPCs handled, by method and status code", ["method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "retrieval_request_latency_seconds",
+            "RPC latency inside the server, by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "retrieval_encoder_batch_size",
+            "items per encoder forward pass, by modality",
+            ["modality"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.index_version = Gauge(
+            "retrieval_index_version", "number of the index version being served (0: none)", registry=self.registry
+        )
+        self.index_items = Gauge(
+            "retrieval_index_items",
+            "items in the served index version, by modality",
+            ["modality"],
+            registry=self.registry,
+        )
+        self.swaps = Counter(
+            "retrieval_index_swaps", "index versions loaded (startup and hot swaps)", registry=self.registry
+        )
+        self.rejections = Counter(
+            "retrieval_index_rejections",
+            "published index versions refused (corrupt, "
+            "untrusted or for another model); each is retried once its files change",
+            registry=self.registry,
+        )
+        self.rejected_version = Gauge(
+            "retrieval_index_rejected_version",
+            "number of the last refused index version (0: none since the last swap; GetIndexInfo says why)",
+            registry=self.registry,
+        )
+        self.geometry = Gauge(
+            "retrieval_index_geometry",
+            "the served version's geometry as measured when it was "
+            "built (alignment, uniformity_image, uniformity_text, modality_gap, hubness_image, "
+            "hubness_text, ...); absent for versions built before it was measured",
+            ["metric"],
+            registry=self.registry,
+        )
         self._register_standard_collectors()
         self._http: ThreadingWSGIServer | None = None
 
@@ -83,8 +119,9 @@ class ServerMetrics:
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-            self._http = make_server(host, port, _only_metrics(make_wsgi_app(self.registry)), server_class,
-                                     handler_class=_QuietHandler)
+            self._http = make_server(
+                host, port, _only_metrics(make_wsgi_app(self.registry)), server_class, handler_class=_QuietHandler
+            )
         except OSError as e:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
         threading.Thread(target=self._http.serve_forever, name="retrieval-metrics", daemon=True).start()
@@ -104,6 +141,7 @@ def _version_number(name: str) -> int:
 
 def _only_metrics(app):
     """The WSGI `app` at /metrics, 404 everywhere else."""
+
     def wsgi(environ, start_response):
         if environ.get("PATH_INFO") == "/metrics":
             return app(environ, start_response)

@@ -14,26 +14,28 @@ query with a positive weight) are left out of its results in their own gallery. 
 captions are not excluded from a text search: they are true matches, which is what such a search
 asks for.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Literal, Union
+from typing import Literal
 
 import numpy as np
 
 from retrieval.errors import InvalidInputError, NotFoundError
 from retrieval.hits import ItemRef, Modality
+from retrieval.serving.confidence import check_min_probability
 from retrieval.sphere.compose import check_weights, compose_geodesic, compose_linear
 from retrieval.store.reader import IndexVersion
-from retrieval.serving.confidence import check_min_probability
 
 Combine = Literal["geodesic", "linear"]
 
 
 @dataclass(frozen=True)
 class Term:
-    value: Union[str, bytes, np.ndarray, ItemRef]
+    value: str | bytes | np.ndarray | ItemRef
     weight: float = 1.0
     modality: Modality | None = None  # what an embedding encodes, if its sender said
 
@@ -58,12 +60,13 @@ class Composed:
 class Options:
     """How a result list is shaped: a spherical cap (degrees), MMR's lambda, the dedup angle, and
     the least match probability a text <-> image result must have (`retrieval.serving.confidence`)."""
+
     max_angle_deg: float | None = None
     diversity: float | None = None
     dedup_angle_deg: float | None = None
     min_probability: float | None = None
 
-    def check(self) -> "Options":
+    def check(self) -> Options:
         for name in ("max_angle_deg", "dedup_angle_deg"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and 0 <= v <= 180):
@@ -84,6 +87,7 @@ NO_OPTIONS = Options()
 @dataclass
 class Point:
     """A query resolved on the sphere: its unit vector, its modality, and the ids to leave out."""
+
     vector: np.ndarray
     modality: Modality | None
     exclude: dict[str, set[int]] = field(default_factory=dict)
@@ -123,12 +127,13 @@ def item_vector(index: IndexVersion, ref: ItemRef) -> np.ndarray:
     return index.vectors(ref.gallery, np.array([ref.id]))[0]
 
 
-Embed = Callable[[Union[str, bytes]], Awaitable[np.ndarray]]
+Embed = Callable[[str | bytes], Awaitable[np.ndarray]]
 CheckEmbedding = Callable[[np.ndarray], np.ndarray]
 
 
-async def resolve(query, source: Modality | None, index: IndexVersion, embed: Embed,
-                  check_embedding: CheckEmbedding) -> Point:
+async def resolve(
+    query, source: Modality | None, index: IndexVersion, embed: Embed, check_embedding: CheckEmbedding
+) -> Point:
     """One query (text, image bytes, embedding, ItemRef or Composed) -> its Point."""
     if isinstance(query, Composed):
         points = []

@@ -8,6 +8,7 @@ search would rank them (cos + b_g for a cross-modal query, the cosine otherwise)
 (or the re-ranking pool) kept. Diversity and dedup pick from a pool of the `pool` best candidates
 (relevance as ranked), by MMR with each item's stored unit vector.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,15 @@ from retrieval.sphere.compose import in_cap, mmr
 from retrieval.store.reader import IndexVersion
 
 
-def candidates(index: IndexVersion, target: Modality, point: Point, want: int, cross_modal: bool,
-               max_angle_deg: float | None, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def candidates(
+    index: IndexVersion,
+    target: Modality,
+    point: Point,
+    want: int,
+    cross_modal: bool,
+    max_angle_deg: float | None,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Up to `want` (cosines, ids) best first by the search's ranking, excluded ids left out, and
     only `allowed` ids when given (a filter's matches: searched inside FAISS, or, for a cap, the
     cap's exact set intersected with them)."""
@@ -47,16 +55,32 @@ def candidates(index: IndexVersion, target: Modality, point: Point, want: int, c
     return scores[0][keep][:want], ids[0][keep][:want]
 
 
-def lookup(index: IndexVersion, target: Modality, point: Point, k: int, min_score: float | None,
-           cross_modal: bool, options: Options, pool: int, allowed: np.ndarray | None = None,
-           calibration: Calibration | None = None) -> list[Hit]:
+def lookup(
+    index: IndexVersion,
+    target: Modality,
+    point: Point,
+    k: int,
+    min_score: float | None,
+    cross_modal: bool,
+    options: Options,
+    pool: int,
+    allowed: np.ndarray | None = None,
+    calibration: Calibration | None = None,
+) -> list[Hit]:
     """The hits of one resolved query (see the module's docstring); `allowed`: see `candidates`.
     With a `calibration`, each hit carries its match probability, scored over the ranked candidates
     before any re-ranking (the calibrator's margin features need the next results: at least its
     top_k), and hits under `options.min_probability` are dropped."""
     want = max(pool, k) if options.reranks else k
-    cos, ids = candidates(index, target, point, max(want, calibration.top_k) if calibration else want, cross_modal,
-                          options.max_angle_deg, allowed)
+    cos, ids = candidates(
+        index,
+        target,
+        point,
+        max(want, calibration.top_k) if calibration else want,
+        cross_modal,
+        options.max_angle_deg,
+        allowed,
+    )
     probs = None
     if calibration is not None and len(ids):
         bias = index.bias(target, ids)
@@ -66,9 +90,12 @@ def lookup(index: IndexVersion, target: Modality, point: Point, k: int, min_scor
         cos, ids = cos[:want], ids[:want]
         rows = index.rows(target, ids)
         relevance = cos + rows[:, index.dim] if cross_modal else cos
-        picks = mmr(relevance, rows[:, :index.dim], k, options.diversity or 0.0, options.dedup_angle_deg)
+        picks = mmr(relevance, rows[:, : index.dim], k, options.diversity or 0.0, options.dedup_angle_deg)
     cos, ids = cos[picks], ids[picks]
-    hits = hits_from_rows(target, cos, ids, index.metadata(target, ids), min_score,
-                          None if probs is None else probs[picks])
+    hits = hits_from_rows(
+        target, cos, ids, index.metadata(target, ids), min_score, None if probs is None else probs[picks]
+    )
     floor = options.min_probability
-    return hits if floor is None else [h for h in hits if h.match_probability is not None and h.match_probability >= floor]
+    return (
+        hits if floor is None else [h for h in hits if h.match_probability is not None and h.match_probability >= floor]
+    )

@@ -7,6 +7,7 @@ off the event loop; health turns SERVING. A fingerprint mismatch stops the serve
 message. A watcher swaps to each newly published version. Shutdown: health NOT_SERVING, then
 `stop(grace)` lets in-flight requests finish.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,22 +16,22 @@ import hmac
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from retrieval.errors import ConfigError, UnauthenticatedError
 from retrieval.serving.config import ServeConfig
 from retrieval.serving.encoder import cached_model
 from retrieval.serving.engine import Engine
-from retrieval.errors import ConfigError, UnauthenticatedError
-from retrieval.serving.prometheus import ServerMetrics
 from retrieval.serving.preflight import check_can_listen
-from retrieval.serving.status import status_for
+from retrieval.serving.prometheus import ServerMetrics
 from retrieval.serving.servicer import SERVICE_NAME, RetrievalServicer, add_to_server
+from retrieval.serving.status import status_for
 
 log = logging.getLogger("retrieval.serving.server")
 MiB = 1 << 20
@@ -47,8 +48,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._on_denied = on_denied  # (method, status code name): denied calls count in the metrics
 
         async def deny(request, context):
-            code, message = status_for(UnauthenticatedError(
-                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"), "auth")
+            code, message = status_for(
+                UnauthenticatedError("missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"),
+                "auth",
+            )
             await context.abort(code, message)
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
@@ -71,9 +74,17 @@ class RetrievalServer:
         model_loader = model_loader or functools.partial(cached_model, device=config.device)
         self.metrics = ServerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="retrieval")
-        self.engine = Engine(config.index, config.limits, self.executor, model=config.model, model_loader=model_loader,
-                             verify=config.verify, on_batch=self.metrics.observe_batch,
-                             on_swap=self.metrics.observe_index, on_reject=self.metrics.observe_rejection)
+        self.engine = Engine(
+            config.index,
+            config.limits,
+            self.executor,
+            model=config.model,
+            model_loader=model_loader,
+            verify=config.verify,
+            on_batch=self.metrics.observe_batch,
+            on_swap=self.metrics.observe_index,
+            on_reject=self.metrics.observe_rejection,
+        )
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -105,8 +116,12 @@ class RetrievalServer:
         self._server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(cfg.token, self.metrics.observe_refused_call)] if cfg.token else None,
             # no SO_REUSEPORT: a port another server holds is an error, not a silently shared port
-            options=[("grpc.so_reuseport", 0),
-                     ("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)])
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+            ],
+        )
         add_to_server(RetrievalServicer(self.engine, self.metrics, cfg.max_batch_queries), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
@@ -117,8 +132,7 @@ class RetrievalServer:
         address = f"{cfg.host}:{cfg.port}"
         try:  # grpc raises RuntimeError, or returns port 0, when it cannot bind after all
             if cfg.tls_cert:
-                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(),
-                                                      Path(cfg.tls_cert).read_bytes())])
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
                 self.port = self._server.add_secure_port(address, creds)
             else:
                 self.port = self._server.add_insecure_port(address)
@@ -180,8 +194,8 @@ def serve(config: ServeConfig) -> None:
 class ServerThread:
     """A RetrievalServer on its own event loop in a daemon thread.
 
-        with ServerThread(ServeConfig(index=root, port=0, metrics_port=-1)) as srv:
-            client = RetrievalClient(srv.address)
+    with ServerThread(ServeConfig(index=root, port=0, metrics_port=-1)) as srv:
+        client = RetrievalClient(srv.address)
     """
 
     def __init__(self, config: ServeConfig, model_loader: Callable[[str], tuple] | None = None):
@@ -193,7 +207,7 @@ class ServerThread:
     def _call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self, timeout: float = 300) -> "ServerThread":
+    def start(self, timeout: float = 300) -> ServerThread:
         self.thread.start()
 
         async def make_and_start():
@@ -209,7 +223,9 @@ class ServerThread:
 
     @property
     def address(self) -> str:
-        return f"{'localhost' if self.config.host in ('0.0.0.0', '::', '[::]') else self.config.host}:{self.server.port}"
+        return (
+            f"{'localhost' if self.config.host in ('0.0.0.0', '::', '[::]') else self.config.host}:{self.server.port}"
+        )
 
     def stop(self, grace: float | None = None) -> None:
         if self.server is not None and self.thread.is_alive():
@@ -221,7 +237,7 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:

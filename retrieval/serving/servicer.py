@@ -3,25 +3,27 @@ status codes (through `retrieval.serving.status`, the one mapping). It receives 
 its metrics; it loads nothing itself. `add_to_server` registers it so that each method parses its
 own request bytes: a malformed request is a client error like any other. Each call hands the
 engine a callable that says whether its client still waits (its deadline, its cancellation)."""
+
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from retrieval.serving.batcher import Alive
+from retrieval.errors import BatchItemError, InvalidInputError
 from retrieval.hits import Hit
+from retrieval.pb import retrieval_pb2 as pb
+from retrieval.serving.batcher import Alive
 from retrieval.serving.confidence import no_confident_match
 from retrieval.serving.engine import Engine
-from retrieval.serving.queries import Composed, ItemRef, Options, Term
-from retrieval.errors import BatchItemError, InvalidInputError
-from retrieval.pb import retrieval_pb2 as pb
 from retrieval.serving.filtering import conditions, page_request
+from retrieval.serving.queries import Composed, ItemRef, Options, Term
 from retrieval.serving.status import cancelled_status, status_for
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["RetrievalService"]
@@ -37,7 +39,7 @@ def _rpc(method: Callable[..., Awaitable[Any]]):
     request_type = getattr(pb, _SERVICE.methods_by_name[name].input_type.name)
 
     @functools.wraps(method)
-    async def wrapper(self: "RetrievalServicer", request: bytes, context: grpc.aio.ServicerContext):
+    async def wrapper(self: RetrievalServicer, request: bytes, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -85,8 +87,10 @@ def _one(message: pb.Query | pb.QueryTerm, kind: str | None) -> tuple[Any, Any]:
     if kind == "image":
         return message.image, None
     if kind == "embedding":
-        return (np.asarray(message.embedding.values, dtype=np.float32),
-                _modality(message.embedding.modality, "embedding"))
+        return (
+            np.asarray(message.embedding.values, dtype=np.float32),
+            _modality(message.embedding.modality, "embedding"),
+        )
     if kind == "item":
         gallery = _modality(message.item.gallery, "item gallery")
         if gallery is None:
@@ -118,21 +122,37 @@ def _optional(req: Message, name: str) -> float | None:
 
 def _query_args(req: pb.SearchRequest) -> tuple:
     query, source = _query(req.query)
-    options = Options(_optional(req, "max_angle_deg"), _optional(req, "diversity"), _optional(req, "dedup_angle_deg"),
-                      _optional(req, "min_probability"))
+    options = Options(
+        _optional(req, "max_angle_deg"),
+        _optional(req, "diversity"),
+        _optional(req, "dedup_angle_deg"),
+        _optional(req, "min_probability"),
+    )
     return (query, _modality(req.target, "target"), req.k, _optional(req, "min_score"), source, options)
 
 
 def _results(hits: list[Hit]) -> list[pb.SearchResult]:
-    return [pb.SearchResult(id=h.id, score=h.score, angle_deg=h.angle_deg, modality=_MODALITY_OUT[h.modality],
-                            uri=h.uri, caption=h.caption, image_id=h.image_id, image_uri=h.image_uri,
-                            match_probability=h.match_probability) for h in hits]
+    return [
+        pb.SearchResult(
+            id=h.id,
+            score=h.score,
+            angle_deg=h.angle_deg,
+            modality=_MODALITY_OUT[h.modality],
+            uri=h.uri,
+            caption=h.caption,
+            image_id=h.image_id,
+            image_uri=h.image_uri,
+            match_probability=h.match_probability,
+        )
+        for h in hits
+    ]
 
 
 def _response(hits: list[Hit], version: str, options: Options | None = None) -> pb.SearchResponse:
     min_probability = options.min_probability if options is not None else None
-    return pb.SearchResponse(index_version=version, results=_results(hits),
-                             no_confident_match=no_confident_match(hits, min_probability))
+    return pb.SearchResponse(
+        index_version=version, results=_results(hits), no_confident_match=no_confident_match(hits, min_probability)
+    )
 
 
 class RetrievalServicer:
@@ -176,9 +196,11 @@ class RetrievalServicer:
             raise InvalidInputError("input is empty: set text or image")
         live = self.engine.live()
         vector = await self.engine.embed(getattr(request, kind), live, _alive(context))
-        return pb.EmbedResponse(embedding=pb.Embedding(values=vector.tolist(), modality=_MODALITY_OUT[kind]),
-                                model=live.encoder.name,
-                                model_fingerprint=live.encoder.fingerprint)
+        return pb.EmbedResponse(
+            embedding=pb.Embedding(values=vector.tolist(), modality=_MODALITY_OUT[kind]),
+            model=live.encoder.name,
+            model_fingerprint=live.encoder.fingerprint,
+        )
 
     @_rpc
     async def GetIndexInfo(self, request: pb.GetIndexInfoRequest, context) -> pb.IndexInfo:
@@ -197,8 +219,14 @@ class RetrievalServicer:
         code = grpc.StatusCode.OK
         try:
             req = _parse(pb.WalkRequest, request)
-            steps = self.engine.walk(_query(req.start), _query(req.end), _modality(req.target, "target"), req.steps,
-                                     req.k, alive=_alive(context))
+            steps = self.engine.walk(
+                _query(req.start),
+                _query(req.end),
+                _modality(req.target, "target"),
+                req.steps,
+                req.k,
+                alive=_alive(context),
+            )
             async for step, t, angle, hits, version in steps:
                 yield pb.WalkStep(step=step, t=t, angle_deg=angle, results=_results(hits), index_version=version)
         except asyncio.CancelledError:
@@ -217,9 +245,12 @@ def add_to_server(servicer: RetrievalServicer, server: grpc.aio.Server) -> None:
     """Registers the service with requests arriving as raw bytes, each parsed inside its method's
     error handling: bytes that do not parse get INVALID_ARGUMENT with a message (grpc's own
     deserializer would answer UNKNOWN and log a traceback per request). Reflection is unaffected."""
+
     def handler(method):  # unary or server-streaming, as the proto declares the method
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        return make(getattr(servicer, method.name), response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+        return make(
+            getattr(servicer, method.name), response_serializer=getattr(pb, method.output_type.name).SerializeToString
+        )
 
     handlers = {m.name: handler(m) for m in _SERVICE.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -5,6 +5,7 @@ status code and a message meant for a person; anything unexpected becomes INTERN
 generic message while the traceback goes to the server log, never to the client. Messages reach
 clients without host paths (`client_message`); the log keeps them whole.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,9 +13,19 @@ import re
 
 import grpc
 
-from retrieval.errors import (BatchItemError, DeadlineExceededError, FingerprintMismatchError, IndexCorruptError,
-                              IndexUnavailableError, InvalidInputError, ModelError, NotFoundError,
-                              RetrievalError, StalePageTokenError, UnauthenticatedError)
+from retrieval.errors import (
+    BatchItemError,
+    DeadlineExceededError,
+    FingerprintMismatchError,
+    IndexCorruptError,
+    IndexUnavailableError,
+    InvalidInputError,
+    ModelError,
+    NotFoundError,
+    RetrievalError,
+    StalePageTokenError,
+    UnauthenticatedError,
+)
 from retrieval.store.layout import VERSION_RE
 
 log = logging.getLogger("retrieval.serving.server")
@@ -64,6 +75,7 @@ def client_message(message: str) -> str:
     """`message` with every absolute host path shortened to its file name (after its version
     directory, if it is in one: `v0007/images.faiss`), so a client learns which file is meant but
     nothing of the host's layout."""
+
     def short(match: re.Match) -> str:
         parts = [p for p in match.group(0).split("/") if p]
         return "/".join(parts[-2:] if len(parts) >= 2 and VERSION_RE.match(parts[-2]) else parts[-1:])

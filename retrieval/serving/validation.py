@@ -1,22 +1,21 @@
 """What a request may ask, checked before any work: texts, k, embeddings, min_score, min_probability,
 target galleries, composed queries and items, caps and diversity; and which modality a query is of
 (decided here once)."""
-from __future__ import annotations
 
-from typing import Union
+from __future__ import annotations
 
 import numpy as np
 
 from retrieval.errors import InvalidInputError
 from retrieval.hits import Modality
 from retrieval.serving.config import Limits
-from retrieval.serving.queries import NO_OPTIONS, Composed, ItemRef, Options, Term, composed_modality, check_composed
+from retrieval.serving.queries import NO_OPTIONS, Composed, ItemRef, Options, Term, check_composed, composed_modality
 from retrieval.sphere import l2_normalize
 
 # text, image file bytes, a raw embedding, a stored item, or weighted terms
-QueryInput = Union[str, bytes, np.ndarray, ItemRef, Composed]
+QueryInput = str | bytes | np.ndarray | ItemRef | Composed
 # search's arguments: query, target, k, min_score, the embedding's declared modality, options
-Query = tuple[QueryInput, Union[Modality, None], int, Union[float, None], Union[Modality, None], Options]
+Query = tuple[QueryInput, Modality | None, int, float | None, Modality | None, Options]
 
 
 def query_modality(query: QueryInput, declared: Modality | None = None) -> Modality | None:
@@ -78,8 +77,15 @@ class Validator:
             raise InvalidInputError("a term is a text, image, embedding or stored item")
         self.check_query(term.value, "text", term.modality)
 
-    def validate(self, query: QueryInput, target: Modality | None, k: int, min_score: float | None,
-                 source: Modality | None = None, options: Options = NO_OPTIONS) -> Modality:
+    def validate(
+        self,
+        query: QueryInput,
+        target: Modality | None,
+        k: int,
+        min_score: float | None,
+        source: Modality | None = None,
+        options: Options = NO_OPTIONS,
+    ) -> Modality:
         """Checks what can be checked before any work; returns the gallery to search."""
         self.check_k(k)
         self.check_min_score(min_score)

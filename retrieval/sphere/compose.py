@@ -22,6 +22,7 @@ numpy in, numpy out (unit float32 vectors). The formulas, for unit vectors p, x 
   repeatedly pick the candidate maximizing (1 - lambda) rel_i - lambda max_{j picked} x_i.x_j
   (lambda 0: relevance order); dedup drops a candidate within an angle of one picked before it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -89,11 +90,14 @@ def check_weights(weights: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(w)):
         raise InvalidInputError("term weights must be finite")
     if np.any(w == 0):
-        raise InvalidInputError(f"terms[{int(np.flatnonzero(w == 0)[0])}] has weight 0: leave it out, or give it a "
-                                f"positive (toward) or negative (away) weight")
+        raise InvalidInputError(
+            f"terms[{int(np.flatnonzero(w == 0)[0])}] has weight 0: leave it out, or give it a "
+            f"positive (toward) or negative (away) weight"
+        )
     if not np.any(w > 0):
-        raise InvalidInputError("a query of negative terms only has no point to move away from: give at least one "
-                                "term a positive weight")
+        raise InvalidInputError(
+            "a query of negative terms only has no point to move away from: give at least one term a positive weight"
+        )
     return w
 
 
@@ -134,8 +138,9 @@ def in_cap(cosines: np.ndarray, max_angle_deg: float) -> np.ndarray:
     return np.asarray(cosines) >= np.cos(np.radians(max_angle_deg)) - 1e-7
 
 
-def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float = 0.0,
-        dedup_angle_deg: float | None = None) -> np.ndarray:
+def mmr(
+    relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float = 0.0, dedup_angle_deg: float | None = None
+) -> np.ndarray:
     """Positions (into the candidates) of up to k picks by maximal marginal relevance with lambda =
     `diversity`, skipping any candidate within `dedup_angle_deg` of an earlier pick."""
     rel = np.asarray(relevance, np.float64)

@@ -3,9 +3,10 @@
 numpy in, numpy out (float32 where vectors are returned). Torch code normalizes with
 `torch.nn.functional.normalize`; these functions serve indexes, servers and evaluation.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -65,11 +66,12 @@ def skewness(x: np.ndarray) -> float:
     """Third standardized moment E[(x - mean)^3] / std^3 (0 for a constant sample)."""
     x = np.asarray(x, dtype=np.float64)
     std = x.std()
-    return 0.0 if std == 0 else float(np.mean((x - x.mean()) ** 3) / std ** 3)
+    return 0.0 if std == 0 else float(np.mean((x - x.mean()) ** 3) / std**3)
 
 
-def k_occurrence(queries: np.ndarray, gallery_blocks: Iterable[np.ndarray], k: int = 10,
-                 chunk: int = 1024) -> np.ndarray:
+def k_occurrence(
+    queries: np.ndarray, gallery_blocks: Iterable[np.ndarray], k: int = 10, chunk: int = 1024
+) -> np.ndarray:
     """N_k of every gallery item: how many of the unit `queries` (Q, D) have it among their k nearest
     by cosine. The gallery streams as blocks of unit rows (n, D), so only the queries' running top k
     and one (chunk, n) score tile are in memory; counts come back in the gallery's stream order."""
@@ -108,7 +110,7 @@ def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
 
 def diagnostics(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
     """Diagnostics of the embedding: how close positives are, how spread each modality is."""
-    paired = image_vecs[caption_image]                                   # (C, D)
+    paired = image_vecs[caption_image]  # (C, D)
     pos_cos = np.sum(paired * text_vecs, axis=1)
     return {
         "alignment": alignment(paired, text_vecs),

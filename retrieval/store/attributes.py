@@ -8,14 +8,16 @@ live in meta.sqlite's `attributes` table (`retrieval.store.schema`). A filter is
 dates). `matching_ids` checks every condition against the field's type and answers the ids that
 match with one SQL query over indexed columns, which the search then hands FAISS as its selector.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -23,7 +25,7 @@ from retrieval.errors import InvalidInputError
 
 FieldType = Literal["string", "number", "date"]
 FIELD_TYPES: tuple[FieldType, ...] = ("string", "number", "date")
-MAX_ANY_OF = 1000   # values in one set-membership condition (SQLite binds each as a parameter)
+MAX_ANY_OF = 1000  # values in one set-membership condition (SQLite binds each as a parameter)
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([T ].*)?$")
 
 
@@ -70,13 +72,14 @@ def stored_value(kind: FieldType, text: str) -> tuple[str | None, float | None]:
     return text, parse_date(text)
 
 
-Value = tuple[FieldType, "str | float"]   # (the kind the request says, the value as sent)
+Value = tuple[FieldType, "str | float"]  # (the kind the request says, the value as sent)
 
 
 @dataclass(frozen=True)
 class Condition:
     """One filter on `field`: `equals` (one value), `any_of` (several) or `range` (values = (min, max),
     either None for an open bound; bounds inclusive)."""
+
     field: str
     op: Literal["equals", "any_of", "range"]
     values: tuple[Value | None, ...]
@@ -85,8 +88,10 @@ class Condition:
 def _operand(cond: Condition, kind: FieldType, value: Value) -> str | float:
     sent, raw = value
     if sent != kind:
-        raise InvalidInputError(f"filter on '{cond.field}': the field holds {kind}s, the filter gives a {sent} "
-                                f"value ({str(raw)[:40]!r}); send a {kind}_value")
+        raise InvalidInputError(
+            f"filter on '{cond.field}': the field holds {kind}s, the filter gives a {sent} "
+            f"value ({str(raw)[:40]!r}); send a {kind}_value"
+        )
     if kind == "string":
         return str(raw)
     if kind == "number":
@@ -109,17 +114,23 @@ def _clause(cond: Condition, kind: FieldType) -> tuple[str, list]:
         if not cond.values:
             raise InvalidInputError(f"filter on '{cond.field}': any_of is empty; give at least one value")
         if len(cond.values) > MAX_ANY_OF:
-            raise InvalidInputError(f"filter on '{cond.field}': any_of has {len(cond.values)} values, over the "
-                                    f"limit of {MAX_ANY_OF}")
+            raise InvalidInputError(
+                f"filter on '{cond.field}': any_of has {len(cond.values)} values, over the limit of {MAX_ANY_OF}"
+            )
         return f"{column} IN ({','.join('?' * len(cond.values))})", [_operand(cond, kind, v) for v in cond.values]
     if kind == "string":
-        raise InvalidInputError(f"filter on '{cond.field}': a range applies to numbers and dates; the field holds "
-                                f"strings (use equals or any_of)")
+        raise InvalidInputError(
+            f"filter on '{cond.field}': a range applies to numbers and dates; the field holds "
+            f"strings (use equals or any_of)"
+        )
     low, high = (None if v is None else _operand(cond, kind, v) for v in cond.values)
     if low is not None and high is not None and low > high:
         raise InvalidInputError(f"filter on '{cond.field}': the range's min is above its max")
-    parts = [f"{column} IS NOT NULL"] + ([f"{column} >= ?"] if low is not None else []) + \
-        ([f"{column} <= ?"] if high is not None else [])
+    parts = (
+        [f"{column} IS NOT NULL"]
+        + ([f"{column} >= ?"] if low is not None else [])
+        + ([f"{column} <= ?"] if high is not None else [])
+    )
     return " AND ".join(parts), [x for x in (low, high) if x is not None]
 
 
@@ -134,8 +145,9 @@ def check(conditions: tuple[Condition, ...], fields: Mapping[str, FieldType]) ->
     return clauses
 
 
-def matching_ids(db: sqlite3.Connection, modality: str, conditions: tuple[Condition, ...],
-                 fields: Mapping[str, FieldType]) -> np.ndarray:
+def matching_ids(
+    db: sqlite3.Connection, modality: str, conditions: tuple[Condition, ...], fields: Mapping[str, FieldType]
+) -> np.ndarray:
     """Sorted int64 ids of `modality` items for which every condition holds (an item lacking a
     field matches no condition on it). Raises InvalidInputError naming the field of a bad one."""
     queries, params = [], []

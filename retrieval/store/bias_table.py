@@ -8,6 +8,7 @@ whose vectors cannot be read back by id cheaply (the on-disk IVF indexes of
 A lookup is a binary search of the mapped ids (a few pages per hit); the files cost 12 bytes an item
 on disk and only the pages touched in RAM.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

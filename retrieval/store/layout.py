@@ -10,6 +10,7 @@
 Only plain files inside a version directory are read (no symlinks, no paths in names), and a
 version directory that is a symlink must stay under the root.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from retrieval.errors import IndexCorruptError
 
-FORMAT = "sphere-index/2"   # /2: vectors carry the inverted-softmax bias as coordinate D+1
+FORMAT = "sphere-index/2"  # /2: vectors carry the inverted-softmax bias as coordinate D+1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 META = "meta.sqlite"
@@ -71,7 +72,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def is_plain_name(name: object) -> bool:
     """A file name that stays in its directory: no separators, not '.' or '..', no NUL."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0"))
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def open_plain(path: str | Path):
@@ -102,8 +103,10 @@ def plain_file(directory: Path, name: str) -> Path:
     except OSError:
         raise IndexCorruptError(f"{shown(path)} is missing") from None
     if not stat.S_ISREG(mode):
-        raise IndexCorruptError(f"{shown(path)} is {'a symlink' if stat.S_ISLNK(mode) else 'not a regular file'}; "
-                                f"a version holds plain files only")
+        raise IndexCorruptError(
+            f"{shown(path)} is {'a symlink' if stat.S_ISLNK(mode) else 'not a regular file'}; "
+            f"a version holds plain files only"
+        )
     return path
 
 

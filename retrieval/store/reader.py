@@ -11,6 +11,7 @@ IVF index whose inverted lists live in `images.ivfdata` beside it, memory-mapped
 into RAM, with its biases in a side table (`retrieval.store.bias_table`); "memory" (the default) is
 read whole.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,12 +25,25 @@ import numpy as np
 from retrieval.errors import IndexCorruptError, IndexUnavailableError, InvalidInputError
 from retrieval.hits import Modality
 from retrieval.store import attributes, schema
-from retrieval.store.layout import (CHECKPOINT_SUFFIX, CURRENT, INDEX_FILES, MANIFEST, META, STORAGE_MEMORY,
-                                    STORAGE_MMAP, is_checkpoint_name,
-                                    is_plain_name, open_plain, plain_file, read_current, sha256_file, version_dir)
+from retrieval.store.bias_table import BiasTable
+from retrieval.store.layout import (
+    CHECKPOINT_SUFFIX,
+    CURRENT,
+    INDEX_FILES,
+    MANIFEST,
+    META,
+    STORAGE_MEMORY,
+    STORAGE_MMAP,
+    is_checkpoint_name,
+    is_plain_name,
+    open_plain,
+    plain_file,
+    read_current,
+    sha256_file,
+    version_dir,
+)
 from retrieval.store.manifest import Manifest
 from retrieval.store.vectors import query_rows, reconstruct, search_within
-from retrieval.store.bias_table import BiasTable
 
 
 def read_index_file(path: Path, storage: str = STORAGE_MEMORY) -> faiss.Index:
@@ -49,8 +63,9 @@ def read_index_file(path: Path, storage: str = STORAGE_MEMORY) -> faiss.Index:
             raise IndexCorruptError(f"{shown} is marked memory-mapped but has no on-disk inverted lists")
         data = plain_file(path.parent, Path(lists.filename).name)
         if data.stat().st_size < lists.totsize:
-            raise IndexCorruptError(f"{path.parent.name}/{data.name}, the inverted lists of {shown}, is shorter than "
-                                    f"the index says")
+            raise IndexCorruptError(
+                f"{path.parent.name}/{data.name}, the inverted lists of {shown}, is shorter than the index says"
+            )
         lists.filename = str(data)
         lists.do_mmap()
         return index
@@ -61,8 +76,13 @@ def read_index_file(path: Path, storage: str = STORAGE_MEMORY) -> faiss.Index:
 class IndexVersion:
     """One published version, opened read-only: FAISS search plus SQLite metadata."""
 
-    def __init__(self, path: Path, manifest: Manifest, indexes: dict[str, faiss.Index],
-                 bias_tables: dict[str, BiasTable] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        indexes: dict[str, faiss.Index],
+        bias_tables: dict[str, BiasTable] | None = None,
+    ):
         self.path, self.name, self.manifest, self.indexes = path, path.name, manifest, indexes
         self.bias_tables = bias_tables or {}
         self.dim = manifest.dim
@@ -71,7 +91,7 @@ class IndexVersion:
         self.matching = functools.lru_cache(maxsize=16)(self._matching)
 
     @classmethod
-    def open(cls, root: str | Path, version: str | None = None, verify: bool = True) -> "IndexVersion":
+    def open(cls, root: str | Path, version: str | None = None, verify: bool = True) -> IndexVersion:
         """Open `version`, or the one CURRENT names. `verify` checks the sha256 of every file the
         manifest lists, and that it lists every file read here."""
         root = Path(root)
@@ -86,8 +106,9 @@ class IndexVersion:
             read_here = [*INDEX_FILES.values(), META, *model_file]
             unlisted = [name for name in read_here if name not in manifest.files]
             if unlisted:
-                raise IndexCorruptError(f"{version}/{MANIFEST}: field 'files' has no checksum for "
-                                        f"{', '.join(unlisted)}")
+                raise IndexCorruptError(
+                    f"{version}/{MANIFEST}: field 'files' has no checksum for {', '.join(unlisted)}"
+                )
             for name, digest in manifest.files.items():
                 if sha256_file(plain_file(path, name)) != digest:
                     raise IndexCorruptError(f"{version}/{name} does not match its checksum in the manifest")
@@ -96,8 +117,10 @@ class IndexVersion:
             storage = manifest.raw.get("storage", {}).get(modality, STORAGE_MEMORY)
             index = read_index_file(plain_file(path, filename), storage)
             if index.d != manifest.dim + 1:
-                raise IndexCorruptError(f"{version}/{filename} has dimension {index.d}, the manifest's embedding "
-                                        f"dimension {manifest.dim} plus its bias coordinate is {manifest.dim + 1}")
+                raise IndexCorruptError(
+                    f"{version}/{filename} has dimension {index.d}, the manifest's embedding "
+                    f"dimension {manifest.dim} plus its bias coordinate is {manifest.dim + 1}"
+                )
             ivf = faiss.try_extract_index_ivf(index)
             if storage == STORAGE_MMAP:
                 bias_tables[modality] = BiasTable(path, Path(filename).stem)
@@ -125,15 +148,23 @@ class IndexVersion:
         if is_checkpoint_name(model):
             return str(plain_file(self.path, model))
         shown = repr(model) if is_plain_name(model) else "a path"  # a path on the builder's host is not shown
-        raise IndexCorruptError(f"{self.name}/{MANIFEST}: field 'model' is {shown}, which is neither a registered "
-                                f"model ({', '.join(sorted(registered))}) nor a {CHECKPOINT_SUFFIX} checkpoint in the "
-                                f"version directory; serve it with --model if you trust it")
+        raise IndexCorruptError(
+            f"{self.name}/{MANIFEST}: field 'model' is {shown}, which is neither a registered "
+            f"model ({', '.join(sorted(registered))}) nor a {CHECKPOINT_SUFFIX} checkpoint in the "
+            f"version directory; serve it with --model if you trust it"
+        )
 
     def count(self, modality: Modality) -> int:
         return int(self.indexes[modality].ntotal)
 
-    def search(self, modality: Modality, queries: np.ndarray, k: int, cross_modal: bool = False,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        modality: Modality,
+        queries: np.ndarray,
+        k: int,
+        cross_modal: bool = False,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of `modality` for unit query rows (B, D): (cosines (B, k), ids (B, k)); id -1 pads
         when fewer than k items exist. `cross_modal` ranks by cosine + the inverted softmax's bias
         (queries of the other modality); `allowed` restricts the search to those ids (`search_within`:
@@ -151,12 +182,12 @@ class IndexVersion:
             scores, ids = search_within(index, rows, k, allowed)
         if cross_modal:
             found = ids >= 0
-            scores[found] -= self.bias(modality, ids[found])   # back to the cosine
+            scores[found] -= self.bias(modality, ids[found])  # back to the cosine
         return scores, ids
 
     def vectors(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
         """The stored unit vectors (N, D) of known ids (their rows [g, b_g] without the bias)."""
-        return reconstruct(self.indexes[modality], ids)[:, :self.dim]
+        return reconstruct(self.indexes[modality], ids)[:, : self.dim]
 
     def rows(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
         """The stored rows (N, D+1) [g, b_g] of known ids (not for memory-mapped IVF indexes, whose

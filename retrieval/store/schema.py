@@ -3,11 +3,13 @@
 attributes, one row per item and field, `attributes(modality, id, field, str_value, num_value)`
 (strings in str_value; numbers and dates, as POSIX seconds, in num_value: `retrieval.store.attributes`),
 indexed for filters by (modality, field, value)."""
+
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 from retrieval.hits import Modality
 
@@ -25,8 +27,10 @@ class TextItem(Protocol):
 
 
 TABLES: dict[Modality, str] = {"image": "images", "text": "texts"}
-COLUMNS: dict[Modality, tuple[str, ...]] = {"image": ("id", "uri", "sha256"),
-                                            "text": ("id", "caption", "image_id", "image_uri", "sha256")}
+COLUMNS: dict[Modality, tuple[str, ...]] = {
+    "image": ("id", "uri", "sha256"),
+    "text": ("id", "caption", "image_id", "image_uri", "sha256"),
+}
 RESULT_STRINGS: dict[Modality, tuple[str, ...]] = {"image": ("uri",), "text": ("caption", "image_uri")}
 SCHEMA = """
 CREATE TABLE images (id INTEGER PRIMARY KEY, uri TEXT NOT NULL, sha256 TEXT NOT NULL);
@@ -37,7 +41,7 @@ CREATE TABLE attributes (modality TEXT NOT NULL, id INTEGER NOT NULL, field TEXT
 CREATE INDEX attributes_str ON attributes (modality, field, str_value, id);
 CREATE INDEX attributes_num ON attributes (modality, field, num_value, id);
 """
-AttributeRow = tuple[str, int, str, "str | None", "float | None"]   # (modality, id, field, str_value, num_value)
+AttributeRow = tuple[str, int, str, "str | None", "float | None"]  # (modality, id, field, str_value, num_value)
 
 
 def image_rows(images: Iterable[ImageItem]) -> Iterator[tuple]:
@@ -49,8 +53,13 @@ def text_rows(texts: Iterable[tuple[TextItem, int | None, str | None]]) -> Itera
     return ((it.id, it.caption, image_id, image_uri, it.sha256) for it, image_id, image_uri in texts)
 
 
-def write_metadata(path: Path, images: Iterable[ImageItem], texts: Iterable[tuple[TextItem, int | None, str | None]],
-                   attributes: Iterable[AttributeRow] = (), chunk: int = 10_000) -> None:
+def write_metadata(
+    path: Path,
+    images: Iterable[ImageItem],
+    texts: Iterable[tuple[TextItem, int | None, str | None]],
+    attributes: Iterable[AttributeRow] = (),
+    chunk: int = 10_000,
+) -> None:
     """`texts` yields (item, image id or None, image uri or None)."""
     db = sqlite3.connect(path)
     try:
@@ -63,17 +72,24 @@ def write_metadata(path: Path, images: Iterable[ImageItem], texts: Iterable[tupl
         db.close()
 
 
-def same_metadata(path: Path, images: Iterable[ImageItem], texts: Iterable[tuple[TextItem, int | None, str | None]],
-                  attributes: Iterable[AttributeRow] = ()) -> bool:
+def same_metadata(
+    path: Path,
+    images: Iterable[ImageItem],
+    texts: Iterable[tuple[TextItem, int | None, str | None]],
+    attributes: Iterable[AttributeRow] = (),
+) -> bool:
     """Whether a published version's database holds exactly these rows (what write_metadata would write)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         has_attributes = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'attributes'").fetchone() is not None
         stored = set(db.execute("SELECT * FROM attributes")) if has_attributes else set()
         return stored == set(attributes) and all(
-            set(db.execute(f"SELECT {cols} FROM {table}")) == set(rows) for table, cols, rows in (
+            set(db.execute(f"SELECT {cols} FROM {table}")) == set(rows)
+            for table, cols, rows in (
                 (TABLES["image"], ", ".join(COLUMNS["image"]), image_rows(images)),
-                (TABLES["text"], ", ".join(COLUMNS["text"]), text_rows(texts))))
+                (TABLES["text"], ", ".join(COLUMNS["text"]), text_rows(texts)),
+            )
+        )
     finally:
         db.close()
 
@@ -103,7 +119,7 @@ def select_rows(db: sqlite3.Connection, modality: Modality, ids: list[int]) -> d
     table, cols = TABLES[modality], ", ".join(COLUMNS[modality])
     rows: dict[int, dict] = {}
     for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
-        chunk = ids[start:start + 500]
+        chunk = ids[start : start + 500]
         cur = db.execute(f"SELECT {cols} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
         names = [d[0] for d in cur.description]
         rows.update({r[0]: dict(zip(names, r)) for r in cur.fetchall()})

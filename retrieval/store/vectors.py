@@ -2,6 +2,7 @@
 embedding g (D) plus its inverted-softmax bias b_g as coordinate D+1 (`retrieval.embedding.querybank`;
 0 for models without a query bank). A cross-modal query q searches with [q, 1], so the index ranks
 by cos(q, g) + b_g; any other with [q, 0], the plain cosine."""
+
 from __future__ import annotations
 
 import faiss
@@ -64,16 +65,19 @@ def exact_within(index: faiss.Index, rows: np.ndarray, k: int, allowed: np.ndarr
     only: (scores (B, k), ids (B, k)), k at most len(allowed)."""
     allowed = np.ascontiguousarray(allowed, np.int64)
     k = min(k, len(allowed))
-    scores = rows @ reconstruct(index, allowed).T                         # (B, n)
+    scores = rows @ reconstruct(index, allowed).T  # (B, n)
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(allowed) else np.tile(np.arange(k), (len(rows), 1))
     top_scores = np.take_along_axis(scores, top, axis=1)
     order = np.argsort(-top_scores, axis=1, kind="stable")
-    return (np.take_along_axis(top_scores, order, axis=1).astype(np.float32),
-            allowed[np.take_along_axis(top, order, axis=1)])
+    return (
+        np.take_along_axis(top_scores, order, axis=1).astype(np.float32),
+        allowed[np.take_along_axis(top, order, axis=1)],
+    )
 
 
-def search_within(index: faiss.Index, rows: np.ndarray, k: int, allowed: np.ndarray,
-                  exact_below: float = EXACT_BELOW) -> tuple[np.ndarray, np.ndarray]:
+def search_within(
+    index: faiss.Index, rows: np.ndarray, k: int, allowed: np.ndarray, exact_below: float = EXACT_BELOW
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k among `allowed` ids only, never by fetching more and dropping: FAISS searches with an
     IDSelector over them (exact for Flat indexes), except that an approximate index answers by exact
     search when the allowed ids are under `exact_below` of the gallery, or when its selective search

@@ -1,12 +1,13 @@
 """An on-disk cache of frozen-tower features: what makes training epochs cheap on a CPU. Entries are
 keyed by the tower's weights, the inputs and the transform, and written atomically."""
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +41,11 @@ class FeatureCache:
         features, bad = compute()
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, features=features, bad_idx=np.array(sorted(bad), np.int64),
-                 bad_reason=np.array([bad[i] for i in sorted(bad)], dtype=str))
+        np.savez(
+            tmp,
+            features=features,
+            bad_idx=np.array(sorted(bad), np.int64),
+            bad_reason=np.array([bad[i] for i in sorted(bad)], dtype=str),
+        )
         os.replace(tmp, path)
         return features, bad

@@ -14,6 +14,7 @@ model.safetensors (the best weights in float16, the file to pass to `create_mode
 builder or the server). The checkpoints hold the whole tuned state and name only the architecture
 (`retrieval.embedding.open_clip_model`): no pickle, no reference to the pretrained file.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,10 @@ MODES = ("lit", "full")
 @dataclass
 class FinetuneConfig:
     data: str
-    model: str                  # open_clip:ARCH[@PRETRAINED]
+    model: str  # open_clip:ARCH[@PRETRAINED]
     out: str = "runs/finetune"
-    finetune: str = "lit"       # "lit" (locked image tower, tuned text tower) or "full"
-    views: int = 2              # lit: image views encoded once per training image (1 center + random crops)
+    finetune: str = "lit"  # "lit" (locked image tower, tuned text tower) or "full"
+    views: int = 2  # lit: image views encoded once per training image (1 center + random crops)
     crop_scale_min: float = 0.5
     epochs: int = 5
     batch_size: int = 64
@@ -75,15 +76,22 @@ def _transforms(model: OpenClipEncoder, cfg: FinetuneConfig):
     from open_clip.transform import AugmentationCfg, image_transform
 
     pp = model.net.visual.preprocess_cfg  # what open_clip's own transforms were made from
-    train = image_transform(pp["size"], is_train=True, mean=pp["mean"], std=pp["std"],
-                            aug_cfg=AugmentationCfg(scale=(cfg.crop_scale_min, 1.0)))
+    train = image_transform(
+        pp["size"],
+        is_train=True,
+        mean=pp["mean"],
+        std=pp["std"],
+        aug_cfg=AugmentationCfg(scale=(cfg.crop_scale_min, 1.0)),
+    )
     return model.preprocess, train
 
 
-def _encode_split(model: OpenClipEncoder, ds: CaptionDataset, transform, cfg: FinetuneConfig, seed: int,
-                  desc: str) -> tuple[torch.Tensor, dict[int, str]]:
-    vecs, bad = encode_image_files(model, [str(p) for p in ds.image_paths()], transform, workers=cfg.workers,
-                                   seed=seed, desc=desc)
+def _encode_split(
+    model: OpenClipEncoder, ds: CaptionDataset, transform, cfg: FinetuneConfig, seed: int, desc: str
+) -> tuple[torch.Tensor, dict[int, str]]:
+    vecs, bad = encode_image_files(
+        model, [str(p) for p in ds.image_paths()], transform, workers=cfg.workers, seed=seed, desc=desc
+    )
     return torch.from_numpy(vecs), bad
 
 
@@ -97,8 +105,9 @@ def dev_metrics(model: OpenClipEncoder, dev: CaptionDataset, cfg: FinetuneConfig
     return out
 
 
-def _batch_pixels(paths: list[str], idx: torch.Tensor, transform, size: int,
-                  seed: int) -> tuple[torch.Tensor, np.ndarray]:
+def _batch_pixels(
+    paths: list[str], idx: torch.Tensor, transform, size: int, seed: int
+) -> tuple[torch.Tensor, np.ndarray]:
     """A batch's images with fresh random crops (seeded per epoch and item); the mask of those that decoded."""
     with torch.random.fork_rng(devices=[]):  # the loader reseeds torch's RNG per item in this process
         _, pixels, errors = next(image_loader([paths[i] for i in idx.tolist()], transform, size, len(idx), 0, seed))
@@ -125,8 +134,14 @@ def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
         model.net.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
         per_view, bad = [], {}
         for v in range(cfg.views):
-            vecs, bad_v = _encode_split(model, tr, train_tf if v else center, cfg, cfg.seed * 1000 + v,
-                                        f"train images, view {v + 1}/{cfg.views}")
+            vecs, bad_v = _encode_split(
+                model,
+                tr,
+                train_tf if v else center,
+                cfg,
+                cfg.seed * 1000 + v,
+                f"train images, view {v + 1}/{cfg.views}",
+            )
             per_view.append(vecs)
             bad.update(bad_v)
     else:
@@ -154,9 +169,15 @@ def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         log.info("resumed from %s at epoch %d (best dev R@1 mean %.2f)", last, start_epoch, best)
     caps = _captions_of(tr.caption_image, n_img)
-    data_info = {"path": str(Path(cfg.data).resolve()), "train_split": cfg.train_split, "dev_split": cfg.dev_split,
-                 "train_images": n_img, "train_captions": len(tr.captions), "source": source,
-                 "skipped": len(bad) + len(dev.skipped)}
+    data_info = {
+        "path": str(Path(cfg.data).resolve()),
+        "train_split": cfg.train_split,
+        "dev_split": cfg.dev_split,
+        "train_images": n_img,
+        "train_captions": len(tr.captions),
+        "source": source,
+        "skipped": len(bad) + len(dev.skipped),
+    }
     size = input_size(model, center)
     with meter(cfg.epochs, "epochs", "epoch", initial=start_epoch) as bar:
         for epoch in range(start_epoch, cfg.epochs):
@@ -177,23 +198,46 @@ def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
                 losses.append(loss.item())
             metrics = dev_metrics(model, dev, cfg)
             score = metrics["R@1_mean"]
-            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev": metrics,
-                            "logit_scale": model.net.logit_scale.exp().item()})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": float(np.mean(losses)),
+                    "dev": metrics,
+                    "logit_scale": model.net.logit_scale.exp().item(),
+                }
+            )
             bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
             if score > best:
                 best = score
-                save_checkpoint(best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch},
-                                train_config=asdict(cfg))
-            save_checkpoint(last, model, data=data_info, train_config=asdict(cfg), epoch=epoch, best=best,
-                            history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state())
+                save_checkpoint(
+                    best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch}, train_config=asdict(cfg)
+                )
+            save_checkpoint(
+                last,
+                model,
+                data=data_info,
+                train_config=asdict(cfg),
+                epoch=epoch,
+                best=best,
+                history=history,
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                torch_rng=torch.get_rng_state(),
+                numpy_rng=np.random.get_state(),
+            )
             bar.update(1)
     best_state = load_checkpoint(best_file)
     model.load_head_state_dict(best_state["heads"])
     round_heads_to_half(model)  # what the float16 file loads back, so fingerprints agree
     save_checkpoint(final, model, half=True, data=data_info, metrics=best_state["metrics"], train_config=asdict(cfg))
     model.eval()
-    summary = {"best_dev_R@1_mean": best, "epochs": cfg.epochs, "seconds": round(time.time() - t0, 1),
-               "checkpoint": str(final), "history": history, "config": asdict(cfg)}
+    summary = {
+        "best_dev_R@1_mean": best,
+        "epochs": cfg.epochs,
+        "seconds": round(time.time() - t0, 1),
+        "checkpoint": str(final),
+        "history": history,
+        "config": asdict(cfg),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -13,6 +13,7 @@ Outputs in OUT, safetensors checkpoints (`retrieval.embedding.checkpoint`): last
 state), best.safetensors (best dev epoch), model.safetensors (best heads in float16: the file to
 ship as retrieval/embedding/weights/NAME.safetensors or to pass to create_model).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,13 @@ import numpy as np
 import torch
 
 from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
-from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
-from retrieval.sphere.recall import recall_at_k
 from retrieval.embedding.factory import image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import encode_image_files, encode_texts
+from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
 from retrieval.progress import meter
-from retrieval.training.feature_cache import FeatureCache
+from retrieval.sphere.recall import recall_at_k
 from retrieval.training.calibration import calibrate_model
+from retrieval.training.feature_cache import FeatureCache
 from retrieval.training.querybank_fit import fit_querybank
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,16 @@ class TrainConfig:
     model: str = "lite0-minilm"
     out: str = "runs/lite0-minilm"
     cache_dir: str = ".feature-cache"
-    views: int = 4              # image views cached per training image: 1 center + (views-1) random crops
+    views: int = 4  # image views cached per training image: 1 center + (views-1) random crops
     crop_scale_min: float = 0.5
     epochs: int = 60
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 0.5
     warmup_epochs: float = 2.0
-    loss: str = "clip"          # "clip" (symmetric InfoNCE) or "siglip"
+    loss: str = "clip"  # "clip" (symmetric InfoNCE) or "siglip"
     max_logit_scale: float = 100.0
-    center: bool = True         # subtract each modality's training mean before normalizing
+    center: bool = True  # subtract each modality's training mean before normalizing
     querybank_size: int = 1000  # training queries per modality kept for the inverted softmax (0: none)
     seed: int = 0
     workers: int | None = None
@@ -66,8 +67,8 @@ class TrainConfig:
 @dataclass
 class SplitFeatures:
     dataset: CaptionDataset
-    image: torch.Tensor     # (V, N, Fi) tower features, V views
-    text: torch.Tensor      # (C, Ft)
+    image: torch.Tensor  # (V, N, Fi) tower features, V views
+    text: torch.Tensor  # (C, Ft)
 
 
 def split_features(model, split: str, cfg: TrainConfig, views: int) -> SplitFeatures:
@@ -79,15 +80,30 @@ def split_features(model, split: str, cfg: TrainConfig, views: int) -> SplitFeat
     per_view, bad = [], {}
     for v in range(views):
         transform = image_preprocess(model, train=v > 0, crop_scale=(cfg.crop_scale_min, 1.0))
-        key = cache.key(model.image_tower, paths, f"{model.config.to_dict()['image_tower']}|{transform}|view={v}|seed={cfg.seed}|crops seeded per item")
-        feats, bad_v = cache.get_or_compute(key, lambda: encode_image_files(
-            model, paths, transform, project=False, workers=cfg.workers, seed=cfg.seed * 1000 + v,
-            desc=f"{split} images, view {v + 1}/{views}"))
+        key = cache.key(
+            model.image_tower,
+            paths,
+            f"{model.config.to_dict()['image_tower']}|{transform}|view={v}|seed={cfg.seed}|crops seeded per item",
+        )
+        feats, bad_v = cache.get_or_compute(
+            key,
+            lambda transform=transform, v=v: encode_image_files(
+                model,
+                paths,
+                transform,
+                project=False,
+                workers=cfg.workers,
+                seed=cfg.seed * 1000 + v,
+                desc=f"{split} images, view {v + 1}/{views}",
+            ),
+        )
         per_view.append(feats)
         bad.update(bad_v)
     tkey = cache.key(model.text_tower, ds.captions, f"text|{model.config.to_dict()['text_tower']}")
-    text, _ = cache.get_or_compute(tkey, lambda: (encode_texts(
-        model, text_tokenizer(model), ds.captions, project=False, desc=f"{split} captions"), {}))
+    text, _ = cache.get_or_compute(
+        tkey,
+        lambda: (encode_texts(model, text_tokenizer(model), ds.captions, project=False, desc=f"{split} captions"), {}),
+    )
     keep_img = np.array([i not in bad for i in range(len(paths))])
     keep_cap = keep_img[ds.caption_image]
     ds = ds.drop_images(bad)
@@ -116,8 +132,11 @@ def dev_metrics(model, dev: SplitFeatures) -> dict[str, float]:
     model.eval()
     ds = dev.dataset
     out = recall_at_k(model.project_image(dev.image[0]).numpy(), model.project_text(dev.text).numpy(), ds.caption_image)
-    raw = recall_at_k(model.project_image(dev.image[0], center=False).numpy(),
-                      model.project_text(dev.text, center=False).numpy(), ds.caption_image)
+    raw = recall_at_k(
+        model.project_image(dev.image[0], center=False).numpy(),
+        model.project_text(dev.text, center=False).numpy(),
+        ds.caption_image,
+    )
     out["R@1_mean"] = (out["t2i_R@1"] + out["i2t_R@1"]) / 2
     out["R@1_mean_uncentered"] = (raw["t2i_R@1"] + raw["i2t_R@1"]) / 2
     return out
@@ -128,9 +147,15 @@ def fit_querybank_on(model, tr: SplitFeatures, dev: SplitFeatures, cfg: TrainCon
     """The inverted softmax's banks from the training split (center views, all captions) and
     its beta from dev, both through the model's final (centered) projections."""
     model.eval()
-    bank, report = fit_querybank(model.project_text(tr.text).numpy(), model.project_image(tr.image[0]).numpy(),
-                                 model.project_image(dev.image[0]).numpy(), model.project_text(dev.text).numpy(),
-                                 dev.dataset.caption_image, cfg.querybank_size, cfg.seed)
+    bank, report = fit_querybank(
+        model.project_text(tr.text).numpy(),
+        model.project_image(tr.image[0]).numpy(),
+        model.project_image(dev.image[0]).numpy(),
+        model.project_text(dev.text).numpy(),
+        dev.dataset.caption_image,
+        cfg.querybank_size,
+        cfg.seed,
+    )
     model.set_querybank(torch.from_numpy(bank.text), torch.from_numpy(bank.image), bank.beta)
     return report
 
@@ -140,8 +165,12 @@ def calibrate_on(model, dev: SplitFeatures, split: str) -> dict:
     """The match-probability calibrators fitted on a held-out split through the model's final
     projections and query bank (what `retrieval calibrate` also runs, so both write the same)."""
     model.eval()
-    report = calibrate_model(model, model.project_image(dev.image[0]).numpy(), model.project_text(dev.text).numpy(),
-                             dev.dataset.caption_image)
+    report = calibrate_model(
+        model,
+        model.project_image(dev.image[0]).numpy(),
+        model.project_text(dev.text).numpy(),
+        dev.dataset.caption_image,
+    )
     return {"split": split, **report}
 
 
@@ -157,14 +186,20 @@ def make_loss(kind: str):
 
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, **extra) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices, none on biases, norms and scalars."""
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra},
+    ]
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to zero over `total_steps`."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) *
-                                             0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))
+        ),
+    )
 
 
 def epoch_batches(n_img: int, n_views: int, caps: list[np.ndarray], batch_size: int):
@@ -174,7 +209,7 @@ def epoch_batches(n_img: int, n_views: int, caps: list[np.ndarray], batch_size: 
     view = torch.randint(0, n_views, (n_img,))
     cap = torch.tensor([c[np.random.randint(len(c))] for c in caps])
     for s in range(0, n_img, batch_size):
-        idx = perm[s:s + batch_size]
+        idx = perm[s : s + batch_size]
         yield idx, view[idx], cap[idx]
 
 
@@ -198,10 +233,18 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tr, dev = features or (split_features(model, cfg.train_split, cfg, cfg.views),
-                           split_features(model, cfg.dev_split, cfg, 1))
-    log.info("features ready in %.0fs: train %s images x %d views, %d captions; dev %d images",
-             time.time() - t0, tr.image.shape[1], tr.image.shape[0], len(tr.text), dev.image.shape[1])
+    tr, dev = features or (
+        split_features(model, cfg.train_split, cfg, cfg.views),
+        split_features(model, cfg.dev_split, cfg, 1),
+    )
+    log.info(
+        "features ready in %.0fs: train %s images x %d views, %d captions; dev %d images",
+        time.time() - t0,
+        tr.image.shape[1],
+        tr.image.shape[0],
+        len(tr.text),
+        dev.image.shape[1],
+    )
     loss_fn, logit_bias = make_loss(cfg.loss)
     if cfg.loss == "siglip":
         model.logit_scale.data.fill_(math.log(10.0))
@@ -224,16 +267,22 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         log.info("resumed from %s at epoch %d (best dev R@1 mean %.2f)", last, start_epoch, best)
     caps = _captions_of(tr.dataset.caption_image, n_img)
-    data_info = {"path": str(Path(cfg.data).resolve()), "train_split": cfg.train_split, "dev_split": cfg.dev_split,
-                 "train_images": n_img, "train_captions": len(tr.text), "views": cfg.views,
-                 "skipped": len(tr.dataset.skipped) + len(dev.dataset.skipped)}
+    data_info = {
+        "path": str(Path(cfg.data).resolve()),
+        "train_split": cfg.train_split,
+        "dev_split": cfg.dev_split,
+        "train_images": n_img,
+        "train_captions": len(tr.text),
+        "views": cfg.views,
+        "skipped": len(tr.dataset.skipped) + len(dev.dataset.skipped),
+    }
     with meter(cfg.epochs, "epochs", "epoch", initial=start_epoch) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             losses = []
             for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, cfg.batch_size):
-                zi = model.project_image(tr.image[view, idx], center=False)        # (B, D)
-                zt = model.project_text(tr.text[cap], center=False)                # (B, D)
+                zi = model.project_image(tr.image[view, idx], center=False)  # (B, D)
+                zt = model.project_text(tr.text[cap], center=False)  # (B, D)
                 if logit_bias is None:
                     loss = loss_fn(zi, zt, model.logit_scale.exp())
                 else:
@@ -244,17 +293,34 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
                 fit_centers(model, tr)
             metrics = dev_metrics(model, dev)
             score = metrics["R@1_mean"] if cfg.center else metrics["R@1_mean_uncentered"]
-            history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev": metrics,
-                            "logit_scale": model.logit_scale.exp().item()})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": float(np.mean(losses)),
+                    "dev": metrics,
+                    "logit_scale": model.logit_scale.exp().item(),
+                }
+            )
             bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
             if score > best:
                 best = score
-                save_checkpoint(best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch},
-                                train_config=asdict(cfg))
-            save_checkpoint(last, model, data=data_info, train_config=asdict(cfg), epoch=epoch, best=best,
-                            history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            logit_bias=float(logit_bias) if logit_bias is not None else None,
-                            torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state())
+                save_checkpoint(
+                    best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch}, train_config=asdict(cfg)
+                )
+            save_checkpoint(
+                last,
+                model,
+                data=data_info,
+                train_config=asdict(cfg),
+                epoch=epoch,
+                best=best,
+                history=history,
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                logit_bias=float(logit_bias) if logit_bias is not None else None,
+                torch_rng=torch.get_rng_state(),
+                numpy_rng=np.random.get_state(),
+            )
             bar.update(1)
     # The deliverable: the best heads, float16, with their query banks, no optimizer state: small
     # enough to ship in the package.
@@ -268,8 +334,14 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     metrics["calibration"] = calibrate_on(model, dev, cfg.dev_split)
     save_checkpoint(final, model, half=True, data=data_info, metrics=metrics, train_config=asdict(cfg))
     model.eval()
-    summary = {"best_dev_R@1_mean": best, "querybank": metrics.get("querybank"), "epochs": cfg.epochs,
-               "seconds": round(time.time() - t0, 1), "checkpoint": str(final), "history": history,
-               "config": asdict(cfg)}
+    summary = {
+        "best_dev_R@1_mean": best,
+        "querybank": metrics.get("querybank"),
+        "epochs": cfg.epochs,
+        "seconds": round(time.time() - t0, 1),
+        "checkpoint": str(final),
+        "history": history,
+        "config": asdict(cfg),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
