@@ -42,27 +42,11 @@ class RetrievalClient(ClientBase):
         target: str | None = None,
         min_score: float | None = None,
         timeout: float | None = None,
-        *,
-        max_angle_deg: float | None = None,
-        diversity: float | None = None,
-        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (),
-        min_probability: float | None = None,
+        **options: Any,
     ) -> list[Hit]:
-        return self.search(
-            search_request(
-                text=text,
-                target=target,
-                k=k,
-                min_score=min_score,
-                max_angle_deg=max_angle_deg,
-                diversity=diversity,
-                dedup_angle_deg=dedup_angle_deg,
-                filters=filters,
-                min_probability=min_probability,
-            ),
-            timeout,
-        )
+        """`options`: the keywords of `search_request` that shape results (max_angle_deg, diversity,
+        dedup_angle_deg, filters, min_probability, page_size, page_token)."""
+        return self.search(search_request(text=text, target=target, k=k, min_score=min_score, **options), timeout)
 
     def search_image(
         self,
@@ -71,27 +55,10 @@ class RetrievalClient(ClientBase):
         target: str | None = None,
         min_score: float | None = None,
         timeout: float | None = None,
-        *,
-        max_angle_deg: float | None = None,
-        diversity: float | None = None,
-        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (),
-        min_probability: float | None = None,
+        **options: Any,
     ) -> list[Hit]:
-        return self.search(
-            search_request(
-                image=image,
-                target=target,
-                k=k,
-                min_score=min_score,
-                max_angle_deg=max_angle_deg,
-                diversity=diversity,
-                dedup_angle_deg=dedup_angle_deg,
-                filters=filters,
-                min_probability=min_probability,
-            ),
-            timeout,
-        )
+        """`options`: as for `search_text`."""
+        return self.search(search_request(image=image, target=target, k=k, min_score=min_score, **options), timeout)
 
     def search_embedding(
         self,
@@ -101,29 +68,14 @@ class RetrievalClient(ClientBase):
         min_score: float | None = None,
         timeout: float | None = None,
         modality: str | None = None,
-        *,
-        max_angle_deg: float | None = None,
-        diversity: float | None = None,
-        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (),
-        min_probability: float | None = None,
+        **options: Any,
     ) -> list[Hit]:
-        """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would."""
-        return self.search(
-            search_request(
-                embedding=embedding,
-                target=target,
-                k=k,
-                min_score=min_score,
-                embedding_modality=modality,
-                max_angle_deg=max_angle_deg,
-                diversity=diversity,
-                dedup_angle_deg=dedup_angle_deg,
-                filters=filters,
-                min_probability=min_probability,
-            ),
-            timeout,
+        """`modality`: what the embedding encodes ("text" or "image"), to rank as that query would;
+        `options`: as for `search_text`."""
+        request = search_request(
+            embedding=embedding, target=target, k=k, min_score=min_score, embedding_modality=modality, **options
         )
+        return self.search(request, timeout)
 
     def search_composed(
         self,
@@ -133,30 +85,13 @@ class RetrievalClient(ClientBase):
         combine: str = "geodesic",
         min_score: float | None = None,
         timeout: float | None = None,
-        *,
-        max_angle_deg: float | None = None,
-        diversity: float | None = None,
-        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (),
-        min_probability: float | None = None,
+        **options: Any,
     ) -> list[Hit]:
         """A composed query: terms are values (weight 1) or (value, weight); a str is a text, bytes or a
-        Path an image, an array an embedding, an ItemRef a stored item; weights < 0 push the query away."""
-        return self.search(
-            search_request(
-                terms=terms,
-                combine=combine,
-                target=target,
-                k=k,
-                min_score=min_score,
-                max_angle_deg=max_angle_deg,
-                diversity=diversity,
-                dedup_angle_deg=dedup_angle_deg,
-                filters=filters,
-                min_probability=min_probability,
-            ),
-            timeout,
-        )
+        Path an image, an array an embedding, an ItemRef a stored item; weights < 0 push the query away.
+        `options`: as for `search_text`."""
+        request = search_request(terms=terms, combine=combine, target=target, k=k, min_score=min_score, **options)
+        return self.search(request, timeout)
 
     def more_like_this(
         self,
@@ -166,28 +101,12 @@ class RetrievalClient(ClientBase):
         target: str | None = None,
         min_score: float | None = None,
         timeout: float | None = None,
-        *,
-        max_angle_deg: float | None = None,
-        diversity: float | None = None,
-        dedup_angle_deg: float | None = None,
-        filters: Sequence[pb.Filter] = (),
-        min_probability: float | None = None,
+        **options: Any,
     ) -> list[Hit]:
-        """The nearest items to a stored one (of `gallery`; by default in that gallery), without it."""
-        return self.search(
-            search_request(
-                item=ItemRef(item_id, gallery),
-                target=target,
-                k=k,
-                min_score=min_score,
-                max_angle_deg=max_angle_deg,
-                diversity=diversity,
-                dedup_angle_deg=dedup_angle_deg,
-                filters=filters,
-                min_probability=min_probability,
-            ),
-            timeout,
-        )
+        """The nearest items to a stored one (of `gallery`; by default in that gallery), without it.
+        `options`: as for `search_text`."""
+        request = search_request(item=ItemRef(item_id, gallery), target=target, k=k, min_score=min_score, **options)
+        return self.search(request, timeout)
 
     def search_page(self, request: pb.SearchRequest, timeout: float | None = None) -> tuple[list[Hit], str]:
         """One page of a paged search (request.page_size set): its hits and the next page's token, "" after
