@@ -43,7 +43,7 @@ from retrieval.store.layout import (
     version_dir,
 )
 from retrieval.store.manifest import Manifest
-from retrieval.store.vectors import query_rows, reconstruct, search_within
+from retrieval.store.vectors import query_rows, reconstruct, reconstructs, search_within
 
 
 def read_index_file(path: Path, storage: str = STORAGE_MEMORY) -> faiss.Index:
@@ -187,11 +187,17 @@ class IndexVersion:
 
     def vectors(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
         """The stored unit vectors (N, D) of known ids (their rows [g, b_g] without the bias)."""
-        return reconstruct(self.indexes[modality], ids)[:, : self.dim]
+        return self.rows(modality, ids)[:, : self.dim]
 
     def rows(self, modality: Modality, ids: np.ndarray) -> np.ndarray:
-        """The stored rows (N, D+1) [g, b_g] of known ids (not for memory-mapped IVF indexes, whose
-        lists are not reconstructed; their biases are in `bias`)."""
+        """The stored rows (N, D+1) [g, b_g] of known ids. A memory-mapped IVF index keeps no direct
+        map, so it cannot give them back: what needs them (more like this, diversity, dedup) is
+        refused on it with a clear error; its biases are in `bias`."""
+        if not reconstructs(self.indexes[modality]):
+            raise InvalidInputError(
+                f"the {modality} index of {self.name} is memory-mapped and does not give stored "
+                f"vectors back: more like this, diversity and dedup are not served on it"
+            )
         return reconstruct(self.indexes[modality], ids)
 
     def bias(self, modality: Modality, ids: np.ndarray) -> np.ndarray:

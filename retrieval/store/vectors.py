@@ -53,7 +53,7 @@ def _is_flat(index: faiss.Index) -> bool:
     return isinstance(inner, faiss.IndexFlat)
 
 
-def _reconstructs(index: faiss.Index) -> bool:
+def reconstructs(index: faiss.Index) -> bool:
     """Can the index give stored vectors back by id? Not an IVF index without its direct map (one
     served memory-mapped from on-disk inverted lists, `retrieval.store.bias_table`)."""
     ivf = faiss.try_extract_index_ivf(index)
@@ -86,7 +86,7 @@ def search_within(
     k = min(k, len(allowed))
     if k == 0:
         return np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
-    exact_fallback = not _is_flat(index) and _reconstructs(index)  # memory-mapped IVF: the selector alone
+    exact_fallback = not _is_flat(index) and reconstructs(index)  # memory-mapped IVF: the selector alone
     if exact_fallback and len(allowed) < exact_below * index.ntotal:
         return exact_within(index, rows, k, allowed)
     scores, ids = index.search(rows, k, params=restricted_to(index, allowed))
