@@ -21,14 +21,8 @@ from tqdm import tqdm
 from transformers.masking_utils import create_bidirectional_mask
 
 from retrieval.sphere.recall import recall_at_k
-from retrieval.training.train import (
-    SplitFeatures,
-    _captions_of,
-    decay_groups,
-    epoch_batches,
-    optimizer_step,
-    warmup_cosine,
-)
+from retrieval.training.loop import captions_of, decay_groups, epoch_batches, optimizer_step, warmup_cosine
+from retrieval.training.train import SplitFeatures
 
 
 @torch.no_grad()
@@ -119,7 +113,7 @@ def train_lit(
     steps = math.ceil(n_img / batch_size)
     sched = warmup_cosine(opt, epochs * steps, 2 * steps)
     loss_fn = ClipLoss()
-    caps = _captions_of(tr.dataset.caption_image, n_img)
+    caps = captions_of(tr.dataset.caption_image, n_img)
     first_caption = torch.tensor([c[0] for c in caps])
 
     def text_features(split: str, rows: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:

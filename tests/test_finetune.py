@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_mini_dataset, make_tiny_open_clip
 
-import retrieval.training.finetune as finetune_mod
+import retrieval.training.loop as loop
 from retrieval.client import RetrievalClient
 from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.embedding.factory import create_model
@@ -90,7 +90,7 @@ def test_a_checkpoint_naming_an_unregistered_architecture_is_refused(lit_run, tm
 
 def test_resume_after_an_interruption_gives_the_same_model(lit_run, data, tiny, tmp_path, monkeypatch):
     cfg, reference, summary, _ = lit_run
-    real_save, saves = finetune_mod.save_checkpoint, []
+    real_save, saves = loop.save_checkpoint, []
 
     def save_then_die_after_epoch_2(path, model, **extra):
         real_save(path, model, **extra)
@@ -98,10 +98,10 @@ def test_resume_after_an_interruption_gives_the_same_model(lit_run, data, tiny, 
         if saves.count("last.safetensors") == 2:
             raise KeyboardInterrupt  # as if the job were killed right after epoch 2's checkpoint
 
-    monkeypatch.setattr(finetune_mod, "save_checkpoint", save_then_die_after_epoch_2)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         finetune(_cfg(data, tiny, tmp_path), create_model(tiny)[0])
-    monkeypatch.setattr(finetune_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed, _, _ = create_model(tiny)
     again = finetune(_cfg(data, tiny, tmp_path, resume=True), resumed)
     assert [h["epoch"] for h in again["history"]] == list(range(cfg.epochs))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import retrieval.training.train as train_mod
+import retrieval.training.loop as loop
 from retrieval.embedding.checkpoint import load_checkpoint
 from retrieval.embedding.factory import create_model
 from retrieval.encoding.bulk import encode_texts
@@ -82,7 +82,7 @@ def test_a_rerun_writes_the_same_checkpoint_bytes(trained):
 def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini, tmp_path, monkeypatch):
     _, reference, _ = trained
     cfg = _cfg(flickr_mini, tmp_path)
-    real_save, saves = train_mod.save_checkpoint, []
+    real_save, saves = loop.save_checkpoint, []
 
     def save_then_die_after_epoch_3(path, model, **extra):
         real_save(path, model, **extra)
@@ -90,10 +90,10 @@ def test_resume_after_an_interruption_gives_the_same_model(trained, flickr_mini,
         if saves.count("last.safetensors") == 3:
             raise KeyboardInterrupt  # as if the job were killed right after epoch 3's checkpoint
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die_after_epoch_3)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_after_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, create_model(cfg.model, load_weights=False)[0])
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed, _, _ = create_model(cfg.model, load_weights=False)
     summary = train(TrainConfig(**{**cfg.__dict__, "resume": True}), resumed)
     assert [h["epoch"] for h in summary["history"]] == list(range(6))

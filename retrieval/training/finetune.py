@@ -5,10 +5,10 @@ open_clip:ARCH@FILE --finetune lit|full`).
   `lock_image_tower`, batch-norm statistics too), so each training image's views are encoded once
   at the start and kept in memory; every epoch tunes the text tower and the temperature against them.
 - `full`: every weight is tuned; each batch decodes its images with a fresh random resized crop.
-Both pair every training image with one random caption of its own per epoch (`train.epoch_batches`),
-use open_clip's ClipLoss with the learnable temperature clamped (`train.optimizer_step`), AdamW
+Both pair every training image with one random caption of its own per epoch (`loop.epoch_batches`),
+use open_clip's ClipLoss with the learnable temperature clamped (`loop.optimizer_step`), AdamW
 without decay on biases and norms, linear warm-up then cosine decay, and select on dev by the mean
-of the two R@1s (`retrieval.sphere.recall`). Outputs in OUT as for head training: last.safetensors
+of the two R@1s (`retrieval.sphere.recall`). Outputs in OUT as for head training (`loop.Run`): last.safetensors
 (resume state: weights, optimizer, scheduler, RNG), best.safetensors (best dev epoch) and
 model.safetensors (the best weights in float16, the file to pass to `create_model`, the index
 builder or the server). The checkpoints hold the whole tuned state and name only the architecture
@@ -17,10 +17,8 @@ builder or the server). The checkpoints hold the whole tuned state and name only
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,14 +27,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
 from retrieval.embedding.open_clip_model import OpenClipEncoder
 from retrieval.encoding.bulk import encode_image_files, encode_texts, image_loader, input_size
 from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
 from retrieval.errors import ConfigError
 from retrieval.progress import meter
 from retrieval.sphere.recall import recall_at_k
-from retrieval.training.train import _captions_of, decay_groups, epoch_batches, make_loss, optimizer_step, warmup_cosine
+from retrieval.training.loop import (
+    Run,
+    captions_of,
+    decay_groups,
+    epoch_batches,
+    make_loss,
+    optimizer_step,
+    seed_everything,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 MODES = ("lit", "full")
@@ -116,9 +122,7 @@ def _batch_pixels(
 
 def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
     """Fine-tunes `model` in place; returns the summary written next to the checkpoints."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,18 +161,7 @@ def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
     n_img = len(paths)
     steps_per_epoch = math.ceil(n_img / cfg.batch_size)
     sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
-    start_epoch, best, history = 0, -1.0, []
-    last, best_file, final = (out / f"{stem}{SUFFIX}" for stem in ("last", "best", "model"))
-    if cfg.resume and last.is_file():
-        state = load_checkpoint(last)
-        model.load_head_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        log.info("resumed from %s at epoch %d (best dev R@1 mean %.2f)", last, start_epoch, best)
-    caps = _captions_of(tr.caption_image, n_img)
+    caps = captions_of(tr.caption_image, n_img)
     data_info = {
         "path": str(Path(cfg.data).resolve()),
         "train_split": cfg.train_split,
@@ -178,9 +171,12 @@ def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
         "source": source,
         "skipped": len(bad) + len(dev.skipped),
     }
+    run = Run(out, model, opt, sched, data_info, asdict(cfg), t0)
+    if cfg.resume:
+        run.resume()
     size = input_size(model, center)
-    with meter(cfg.epochs, "epochs", "epoch", initial=start_epoch) as bar:
-        for epoch in range(start_epoch, cfg.epochs):
+    with meter(cfg.epochs, "epochs", "epoch", initial=run.start_epoch) as bar:
+        for epoch in range(run.start_epoch, cfg.epochs):
             model.net.train()
             if cfg.finetune == "lit":
                 model.net.visual.eval()  # locked: its norms and dropout stay in inference mode
@@ -197,47 +193,7 @@ def finetune(cfg: FinetuneConfig, model: OpenClipEncoder) -> dict:
                 optimizer_step(model.net, loss, opt, sched, cfg.max_logit_scale)
                 losses.append(loss.item())
             metrics = dev_metrics(model, dev, cfg)
-            score = metrics["R@1_mean"]
-            history.append(
-                {
-                    "epoch": epoch,
-                    "loss": float(np.mean(losses)),
-                    "dev": metrics,
-                    "logit_scale": model.net.logit_scale.exp().item(),
-                }
-            )
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
-            if score > best:
-                best = score
-                save_checkpoint(
-                    best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch}, train_config=asdict(cfg)
-                )
-            save_checkpoint(
-                last,
-                model,
-                data=data_info,
-                train_config=asdict(cfg),
-                epoch=epoch,
-                best=best,
-                history=history,
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                torch_rng=torch.get_rng_state(),
-                numpy_rng=np.random.get_state(),
-            )
+            scale = model.net.logit_scale.exp().item()
+            bar.set_postfix(**run.end_epoch(epoch, losses, metrics, metrics["R@1_mean"], scale))
             bar.update(1)
-    best_state = load_checkpoint(best_file)
-    model.load_head_state_dict(best_state["heads"])
-    round_heads_to_half(model)  # what the float16 file loads back, so fingerprints agree
-    save_checkpoint(final, model, half=True, data=data_info, metrics=best_state["metrics"], train_config=asdict(cfg))
-    model.eval()
-    summary = {
-        "best_dev_R@1_mean": best,
-        "epochs": cfg.epochs,
-        "seconds": round(time.time() - t0, 1),
-        "checkpoint": str(final),
-        "history": history,
-        "config": asdict(cfg),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return run.finish(run.load_best())

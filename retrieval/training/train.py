@@ -5,7 +5,8 @@ features are cached on disk, and an epoch over the heads costs seconds on a CPU.
 several views (the center crop plus random resized crops); each epoch pairs every training
 image with one random view and one random caption of its own. Loss: symmetric InfoNCE
 (open_clip's ClipLoss) with a learnable temperature clamped at 100, or SigLIP's.
-Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable.
+Model selection on the dev split (mean of the R@1s); checkpoints every epoch; resumable
+(`retrieval.training.loop.Run`).
 Last, the best heads get the inverted softmax's query banks (random training captions and
 images) with its beta chosen on dev (`retrieval.embedding.querybank`), then the match-probability
 calibrators fitted on dev (`retrieval.training.calibration`).
@@ -16,10 +17,8 @@ ship as retrieval/embedding/weights/NAME.safetensors or to pass to create_model)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
+from retrieval.embedding.checkpoint import round_heads_to_half
 from retrieval.embedding.factory import image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import encode_image_files, encode_texts
 from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
@@ -35,6 +34,16 @@ from retrieval.progress import meter
 from retrieval.sphere.recall import recall_at_k
 from retrieval.training.calibration import calibrate_model
 from retrieval.training.feature_cache import FeatureCache
+from retrieval.training.loop import (
+    Run,
+    captions_of,
+    decay_groups,
+    epoch_batches,
+    make_loss,
+    optimizer_step,
+    seed_everything,
+    warmup_cosine,
+)
 from retrieval.training.querybank_fit import fit_querybank
 
 log = logging.getLogger(__name__)
@@ -113,11 +122,6 @@ def split_features(model, split: str, cfg: TrainConfig, views: int) -> SplitFeat
     return SplitFeatures(ds, image, torch.from_numpy(text[keep_cap]))
 
 
-def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
-    order = np.argsort(caption_image, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(caption_image, minlength=n_images))[:-1])
-
-
 @torch.no_grad()
 def fit_centers(model, feats: SplitFeatures) -> None:
     """Each modality's mean unit projection on the training set (center view, all captions)."""
@@ -174,60 +178,10 @@ def calibrate_on(model, dev: SplitFeatures, split: str) -> dict:
     return {"split": split, **report}
 
 
-def make_loss(kind: str):
-    from open_clip.loss import ClipLoss, SigLipLoss
-
-    if kind == "clip":
-        return ClipLoss(), None
-    if kind == "siglip":
-        return SigLipLoss(), torch.nn.Parameter(torch.tensor(-10.0))  # SigLIP's bias init
-    raise ValueError(f"unknown loss '{kind}' (choose clip or siglip)")
-
-
-def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, **extra) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices, none on biases, norms and scalars."""
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra},
-    ]
-
-
-def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to zero over `total_steps`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps))))
-        ),
-    )
-
-
-def epoch_batches(n_img: int, n_views: int, caps: list[np.ndarray], batch_size: int):
-    """One epoch's draws: a permutation of the training images and, per image, one random view
-    and one random caption of its own. Yields (image indices, their views, their captions) per batch."""
-    perm = torch.randperm(n_img)
-    view = torch.randint(0, n_views, (n_img,))
-    cap = torch.tensor([c[np.random.randint(len(c))] for c in caps])
-    for s in range(0, n_img, batch_size):
-        idx = perm[s : s + batch_size]
-        yield idx, view[idx], cap[idx]
-
-
-def optimizer_step(model, loss: torch.Tensor, opt: torch.optim.Optimizer, sched, max_logit_scale: float) -> None:
-    """Backward, AdamW and schedule step, then CLIP's clamp of the learnable temperature."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    model.logit_scale.data.clamp_(0.0, math.log(max_logit_scale))
-
-
 def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures] | None = None) -> dict:
     """Trains `model`'s heads in place; returns the summary written next to the checkpoints.
     `features` (train, dev) skips loading them from the cache (benchmarks slice them)."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     if not Path(cfg.model).is_file():  # a registered name: start from seeded fresh heads
         model.reset_heads()
     out = Path(cfg.out)
@@ -253,20 +207,6 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
     n_img = tr.image.shape[1]
     steps_per_epoch = math.ceil(n_img / cfg.batch_size)
     sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
-    start_epoch, best, history = 0, -1.0, []
-    last, best_file, final = (out / f"{stem}{SUFFIX}" for stem in ("last", "best", "model"))
-    if cfg.resume and last.is_file():
-        state = load_checkpoint(last)
-        model.load_head_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if logit_bias is not None and state.get("logit_bias") is not None:
-            logit_bias.data.fill_(state["logit_bias"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        log.info("resumed from %s at epoch %d (best dev R@1 mean %.2f)", last, start_epoch, best)
-    caps = _captions_of(tr.dataset.caption_image, n_img)
     data_info = {
         "path": str(Path(cfg.data).resolve()),
         "train_split": cfg.train_split,
@@ -276,8 +216,13 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
         "views": cfg.views,
         "skipped": len(tr.dataset.skipped) + len(dev.dataset.skipped),
     }
-    with meter(cfg.epochs, "epochs", "epoch", initial=start_epoch) as bar:
-        for epoch in range(start_epoch, cfg.epochs):
+    run = Run(out, model, opt, sched, data_info, asdict(cfg), t0)
+    state = run.resume() if cfg.resume else None
+    if state is not None and logit_bias is not None and state.get("logit_bias") is not None:
+        logit_bias.data.fill_(state["logit_bias"])
+    caps = captions_of(tr.dataset.caption_image, n_img)
+    with meter(cfg.epochs, "epochs", "epoch", initial=run.start_epoch) as bar:
+        for epoch in range(run.start_epoch, cfg.epochs):
             model.train()
             losses = []
             for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, cfg.batch_size):
@@ -293,55 +238,14 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
                 fit_centers(model, tr)
             metrics = dev_metrics(model, dev)
             score = metrics["R@1_mean"] if cfg.center else metrics["R@1_mean_uncentered"]
-            history.append(
-                {
-                    "epoch": epoch,
-                    "loss": float(np.mean(losses)),
-                    "dev": metrics,
-                    "logit_scale": model.logit_scale.exp().item(),
-                }
-            )
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", dev_R1=f"{score:.2f}", best=f"{max(best, score):.2f}")
-            if score > best:
-                best = score
-                save_checkpoint(
-                    best_file, model, data=data_info, metrics={"dev": metrics, "epoch": epoch}, train_config=asdict(cfg)
-                )
-            save_checkpoint(
-                last,
-                model,
-                data=data_info,
-                train_config=asdict(cfg),
-                epoch=epoch,
-                best=best,
-                history=history,
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                logit_bias=float(logit_bias) if logit_bias is not None else None,
-                torch_rng=torch.get_rng_state(),
-                numpy_rng=np.random.get_state(),
-            )
+            scale, bias = model.logit_scale.exp().item(), float(logit_bias) if logit_bias is not None else None
+            bar.set_postfix(**run.end_epoch(epoch, losses, metrics, score, scale, logit_bias=bias))
             bar.update(1)
     # The deliverable: the best heads, float16, with their query banks, no optimizer state: small
     # enough to ship in the package.
-    best_state = load_checkpoint(best_file)
-    model.load_head_state_dict(best_state["heads"])
-    round_heads_to_half(model)
-    metrics = dict(best_state["metrics"])
+    metrics = run.load_best()
     if cfg.querybank_size > 0:
         metrics["querybank"] = fit_querybank_on(model, tr, dev, cfg)
         round_heads_to_half(model)  # the banks too, as the float16 file stores them
     metrics["calibration"] = calibrate_on(model, dev, cfg.dev_split)
-    save_checkpoint(final, model, half=True, data=data_info, metrics=metrics, train_config=asdict(cfg))
-    model.eval()
-    summary = {
-        "best_dev_R@1_mean": best,
-        "querybank": metrics.get("querybank"),
-        "epochs": cfg.epochs,
-        "seconds": round(time.time() - t0, 1),
-        "checkpoint": str(final),
-        "history": history,
-        "config": asdict(cfg),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return run.finish(metrics, querybank=metrics.get("querybank"))
