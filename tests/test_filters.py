@@ -13,6 +13,7 @@ import json
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -288,14 +289,20 @@ def test_a_page_token_after_a_swap_is_failed_precondition(index_root, tmp_path):
             (root / f"{CURRENT}.new").write_text("v0002\n")
             (root / f"{CURRENT}.new").rename(root / CURRENT)
             req = search_request(text=QUERIES[0], k=0, page_size=3, page_token=token)
-            for _ in range(600):  # the server polls CURRENT every 0.1 s: it swaps within a few polls
-                if client.index_info().version == "v0002":
+            # the server polls CURRENT every 0.1 s: it swaps within a few polls. Until then the token
+            # works; the first call after the swap is refused (no separate "has it swapped?" check
+            # before each call: the swap may fall between the two)
+            refused = None
+            for _ in range(600):
+                try:
+                    client.search_page(req)
+                except grpc.RpcError as e:
+                    refused = e
                     break
-                client.search_page(req)  # still v0001: the token still works
+                time.sleep(0.01)
+            assert refused is not None, "the server never swapped to v0002"
+            assert refused.code() == STALE and "v0001" in refused.details() and "v0002" in refused.details()
             assert client.index_info().version == "v0002"
-            with pytest.raises(grpc.RpcError) as e:
-                client.search_page(req)
-            assert e.value.code() == STALE and "v0001" in e.value.details() and "v0002" in e.value.details()
     finally:
         srv.stop(grace=0)
 
