@@ -75,6 +75,17 @@ def make_tiny_open_clip(folder: Path, name: str = "tiny-test-clip"):
     return reference.eval(), ckpt
 
 
+def build_index(root: str | Path, *source: str) -> Path:
+    """`index-builder build --out ROOT SOURCE...` in this process, as a user runs it, with one
+    decode thread and no progress bars; fails the test if the build fails. SOURCE: `--dataset DIR
+    [--split S]` or `--images DIR --captions FILE`, and any other flag. Returns ROOT."""
+    from index_builder.cli import main
+
+    argv = ["-q", "build", "--out", str(root), *source, "--workers", "0", "--no-progress"]
+    assert main(argv) == 0, f"index-builder {' '.join(argv)} failed (its log is above)"
+    return Path(root)
+
+
 @pytest.fixture(scope="session")
 def flickr_mini(tmp_path_factory) -> Path:
     """48 train / 16 dev / 32 test real Flickr8k images with their 5 captions each."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_index
 from corruptions import plant
 
 from retrieval.client import RetrievalClient
@@ -27,7 +28,6 @@ GEOMETRY = ("alignment", "uniformity_image", "uniformity_text", "modality_gap", 
 @pytest.fixture(scope="module")
 def planted(flickr_mini, tmp_path_factory) -> tuple[Path, Path, dict]:
     """(index root, dataset copy, truth) of the mini set with corruptions planted, built once."""
-    from index_builder.cli import main
 
     data = tmp_path_factory.mktemp("audit") / "data"
     shutil.copytree(flickr_mini, data)
@@ -35,24 +35,7 @@ def planted(flickr_mini, tmp_path_factory) -> tuple[Path, Path, dict]:
     # reach 31, bench/results/audit.md)
     truth = plant(data, "test", reencoded=2, cropped=1, moved=2, seed=3, quality=75, crop_keep=0.9)
     root = data.parent / "index"
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--images",
-                str(data / "images"),
-                "--captions",
-                str(data / "captions.csv"),
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--images", str(data / "images"), "--captions", str(data / "captions.csv"))
     return root, data, truth
 
 

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import build_index
 
 from retrieval.client import RetrievalClient, search_request
 from retrieval.embedding.calibration import FEATURES, Calibration, calibrations_of
@@ -105,29 +106,9 @@ def test_calibration_round_trips_through_the_checkpoint_and_fingerprint(calibrat
 
 @pytest.fixture(scope="module")
 def server(calibrated_file, flickr_mini, tmp_path_factory):
-    from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("calibrated-server") / "index"
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--dataset",
-                str(flickr_mini),
-                "--split",
-                "test",
-                "--model",
-                str(calibrated_file[0]),
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--dataset", str(flickr_mini), "--split", "test", "--model", str(calibrated_file[0]))
     srv = ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)).start()
     yield srv, root
     srv.stop(grace=0)

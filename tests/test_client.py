@@ -9,6 +9,7 @@ import inspect
 
 import numpy as np
 import pytest
+from conftest import build_index
 
 from retrieval.client import AsyncRetrievalClient, RetrievalClient, search_request
 from retrieval.serving.server import ServeConfig, ServerThread
@@ -40,27 +41,9 @@ def test_async_client_has_every_method_of_the_sync_client_with_the_same_signatur
 
 @pytest.fixture(scope="module")
 def server(flickr_mini, tmp_path_factory):
-    from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("client") / "index"
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--dataset",
-                str(flickr_mini),
-                "--split",
-                "test",
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--dataset", str(flickr_mini), "--split", "test")
     srv = ServerThread(ServeConfig(index=str(root), port=0, metrics_port=-1)).start()
     yield srv
     srv.stop(grace=0)

@@ -11,6 +11,7 @@ import faiss
 import grpc
 import numpy as np
 import pytest
+from conftest import build_index
 
 from retrieval.client import AsyncRetrievalClient, RetrievalClient, search_request
 from retrieval.hits import ItemRef
@@ -25,27 +26,9 @@ INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
 @pytest.fixture(scope="module")
 def index_root(flickr_mini, tmp_path_factory):
-    from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("compose") / "index"
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--dataset",
-                str(flickr_mini),
-                "--split",
-                "test",
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--dataset", str(flickr_mini), "--split", "test")
     return root
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import build_index
 
 from retrieval.client import RetrievalClient, search_request
 from retrieval.client import filters as F
@@ -78,28 +79,8 @@ def collection(flickr_mini, tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 def build(root: Path, src: Path, attributes: Path) -> None:
-    from index_builder.cli import main
 
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--captions",
-                str(src / "captions.csv"),
-                "--attributes",
-                str(attributes),
-                "--model",
-                MODEL,
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--captions", str(src / "captions.csv"), "--attributes", str(attributes), "--model", MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -310,61 +291,20 @@ def test_a_page_token_after_a_swap_is_failed_precondition(index_root, tmp_path):
 def test_query_cli_filters_and_pages(client, capsys):
     from retrieval.cli import main
 
-    address = client.address
-    assert (
-        main(
-            [
-                "query",
-                "--address",
-                address,
-                "--text",
-                QUERIES[0],
-                "--filter",
-                "camera=Canon|Sony",
-                "--filter",
-                "year>=2004",
-                "--page-size",
-                "2",
-                "--k",
-                "3",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    query = ["query", "--address", client.address, "--text", QUERIES[0], "--filter", "camera=Canon|Sony"]
+    query += ["--filter", "year>=2004", "--page-size", "2", "--k", "3", "--json"]
+    assert main(query) == 0
     out = capsys.readouterr()
     first = json.loads(out.out)
     token = out.err.split("--page-token ")[1].split()[0]
-    assert (
-        main(
-            [
-                "query",
-                "--address",
-                address,
-                "--text",
-                QUERIES[0],
-                "--filter",
-                "camera=Canon|Sony",
-                "--filter",
-                "year>=2004",
-                "--page-size",
-                "2",
-                "--k",
-                "3",
-                "--json",
-                "--page-token",
-                token,
-            ]
-        )
-        == 0
-    )
+    assert main([*query, "--page-token", token]) == 0
     out = capsys.readouterr()
     assert "(last page)" in out.err
     whole = client.search_text(
         QUERIES[0], k=3, filters=[F.any_of("camera", ["Canon", "Sony"]), F.between("year", 2004)]
     )
     assert [r["id"] for r in first + json.loads(out.out)] == [h.id for h in whole]
-    assert main(["query", "--address", address, "--text", "x", "--filter", "lens=50"]) == 1
+    assert main(["query", "--address", client.address, "--text", "x", "--filter", "lens=50"]) == 1
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err and "'lens'" in err
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_mini_dataset, make_tiny_open_clip
+from conftest import build_index, make_mini_dataset, make_tiny_open_clip
 
 import retrieval.training.loop as loop
 from retrieval.client import RetrievalClient
@@ -128,30 +128,10 @@ def test_bad_settings_are_config_errors(data, tiny):
 
 
 def test_an_index_built_with_the_tuned_model_serves(lit_run, data, tmp_path):
-    from index_builder.cli import main
 
     _, model, summary, _ = lit_run
     root = tmp_path / "index"
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--dataset",
-                str(data),
-                "--split",
-                "test",
-                "--model",
-                summary["checkpoint"],
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--dataset", str(data), "--split", "test", "--model", summary["checkpoint"])
     names = (data / "splits" / "test.txt").read_text().split()
     image = (data / "images" / names[3]).read_bytes()
     # the version carries its own copy of the checkpoint, so the server needs no --model

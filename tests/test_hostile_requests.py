@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import build_index
 from PIL import Image
 
 from retrieval.client import RetrievalClient, search_request
@@ -63,29 +64,9 @@ def png_header(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def index_root(flickr_mini, tmp_path_factory):
-    from index_builder.cli import main
 
     root = tmp_path_factory.mktemp("hostile") / "index"
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--dataset",
-                str(flickr_mini),
-                "--split",
-                "dev",
-                "--model",
-                MODEL,
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--dataset", str(flickr_mini), "--split", "dev", "--model", MODEL)
     return root
 
 

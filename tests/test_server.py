@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import build_index
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -42,31 +43,6 @@ MAX_K, MAX_TEXT = 50, 200
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-def build_index(root: Path, dataset: Path, split: str) -> None:
-    from index_builder.cli import main
-
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--dataset",
-                str(dataset),
-                "--split",
-                split,
-                "--model",
-                MODEL,
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-
-
 def split_items(dataset: Path, split: str) -> tuple[list[str], list[str]]:
     names = (dataset / "splits" / f"{split}.txt").read_text().split()
     with (dataset / "captions.csv").open(newline="") as f:
@@ -77,7 +53,7 @@ def split_items(dataset: Path, split: str) -> tuple[list[str], list[str]]:
 @pytest.fixture(scope="module")
 def index_root(flickr_mini, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("server") / "index"
-    build_index(root, flickr_mini, "test")
+    build_index(root, "--dataset", str(flickr_mini), "--split", "test", "--model", MODEL)
     return root
 
 

@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from conftest import build_index
 
 from retrieval.client import RetrievalClient, search_request
 from retrieval.serving.encoder import cached_model
@@ -20,28 +21,7 @@ MODEL = os.environ.get("RETRIEVAL_TEST_MODEL", "lite0-minilm")
 
 
 def build(root, dataset, split) -> None:
-    from index_builder.cli import main
-
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--dataset",
-                str(dataset),
-                "--split",
-                split,
-                "--model",
-                MODEL,
-                "--workers",
-                "0",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--dataset", str(dataset), "--split", split, "--model", MODEL)
 
 
 def test_hot_swap_fails_no_request(flickr_mini, tmp_path):

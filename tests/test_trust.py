@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_index
 
 from retrieval.client import RetrievalClient
 from retrieval.errors import IndexCorruptError, ModelError, RetrievalError
@@ -43,27 +44,8 @@ class Plant:
 
 
 def build(root: Path, images: Path, captions: Path, *extra: str) -> None:
-    from index_builder.cli import main
 
-    assert (
-        main(
-            [
-                "-q",
-                "build",
-                "--out",
-                str(root),
-                "--images",
-                str(images),
-                "--captions",
-                str(captions),
-                "--workers",
-                "0",
-                "--no-progress",
-                *extra,
-            ]
-        )
-        == 0
-    )
+    build_index(root, "--images", str(images), "--captions", str(captions), *extra)
 
 
 @pytest.fixture(scope="module")

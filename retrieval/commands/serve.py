@@ -55,9 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(ServeConfig, args).validate()  # a ConfigError is one line, exit 2
-    # A server says what it serves and when it swaps, even without --verbose; no progress bars.
-    for name in ("retrieval.serving.server", "retrieval.serving.engine"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    # A server says where it listens, what it serves and when it swaps, even without --verbose (the
+    # serving package logs nothing else at INFO); no progress bars.
+    logging.getLogger("retrieval.serving").setLevel(logging.INFO)
     quiet_library_progress_bars()
     serve(config)
     return 0
