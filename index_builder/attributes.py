@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from index_builder.sources import IMAGE_COLUMNS, extra_columns
+from index_builder.captions_file import IMAGE_COLUMNS, extra_columns
 from retrieval.errors import DatasetError
 from retrieval.store.attributes import FieldType, infer_type, stored_value
 from retrieval.store.schema import AttributeRow

@@ -43,12 +43,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from retrieval.errors import DatasetError, FingerprintMismatchError, RetrievalError
+from retrieval.errors import DatasetError, RetrievalError
 
 try:
     import ray
@@ -60,7 +58,8 @@ except ImportError as e:  # the one clear error of `--ray` without Ray, before a
         "install it with pip install 'ray[data]>=2.10' (the project's [ray] extra)"
     ) from None
 
-from index_builder.encode import EncodeStats, ShardStore, encode_pixels
+from index_builder.encode import EncodeStats, ShardStore
+from index_builder.ray_actor import ShardEncoder, decode_units
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +171,7 @@ class RayEncoder:
         total: int,
         decode: dict | None = None,
     ) -> EncodeStats:
-        """Run the pipeline over `units`; `decode`: the keyword arguments of `_decode_units` (images)."""
+        """Run the pipeline over `units`; `decode`: the keyword arguments of `decode_units` (images)."""
         per_shard = max(1, shard_size // batch_size)  # units an actor call takes and writes as one shard
         blocks = math.ceil(len(units) / per_shard)  # a block is one call's input
         actors = min(self.actors, blocks)
@@ -181,10 +180,10 @@ class RayEncoder:
             return stats
         data = ray.data.from_items(units, override_num_blocks=blocks)
         if decode is not None:
-            data = data.map_batches(_decode_units, batch_size=1, fn_kwargs=decode, num_cpus=1)
+            data = data.map_batches(decode_units, batch_size=1, fn_kwargs=decode, num_cpus=1)
         actor_args = {"num_gpus": 1, "num_cpus": 1} if self.gpus else {"num_cpus": 1}
         data = data.map_batches(
-            _Encoder,
+            ShardEncoder,
             batch_size=per_shard,
             compute=ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={
@@ -243,96 +242,6 @@ class RayEncoder:
 
 def _units(todo: Sequence, size: int) -> list[Sequence]:
     return [todo[i : i + size] for i in range(0, len(todo), size)]
-
-
-def _decode_units(batch: dict, transform: Callable, size: int) -> dict:
-    """Ray task: each unit's files decoded and preprocessed as the single-machine builder does
-    (`bulk.image_dataset`: a file that does not decode gives a placeholder and its reason), stacked
-    into uint8 pixels (n, H, W, C)."""
-    import torch
-
-    from retrieval.encoding.bulk import image_dataset
-
-    out: dict[str, list] = {"unit": [], "sha": [], "pixels": [], "error": []}
-    for unit, shas, paths in zip(batch["unit"], batch["sha"], batch["path"]):
-        paths = [str(p) for p in paths]
-        _require_visible(Path(p).parent for p in paths)
-        dataset, _ = image_dataset(paths, transform, size)
-        items = [dataset[i] for i in range(len(dataset))]
-        out["unit"].append(int(unit))
-        out["sha"].append([str(s) for s in shas])
-        out["pixels"].append(torch.stack([pixels for _, pixels, _ in items]).numpy())
-        out["error"].append([error for _, _, error in items])
-    return out
-
-
-def _require_visible(folders: Iterable[Path]) -> None:
-    for folder in set(folders):
-        if not folder.is_dir():
-            raise DatasetError(
-                f"folder '{folder}' is not visible on Ray node {ray.util.get_node_ip_address()}: "
-                "--ray needs the images and the index root on a filesystem every node shares"
-            )
-
-
-class _Encoder:
-    """Ray actor: one model. Each call encodes its units (one forward pass each) and writes them as
-    one shard, numbered `first` + its first unit's index: calls never share a unit, so never a
-    number, and a retried call rewrites its own shard. Returns one row: {shard, items, failed, node}."""
-
-    def __init__(self, model: str, fingerprint: str, modality: str, directory: str, first: int):
-        self.node, self.modality, self.first = ray.util.get_node_ip_address(), modality, first
-        self.problem: RetrievalError | None = None
-        try:
-            self._load(model, fingerprint, Path(directory))
-        except RetrievalError as e:  # raised by the first call: Ray reports a call's error, not a constructor's
-            self.problem = e
-
-    def _load(self, model: str, fingerprint: str, directory: Path) -> None:
-        import torch
-
-        from retrieval.embedding.factory import create_model
-        from retrieval.encoding.images import split_transform
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":  # the CPUs Ray gave this actor (one: as the builder's streams on 2 cores)
-            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.model, preprocess, self.tokenizer = create_model(model)
-        if self.model.fingerprint() != fingerprint:
-            raise FingerprintMismatchError(
-                f"model '{model}' on Ray node {self.node} has fingerprint {self.model.fingerprint()}, not the "
-                f"driver's {fingerprint}: every node needs the same model"
-            )
-        self.model.to(self.device)
-        self.per_batch = split_transform(preprocess)[1]
-        self.dim = int(self.model.embed_dim)
-        _require_visible([directory])  # never shards into a node-local folder the driver cannot see
-        self.store = ShardStore(directory, self.dim)
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        if self.problem is not None:
-            raise self.problem
-        shas: list[str] = []
-        vectors: list[np.ndarray] = []
-        bad: dict[str, str] = {}
-        with torch.inference_mode():
-            for row in range(len(batch["unit"])):
-                unit = [str(s) for s in batch["sha"][row]]
-                if self.modality == "image":
-                    pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][row])).to(self.device)
-                    good, vecs, failed = encode_pixels(
-                        self.model, unit, self.per_batch(pixels), [str(e) for e in batch["error"][row]], self.dim
-                    )
-                else:
-                    tokens = self.tokenizer([str(t) for t in batch["text"][row]]).to(self.device)
-                    good, vecs, failed = unit, self.model.encode_text(tokens).float().cpu().numpy(), {}
-                shas += good
-                vectors.append(vecs)
-                bad.update(failed)
-        path = self.store.write(shas, np.concatenate(vectors), bad, number=self.first + int(min(batch["unit"])))
-        return {"shard": [path.name], "items": [len(shas)], "failed": [len(bad)], "node": [self.node]}
 
 
 def _user_error(error: BaseException) -> RetrievalError:

@@ -564,12 +564,14 @@ def test_serve_cli_logs_lines_and_stops_gracefully_on_sigterm(index_root):
         assert next(stream).status == SERVING
         proc.send_signal(signal.SIGTERM)
         assert next(stream).status == NOT_SERVING
+        assert next(stream, None) is None, "the Watch stream ends (OK) after NOT_SERVING"
         assert proc.wait(timeout=60) == 0
         channel.close()
         # a log, not a terminal: lines, and no progress bar (transformers draws one loading weights)
         log = proc.stdout.read()
         assert "serving index version v0001" in log and "shutting down" in log
         assert "\r" not in log and "it/s]" not in log and "%|" not in log, log
+        assert "Traceback" not in log and "ERROR" not in log, log  # the open Watch stream ended with OK
     finally:
         if proc.poll() is None:
             proc.kill()

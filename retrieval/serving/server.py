@@ -28,6 +28,7 @@ from retrieval.errors import ConfigError, UnauthenticatedError
 from retrieval.serving.config import ServeConfig
 from retrieval.serving.encoder import cached_model
 from retrieval.serving.engine import Engine
+from retrieval.serving.health import HealthServicer
 from retrieval.serving.preflight import check_can_listen
 from retrieval.serving.prometheus import ServerMetrics
 from retrieval.serving.servicer import SERVICE_NAME, RetrievalServicer, add_to_server
@@ -85,7 +86,7 @@ class RetrievalServer:
             on_swap=self.metrics.observe_index,
             on_reject=self.metrics.observe_rejection,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
