@@ -78,13 +78,17 @@ CHOICES = {
     "hnsw32": Choice(
         "HNSW32,Flat",
         [{"efSearch": e} for e in (64, 128, 256, 512, 768)],
-        "the builder's default up to 2M items (efConstruction 80)",
+        "efConstruction 80 (the builder's default from 100k to 2M items before these numbers)",
     ),
     "hnsw32-efc200": Choice(
         "HNSW32,Flat", [{"efSearch": e} for e in (128, 256, 384, 512)], "efConstruction 200", ef_construction=200
     ),
     "hnsw64": Choice("HNSW64,Flat", [{"efSearch": e} for e in (128, 256, 384, 512)], "efConstruction 80"),
-    "ivf4096": Choice("IVF4096,Flat", _nprobe(16, 32, 48, 64, 96, 128), "quantizer trained on image rows"),
+    "ivf4096": Choice(
+        "IVF4096,Flat",
+        _nprobe(16, 32, 48, 64, 96, 128),
+        "quantizer trained on image rows; the builder's default at 1M (nprobe 32)",
+    ),
     "ivf4096-text": Choice(
         "IVF4096,Flat",
         _nprobe(16, 32, 48, 64, 96, 128),
@@ -183,7 +187,7 @@ def build(name: str, choice: Choice, real, gallery, n: int) -> tuple[faiss.Index
             if choice.ef_construction:
                 faiss.downcast_index(index.index).hnsw.efConstruction = choice.ef_construction
             if not index.is_trained:
-                sample = faiss_index.sample(blocks, n, faiss_index.MAX_TRAIN)
+                sample = faiss_index.sample(blocks, n, faiss_index.train_rows(choice.factory, dim))
                 if choice.text_train:
                     sample = np.vstack([sample, text_train_rows(real)])
                 faiss_index.train(index, sample, choice.factory)

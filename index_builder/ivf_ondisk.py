@@ -43,7 +43,7 @@ from retrieval.store.reader import read_index_file
 
 log = logging.getLogger(__name__)
 
-MIN_ROWS = faiss_index.HNSW_MAX  # above it, IVF indexes are built and served on disk
+MIN_ROWS = faiss_index.ON_DISK_MIN  # above it, IVF indexes are built and served on disk
 ADD_BLOCK = 262_144  # rows per add_block call: ~270 MB of [g, b_g] rows at D = 256, plus the block's lists
 # Like the builtin map (the default: one block after another, lazily): mapper(fn, jobs) -> results in
 # order. `fn` is a module-level function, so a process pool or a cluster can ship it; a mapper that
@@ -175,7 +175,7 @@ def build(
         clock.append(time.perf_counter())
         seconds[name] = round(clock[-1] - clock[-2], 2)
 
-    empty.write_bytes(train_empty(faiss_index.sample(blocks, n, faiss_index.MAX_TRAIN), factory))
+    empty.write_bytes(train_empty(faiss_index.sample(blocks, n, faiss_index.train_rows(factory, dim)), factory))
     lap("train")
     all_ids: list[np.ndarray] = []
     biases: list[np.ndarray] = []
