@@ -4,6 +4,7 @@ modality gap, image->image within a modality), plus metadata lookups at 10M rows
     python bench/bench_scale.py choices --n 1000000                  # every index choice at 1M
     python bench/bench_scale.py choices --n 1000000 --only hnsw32 ivf4096
     python bench/bench_scale.py ondisk --n 10000000                  # IVF built in blocks, merged on disk, mmapped
+    python bench/bench_scale.py memory-limited --n 10000000          # that index served inside a 1,000 MB cgroup (root)
     python bench/bench_scale.py metadata --rows 10000000             # SQLite id lookups, k = 10 and 1000
     python bench/bench_scale.py report                               # bench/results/scale.md from scale.json
 
@@ -55,6 +56,7 @@ from retrieval.store.reader import read_index_file  # noqa: E402
 
 log = logging.getLogger("bench_scale")
 RESULTS = REPO / "bench" / "results"
+MB = 1 << 20
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "flickr8k"
 
 
@@ -299,14 +301,65 @@ def run_choices(args, names: list[str]) -> dict:
     return out
 
 
+# -- serving under a memory limit --------------------------------------------------------------------
+
+
+def memory_cgroup(name: str, limit_bytes: int) -> Path:
+    """A child of this process's memory cgroup (v1 or v2) limited to `limit_bytes`; needs root."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = next((line.split(":", 2)[2] for line in lines if line.split(":")[1] == "memory"), None)
+    if v1 is not None:
+        group, limit_file = Path("/sys/fs/cgroup/memory") / v1.lstrip("/") / name, "memory.limit_in_bytes"
+    else:
+        v2 = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+        group, limit_file = Path("/sys/fs/cgroup") / v2.lstrip("/") / name, "memory.max"
+    group.mkdir(exist_ok=True)
+    (group / limit_file).write_text(str(limit_bytes))
+    return group
+
+
+def run_memory_limited(args) -> dict:
+    """The on-disk index's serving probe (`scale_measure.py`: open as the server does, 200 text
+    queries, one thread) from a cold page cache, once in a memory cgroup of --limit-mb and once
+    without a limit, side by side: the RSS the kernel keeps and what the limit costs in QPS."""
+    import subprocess
+
+    where = scale_data.CACHE / f"idx-{args.n}-ivf4096-ondisk"
+    index, queries = where / "images.faiss", where / "rss_queries.npy"
+    assert index.is_file() and queries.is_file(), f"run `bench_scale.py ondisk --n {args.n}` first"
+    size = sum(f.stat().st_size for f in where.iterdir() if f.is_file() and f.suffix != ".npy")
+    limit = args.limit_mb * MB
+    group = memory_cgroup("bench-scale-rss", limit)
+    out = {"n": args.n, "index_bytes": size, "limit_bytes": limit, "setting": {"nprobe": args.nprobe}, "runs": {}}
+    probe = [sys.executable, str(REPO / "bench" / "scale_measure.py"), str(index), STORAGE_MMAP, str(queries)]
+    probe.append(json.dumps(out["setting"]))
+    for mode in ("limited", "unlimited"):
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")  # cold: the index's pages come from disk
+        enter = f"echo $$ > {group / 'cgroup.procs'}; " if mode == "limited" else ""
+        shell = enter + 'exec "$@"'
+        done = subprocess.run(["sh", "-c", shell, "sh", *probe], capture_output=True, text=True, check=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        out["runs"][mode] = {
+            "qps": round(r["queries"] / r["query_seconds"], 2),
+            "vmrss_after_bytes": r["after_queries"]["VmRSS"],
+            "rss_growth_bytes": r["after_queries"]["VmRSS"] - r["before_open"]["VmRSS"],
+            "rss_anon_after_bytes": r["after_queries"]["RssAnon"],
+            "rss_file_after_bytes": r["after_queries"]["RssFile"],
+        }
+        log.info("%s: %s", mode, out["runs"][mode])
+    group.rmdir()
+    return out
+
+
 # -- metadata ------------------------------------------------------------------------------------------
 
 
 def run_metadata(args) -> dict:
+    import sqlite3
     from collections import namedtuple
 
-    from index_builder.metadata import write_metadata
-    from retrieval.store.reader import IndexVersion
+    from retrieval.store.schema import select_rows, write_metadata
 
     where = scale_data.CACHE / f"meta-{args.rows}"
     db = where / "meta.sqlite"
@@ -328,16 +381,16 @@ def run_metadata(args) -> dict:
             chunk=50_000,
         )
         write_seconds = round(time.perf_counter() - start, 1)
-    version = IndexVersion(where, {"dim": 256}, {})
+    db_ro = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # as IndexVersion.metadata reads it
     out = {"rows": args.rows, "file_bytes": db.stat().st_size, "write_seconds": write_seconds, "lookups": {}}
     for k in (10, 1000):
         times = []
         for _ in range(args.lookup_repeats):
             batch = ids[rng.integers(0, len(ids), k)]
             start = time.perf_counter()
-            rows = version.metadata("image", batch)
+            rows = select_rows(db_ro, "image", [int(i) for i in batch])
             times.append(time.perf_counter() - start)
-            assert all(row is not None for row in rows)
+            assert len(rows) == len(set(batch.tolist()))
         out["lookups"][str(k)] = {
             "first_ms": round(times[0] * 1e3, 3),
             "median_ms": round(statistics.median(times) * 1e3, 3),
@@ -345,7 +398,7 @@ def run_metadata(args) -> dict:
             "repeats": len(times),
         }
         log.info("k=%d: median %.3f ms", k, statistics.median(times) * 1e3)
-    version.close()
+    db_ro.close()
     return out
 
 
@@ -372,7 +425,7 @@ def save(args, section: dict, merge_key: str | None = None) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["choices", "ondisk", "metadata", "report"])
+    p.add_argument("section", choices=["choices", "ondisk", "memory-limited", "metadata", "report"])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--n", type=int, default=1_000_000, help="gallery rows")
     p.add_argument("--only", nargs="*", choices=sorted(CHOICES), help="choices to run (default: all)")
@@ -383,6 +436,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--exact-rows", type=int, default=1_000_000, help="rows exact search is timed over")
     p.add_argument("--rows", type=int, default=10_000_000, help="metadata rows")
     p.add_argument("--lookup-repeats", type=int, default=200)
+    p.add_argument("--limit-mb", type=int, default=1000, help="memory-limited: the cgroup's limit")
+    p.add_argument("--nprobe", type=int, default=32, help="memory-limited: the setting the probe searches with")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     return args
@@ -398,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     elif args.section == "ondisk":
         run_choices(args, args.only or ["ivf4096-ondisk"])
+    elif args.section == "memory-limited":
+        save(args, {f"memory-{args.n}": {**run_memory_limited(args), **stamp(args)}})
     elif args.section == "metadata":
         save(args, {f"metadata-{args.rows}": {**run_metadata(args), **stamp(args)}})
     import scale_report

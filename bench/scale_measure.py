@@ -101,9 +101,21 @@ def _probe(argv: list[str]) -> None:
     index = read_index_file(index_path, storage)
     apply_setting(index, json.loads(argv[3]) if len(argv) > 3 else {})
     opened = status()
+    start = time.perf_counter()
     for i in range(len(queries)):
         index.search(queries[i : i + 1], K)
-    print(json.dumps({"before_open": before, "after_open": opened, "after_queries": status(), "queries": len(queries)}))
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "before_open": before,
+                "after_open": opened,
+                "after_queries": status(),
+                "queries": len(queries),
+                "query_seconds": round(seconds, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
