@@ -11,7 +11,7 @@ in-collection queries. Vectors stream in blocks: no modality is ever held whole 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +27,6 @@ from retrieval.store.vectors import query_rows, reconstruct, with_bias
 log = logging.getLogger(__name__)
 
 BLOCK = 8192  # items per block read back from a base index
-
-Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # a fresh pass of (ids (n,), rows (n, D))
 
 
 @dataclass
@@ -135,7 +133,7 @@ def write_indexes(
     return written
 
 
-def stored_rows(blocks: Blocks, bank: QueryBank, modality: str) -> Blocks:
+def stored_rows(blocks: faiss_index.Blocks, bank: QueryBank, modality: str) -> faiss_index.Blocks:
     """A fresh pass of (ids, rows [g, b_g]): each embedding with its inverted-softmax bias.
     Biases are computed on the first pass over a block and kept (4 bytes an item): the index's
     training sample, its adds and the recall check each pass over the blocks, in the same order."""
