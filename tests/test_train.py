@@ -154,3 +154,19 @@ def test_retrieval_calibrate_writes_the_file_train_wrote(trained, flickr_mini, t
         == 0
     )
     assert out.read_bytes() == Path(summary["checkpoint"]).read_bytes()
+
+
+def test_hardest_negative_loss_is_vsepps_hinge():
+    hinge = loop.HardestNegativeLoss(margin=0.2)
+    eye = torch.eye(2)
+    assert hinge(eye, eye).item() == 0.0, "positives ahead of every negative by the margin cost nothing"
+    # sim = [[1, 1], [0, 0]], positives (1, 0): image->text hinges 0.2 and 0.2, text->image 0 and 1.2
+    assert hinge(eye, torch.tensor([[1.0, 0.0], [1.0, 0.0]])).item() == pytest.approx(0.2 + 0.6)
+
+
+def test_an_unknown_loss_is_one_line_before_any_work(capsys):
+    from retrieval.cli import main
+
+    assert main(["train", "--data", "no-such-folder", "--loss", "triplet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--loss: unknown loss 'triplet' (choose one of clip, siglip, vsepp)" in err

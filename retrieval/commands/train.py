@@ -24,7 +24,7 @@ TRAIN_HELP = {
     "lr": "peak AdamW learning rate (warmup, then cosine decay)",
     "weight_decay": "AdamW weight decay on matrices",
     "warmup_epochs": "linear warmup length in epochs",
-    "loss": "clip (symmetric InfoNCE) or siglip",
+    "loss": "clip (symmetric InfoNCE), siglip, or vsepp (VSE++'s hinge on the hardest negative, margin 0.2)",
     "max_logit_scale": "clamp of the learnable inverse temperature exp(t)",
     "center": "subtract each modality's training mean before normalizing (modality-gap correction)",
     "querybank_size": "training queries per modality kept in the model for the inverted softmax, a query-time "

@@ -37,6 +37,27 @@ def captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
     return np.split(order, np.cumsum(np.bincount(caption_image, minlength=n_images))[:-1])
 
 
+class HardestNegativeLoss(torch.nn.Module):
+    """VSE++'s loss (Faghri et al., 2018): each pair's hinge against the hardest negative in the
+    batch, both directions. Called like open_clip's ClipLoss; a hinge on cosines has no
+    temperature, so `logit_scale` is unused. (open_clip has no such loss; VSE++'s is these lines.)"""
+
+    def __init__(self, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale=None) -> torch.Tensor:
+        sim = image_features @ text_features.T  # (B, B) cosines, pairs on the diagonal
+        pos = sim.diagonal()
+        eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+        to_text = (self.margin + sim - pos[:, None]).clamp(min=0).masked_fill(eye, 0)  # image i vs caption j
+        to_image = (self.margin + sim - pos[None, :]).clamp(min=0).masked_fill(eye, 0)  # caption j vs image i
+        return to_text.max(1).values.mean() + to_image.max(0).values.mean()
+
+
+LOSSES = ("clip", "siglip", "vsepp")
+
+
 def make_loss(kind: str):
     from open_clip.loss import ClipLoss, SigLipLoss
 
@@ -44,7 +65,9 @@ def make_loss(kind: str):
         return ClipLoss(), None
     if kind == "siglip":
         return SigLipLoss(), torch.nn.Parameter(torch.tensor(-10.0))  # SigLIP's bias init
-    raise ValueError(f"unknown loss '{kind}' (choose clip or siglip)")
+    if kind == "vsepp":
+        return HardestNegativeLoss(), None
+    raise ValueError(f"unknown loss '{kind}' (choose one of {', '.join(LOSSES)})")
 
 
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float, **extra) -> list[dict]:

@@ -30,11 +30,13 @@ from retrieval.embedding.checkpoint import round_heads_to_half
 from retrieval.embedding.factory import image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import encode_image_files, encode_texts
 from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
+from retrieval.errors import ConfigError
 from retrieval.progress import meter
 from retrieval.sphere.recall import recall_at_k
 from retrieval.training.calibration import calibrate_model
 from retrieval.training.feature_cache import FeatureCache
 from retrieval.training.loop import (
+    LOSSES,
     Run,
     captions_of,
     decay_groups,
@@ -62,7 +64,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.5
     warmup_epochs: float = 2.0
-    loss: str = "clip"  # "clip" (symmetric InfoNCE) or "siglip"
+    loss: str = "clip"  # "clip" (symmetric InfoNCE), "siglip" or "vsepp" (hardest-negative hinge)
     max_logit_scale: float = 100.0
     center: bool = True  # subtract each modality's training mean before normalizing
     querybank_size: int = 1000  # training queries per modality kept for the inverted softmax (0: none)
@@ -71,6 +73,10 @@ class TrainConfig:
     resume: bool = False
     train_split: str = "train"
     dev_split: str = "dev"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss: unknown loss {self.loss!r} (choose one of {', '.join(LOSSES)})")
 
 
 @dataclass
