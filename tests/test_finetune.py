@@ -152,3 +152,12 @@ def test_the_train_command_takes_finetuning_defaults_unless_a_flag_sets_them(tin
     args = build_parser().parse_args(["train", "--model", tiny, "--data", "d", "--finetune", "full", "--lr", "3e-4"])
     cfg = finetune_config(args)
     assert (cfg.finetune, cfg.lr, cfg.epochs, cfg.batch_size, cfg.out) == ("full", 3e-4, 5, 64, "runs/finetune")
+
+
+def test_head_training_flags_are_refused_for_finetuning_not_ignored(tiny):
+    from retrieval.cli import build_parser
+    from retrieval.commands.train import finetune_config
+
+    args = build_parser().parse_args(["train", "--model", tiny, "--data", "d", "--loss", "vsepp", "--no-center"])
+    with pytest.raises(ConfigError, match=r"^--loss, --center: head training only, not open_clip fine-tuning$"):
+        finetune_config(args)

@@ -45,7 +45,7 @@ def test_default_model_matches_captions_to_their_photos(default_model, flickr_mi
 
 def test_lite0_mpnet_loads_its_shipped_heads_or_names_the_install_command(flickr_mini):
     """lite0-mpnet's text tower is an optional 404 MB install (five PyPI packages): without it the
-    model is one clear error; with it, the shipped heads match captions to their photos."""
+    model is one clear error; with it, the shipped heads load and encode both modalities."""
     from retrieval.embedding import split_zip
     from retrieval.embedding.factory import get_model_config, shipped_weights_path
 
@@ -61,6 +61,7 @@ def test_lite0_mpnet_loads_its_shipped_heads_or_names_the_install_command(flickr
     img = model.encode_image(torch.stack([preprocess(load_image(p)) for p in paths]))
     txt = model.encode_text(tokenizer(["A dog runs on the grass ."]))
     assert img.shape == (4, 256) and txt.shape == (1, 256) and model.text_tower.out_dim == 768
+    assert model.fingerprint() == "45e72d08fb4ed810", "the heads measured in bench/results/eval_lite0-mpnet_test.json"
 
 
 def test_open_clip_architecture_loads_a_local_checkpoint(tmp_path):

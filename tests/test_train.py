@@ -162,6 +162,16 @@ def test_hardest_negative_loss_is_vsepps_hinge():
     assert hinge(eye, eye).item() == 0.0, "positives ahead of every negative by the margin cost nothing"
     # sim = [[1, 1], [0, 0]], positives (1, 0): image->text hinges 0.2 and 0.2, text->image 0 and 1.2
     assert hinge(eye, torch.tensor([[1.0, 0.0], [1.0, 0.0]])).item() == pytest.approx(0.2 + 0.6)
+    # three pairs: only the hardest negative of each row and column counts, not the sum of hinges
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.45, 0.5, 0.6], [0.3, 0.0, 0.4]])
+    image, text = torch.eye(3), sim.T.contiguous()  # image @ text.T == sim
+    to_text = [
+        0.2 + 0.8 - 0.9,
+        0.2 + 0.6 - 0.5,
+        0.2 + 0.3 - 0.4,
+    ]  # each row's worst caption (row 1: 0.3, not 0.15 + 0.3)
+    to_image = [0.0, 0.2 + 0.8 - 0.5, 0.2 + 0.6 - 0.4]  # each column's worst image (column 0: no violation)
+    assert hinge(image, text).item() == pytest.approx(sum(to_text) / 3 + sum(to_image) / 3)
 
 
 def test_an_unknown_loss_is_one_line_before_any_work(capsys):

