@@ -468,14 +468,13 @@ TITLES = {
 
 
 # Levers the issue lists that no section measures yet (issue 16), with what measuring them needs.
-NOT_MEASURED = """## Not measured yet
+NOT_MEASURED = """
+## Not measured yet
 
-- **Multi-view gallery embeddings** (issue 16, lever 3): `--section multiview` (coded, not run yet).
-- **VSE++'s hardest-negative loss** (lever 4): `--loss vsepp`, the ladder's `vsepp` rungs (coded, not
-  run yet: 60 epochs each).
-- **Tuning the image tower's top stages** (lever 2) and **VSE-infinity's generalized pooling** over
-  the tower's spatial features (lever 4): each needs new cached features (activations below the
-  tuned stages for augmented views, or the spatial maps) and a training run on them; not built.
+- **Tuning the image tower's top stages** (issue 16, lever 2) and **VSE-infinity's generalized
+  pooling** over the tower's spatial features (lever 4): each needs new cached features
+  (activations below the tuned stages for augmented views, or the spatial maps) and a training run
+  on them; not built.
 """
 
 
