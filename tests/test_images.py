@@ -3,6 +3,7 @@
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -88,19 +89,22 @@ assert allocator._done, "create_model on the CPU tunes malloc (retrieval.embeddi
 x = torch.zeros(8, 3, 224, 224)
 
 def passes(n):
+    faults = []
     with torch.inference_mode():
         for _ in range(n):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             model.encode_image(x)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
 
 with ThreadPoolExecutor(1) as worker:
     worker.submit(passes, 4).result()  # the heap grows to its peak over the first 2-3 passes, then stays
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    worker.submit(passes, 3).result()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(*worker.submit(passes, 5).result())
 """
 
 
-def forward_pass_faults(mode: str) -> int:
+def forward_pass_faults(mode: str) -> list[int]:
+    """Minor page faults of each of 5 forward passes at batch 8, after 4 warm-up passes."""
     run = subprocess.run(
         [sys.executable, "-c", FAULT_PROBE, mode],
         capture_output=True,
@@ -109,12 +113,16 @@ def forward_pass_faults(mode: str) -> int:
         env={**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "1"},
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    return int(run.stdout.split()[-1])
+    return [int(n) for n in run.stdout.split()[-5:]]
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc tuning")
 def test_cpu_forward_passes_reuse_memory_instead_of_faulting_in_new_pages():
+    # The median pass: under load the intra-op threads' allocations can interleave in a new order and
+    # grow the heap once more (a clean-clone run saw 5,890 faults in 3 passes, about 23 MB of new heap,
+    # against 0 on most runs); what the tuning guarantees is that passes reuse it after that.
     faults = forward_pass_faults("tuned")
+    assert statistics.median(faults) < 1000, f"minor page faults of 5 forward passes at batch 8: {faults}"
     # untuned glibc maps and unmaps every large activation: ~50,000 faults per pass at batch 8 here
-    assert faults < 3000, f"{faults} minor page faults in 3 forward passes at batch 8"
-    assert forward_pass_faults("untuned") > 30000, "the control: without the tuning, passes fault pages in"
+    untuned = forward_pass_faults("untuned")
+    assert statistics.median(untuned) > 10000, f"the control: without the tuning, passes fault pages in: {untuned}"
