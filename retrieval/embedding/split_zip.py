@@ -69,8 +69,8 @@ def unpack(name: str, pieces: list[Path], root: Path) -> Path:
     final = root / f"{name}-{key}"
     if not final.is_dir():
         try:
-            _publish(name, pieces, root, final)
-        except OSError as e:  # the cache folder, not the pieces: those were read and checked first
+            _publish(name, pieces, sum(st.st_size for _, st in stats), root, final)
+        except OSError as e:  # writing the cache folder (a bad archive is a ModelError of its own)
             raise ModelError(
                 f"cannot unpack '{name}' into {root} ({e}); set RETRIEVAL_MODEL_CACHE to a writable folder "
                 "with about 1 GB free"
@@ -81,9 +81,8 @@ def unpack(name: str, pieces: list[Path], root: Path) -> Path:
     return model
 
 
-def _publish(name: str, pieces: list[Path], root: Path, final: Path) -> None:
+def _publish(name: str, pieces: list[Path], size: int, root: Path, final: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    size = sum(p.stat().st_size for p in pieces)
     log.info("unpacking %s (%d pieces, %.0f MB) into %s, once", name, len(pieces), size / 1e6, final)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
@@ -99,8 +98,8 @@ def _publish(name: str, pieces: list[Path], root: Path, final: Path) -> None:
         except OSError:  # another process published it first
             if not final.is_dir():
                 raise
-        for stale in root.glob(f"{name}-*"):  # folders of pieces since replaced
-            if stale != final:
+        for stale in root.glob(f"{name}-*"):  # folders of pieces since replaced, not other models'
+            if stale != final and re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{12}}", stale.name):
                 shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
