@@ -214,34 +214,30 @@ def ladder(args, cfg0: TrainConfig) -> list[dict]:
     return rows
 
 
-def text_encode_rate(model, captions: list[str], repeats: int = 3) -> float:
-    """Median captions/s of the model's text encoder alone (tokenized beforehand), batch 64."""
-    tokens = text_tokenizer(model)(captions)
+def encode_rate(encode, inputs: torch.Tensor, batch: int, repeats: int = 3) -> float:
+    """Median items/s of `encode` over `inputs` (prepared beforehand) in batches of `batch`."""
     seconds = []
     with torch.inference_mode():
-        model.encode_text(tokens[:64])  # warm-up
+        encode(inputs[:batch])  # warm-up
         for _ in range(repeats):
             started = time.perf_counter()
-            for s in range(0, len(tokens), 64):
-                model.encode_text(tokens[s : s + 64])
+            for s in range(0, len(inputs), batch):
+                encode(inputs[s : s + batch])
             seconds.append(time.perf_counter() - started)
-    return round(len(tokens) / statistics.median(seconds), 1)
+    return round(len(inputs) / statistics.median(seconds), 1)
 
 
-def image_encode_rate(model, paths: list, repeats: int = 3) -> float:
-    """Median images/s of the model's image encoder alone (decoded beforehand), batch IMAGE_BATCH."""
+def text_encode_rate(model, captions: list[str]) -> float:
+    """Captions/s of the model's text encoder alone (tokenized beforehand), batch 64."""
+    return encode_rate(model.encode_text, text_tokenizer(model)(captions), 64)
+
+
+def image_encode_rate(model, paths: list) -> float:
+    """Images/s of the model's image encoder alone (decoded beforehand), batch IMAGE_BATCH."""
     pixels = torch.stack([image_preprocess(model)(load_image(p)) for p in paths]).contiguous(
         memory_format=torch.channels_last
     )
-    seconds = []
-    with torch.inference_mode():
-        model.encode_image(pixels[:IMAGE_BATCH])  # warm-up
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for s in range(0, len(pixels), IMAGE_BATCH):
-                model.encode_image(pixels[s : s + IMAGE_BATCH])
-            seconds.append(time.perf_counter() - started)
-    return round(len(pixels) / statistics.median(seconds), 1)
+    return encode_rate(model.encode_image, pixels, IMAGE_BATCH)
 
 
 # (tower, cached views per training image): every tower at one view (the center crop), then the
