@@ -10,18 +10,13 @@ lever alone. Used by `bench_levers.py --section lit`.
 from __future__ import annotations
 
 import copy
-import math
-import time
 
-import numpy as np
 import torch
 import torch.nn as nn
-from open_clip.loss import ClipLoss
+from top_tuning import in_chunks, train_heads_and_top
 from tqdm import tqdm
 from transformers.masking_utils import create_bidirectional_mask
 
-from retrieval.sphere.recall import recall_at_k
-from retrieval.training.loop import captions_of, decay_groups, epoch_batches, optimizer_step, warmup_cosine
 from retrieval.training.train import SplitFeatures
 
 
@@ -90,69 +85,22 @@ def train_lit(
     tokenizer,
     *,
     epochs: int = 30,
-    batch_size: int = 512,
-    lr: float = 2e-3,
     top_lr: float = 2e-5,
-    weight_decay: float = 0.5,
     seed: int = 0,
 ) -> dict:
     """Fresh heads (+ top k text layers), selected on dev R@1 mean with centering; scored on test."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    model.reset_heads()
     top = TopLayers(model.text_tower, k)
-    states = {
-        name: token_states(model.text_tower, tokenizer, f.dataset.captions, k)
-        for name, f in (("train", tr), ("dev", dev), ("test", test))
-    }
-    heads = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        decay_groups(heads, weight_decay, lr=lr) + decay_groups(list(top.parameters()), 0.01, lr=top_lr)
-    )
-    n_img = tr.image.shape[1]
-    steps = math.ceil(n_img / batch_size)
-    sched = warmup_cosine(opt, epochs * steps, 2 * steps)
-    loss_fn = ClipLoss()
-    caps = captions_of(tr.dataset.caption_image, n_img)
-    first_caption = torch.tensor([c[0] for c in caps])
+    splits = {"train": tr, "dev": dev, "test": test}
+    states = {name: token_states(model.text_tower, tokenizer, f.dataset.captions, k) for name, f in splits.items()}
 
-    def text_features(split: str, rows: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    def image_features(split: str, rows: torch.Tensor | None, view: torch.Tensor | int) -> torch.Tensor:
+        image = splits[split].image
+        return image[view] if rows is None else image[view, rows]
+
+    def text_features(split: str, rows: torch.Tensor | None) -> torch.Tensor:
         s, m = states[split]
-        rows = torch.arange(len(s)) if rows is None else rows
-        return torch.cat([top(s[rows[i : i + chunk]], m[rows[i : i + chunk]]) for i in range(0, len(rows), chunk)])
+        return in_chunks(lambda r: top(s[r], m[r]), torch.arange(len(s)) if rows is None else rows)
 
-    @torch.no_grad()
-    def recall(split: str, f: SplitFeatures) -> dict:
-        return recall_at_k(
-            model.project_image(f.image[0]).numpy(),
-            model.project_text(text_features(split)).numpy(),
-            f.dataset.caption_image,
-        )
-
-    best, best_state, history, started = -1.0, None, [], time.time()
-    for _epoch in tqdm(range(epochs), desc=f"LiT top {k}", unit="epoch"):
-        model.train()
-        top.train()
-        for idx, view, cap in epoch_batches(n_img, tr.image.shape[0], caps, batch_size):
-            zi = model.project_image(tr.image[view, idx], center=False)  # (B, D)
-            zt = model.project_text(text_features("train", cap), center=False)  # (B, D)
-            optimizer_step(model, loss_fn(zi, zt, model.logit_scale.exp()), opt, sched, 100.0)
-        model.eval()
-        top.eval()
-        with torch.no_grad():  # centers as the shipped model fits them (one caption per image here)
-            model.image_center.copy_(model.project_image(tr.image[0], center=False).mean(0))
-            model.text_center.copy_(model.project_text(text_features("train", first_caption), center=False).mean(0))
-        d = recall("dev", dev)
-        score = (d["t2i_R@1"] + d["i2t_R@1"]) / 2
-        history.append(round(score, 2))
-        if score > best:
-            best, best_state = score, (copy.deepcopy(model.head_state_dict()), copy.deepcopy(top.state_dict()))
-    model.load_head_state_dict(best_state[0])
-    top.load_state_dict(best_state[1])
-    top.eval()
-    return {
-        "dev_R@1_mean": round(best, 2),
-        "dev_history": history,
-        "train_seconds": round(time.time() - started, 1),
-        "test": {key: round(v, 2) for key, v in recall("test", test).items()},
-    }
+    return train_heads_and_top(
+        model, top, splits, image_features, text_features, desc=f"LiT top {k}", epochs=epochs, top_lr=top_lr, seed=seed
+    )
