@@ -177,6 +177,18 @@ def stored_vectors(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return result
 
 
+def where_different(x: np.ndarray, y: np.ndarray) -> dict:
+    """Where two (N, D+1) stored-row arrays differ: the embedding columns or the last, the
+    inverted-softmax bias computed from them at build time (it tells encoding from indexing)."""
+    rows = (x != y).any(axis=1)
+    return {
+        "max_abs_diff": float(np.abs(x - y).max()),
+        "rows_different": int(rows.sum()),
+        "rows_with_embedding_different": int((x[:, :-1] != y[:, :-1]).any(axis=1).sum()),
+        "rows_with_bias_different": int((x[:, -1] != y[:, -1]).sum()),
+    }
+
+
 def compare(single: Path, ray_root: Path) -> dict:
     a, b = stored_vectors(single), stored_vectors(ray_root)
     out = {}
@@ -186,7 +198,7 @@ def compare(single: Path, ray_root: Path) -> dict:
             "vectors": int(len(a[modality][0])),
             "same_ids": same_ids,
             "bit_identical": same_ids and a[modality][1].tobytes() == b[modality][1].tobytes(),
-            "max_abs_diff": float(np.abs(a[modality][1] - b[modality][1]).max()) if same_ids else None,
+            **(where_different(a[modality][1], b[modality][1]) if same_ids else {}),
         }
     ma, mb = (json.loads((r / read_current(r) / MANIFEST).read_text()) for r in (single, ray_root))
     out["counts_identical"] = ma["report"]["counts"] == mb["report"]["counts"]
@@ -290,6 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def difference(m: dict) -> str:
+    return (
+        f"DIFFERENT: max |diff| {m['max_abs_diff']:.2g} in {m['rows_different']} rows (embedding differs in "
+        f"{m.get('rows_with_embedding_different', '?')}, bias coordinate in {m.get('rows_with_bias_different', '?')})"
+    )
+
+
 def render(r: dict) -> str:
     c = r["comparison"]
     single = r["runs"]["single"]
@@ -325,7 +344,7 @@ def render(r: dict) -> str:
         m = c[modality]
         lines.append(
             f"| {modality} vectors ({m['vectors']}, with their bias coordinate), by id | "
-            f"{'bit for bit identical' if m['bit_identical'] else 'DIFFERENT: max |diff| ' + str(m['max_abs_diff'])} |"
+            f"{'bit for bit identical' if m['bit_identical'] else difference(m)} |"
         )
     lines += [
         f"| manifest counts | {'identical' if c['counts_identical'] else 'DIFFERENT'} |",
