@@ -521,7 +521,7 @@ NOT_MEASURED = """
 
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
-        "# Training levers on Flickr8k (1K test, R@1 %)",
+        "# Training levers on Flickr8k (1K test, recall %)",
         "",
         "Each row selected on dev, scored on test. Train seconds are wall time on a shared 2-core "
         "machine: compare recalls, not times.",
@@ -536,9 +536,9 @@ def write_markdown(path: Path, result: dict) -> None:
             "",
             f"`{sec['command']}`",
             "",
-            "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | mean R "
-            "| with its inverted softmax: dev R@1 mean, test t2i / i2t R@1 | train s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| variant | what changes | dev R@1 mean | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | t2i R@10 | i2t R@10 "
+            "| mean R | with its inverted softmax: dev R@1 mean, test t2i / i2t R@1 | train s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in sec["variants"]:
             t = r["test"]
@@ -564,7 +564,8 @@ def write_markdown(path: Path, result: dict) -> None:
             )
             lines.append(
                 f"| {r['variant']} | {what} | {r['dev_R@1_mean']:.2f} | {t['t2i_R@1']:.1f} | {t['i2t_R@1']:.1f} | "
-                f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['mean_R']:.1f} | {with_qb} | {secs} |"
+                f"{t['t2i_R@5']:.1f} | {t['i2t_R@5']:.1f} | {t['t2i_R@10']:.1f} | {t['i2t_R@10']:.1f} | "
+                f"{t['mean_R']:.1f} | {with_qb} | {secs} |"
             )
         lines.append("")
     path.write_text("\n".join(lines) + NOT_MEASURED)
