@@ -199,6 +199,9 @@ def compare(single: Path, ray_root: Path) -> dict:
             "same_ids": same_ids,
             "bit_identical": same_ids and a[modality][1].tobytes() == b[modality][1].tobytes(),
             **(where_different(a[modality][1], b[modality][1]) if same_ids else {}),
+            "first_ids_different": (
+                a[modality][0][(a[modality][1] != b[modality][1]).any(axis=1)][:10].tolist() if same_ids else None
+            ),
         }
     ma, mb = (json.loads((r / read_current(r) / MANIFEST).read_text()) for r in (single, ray_root))
     out["counts_identical"] = ma["report"]["counts"] == mb["report"]["counts"]
