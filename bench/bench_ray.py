@@ -177,15 +177,17 @@ def stored_vectors(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return result
 
 
-def where_different(x: np.ndarray, y: np.ndarray) -> dict:
-    """Where two (N, D+1) stored-row arrays differ: the embedding columns or the last, the
-    inverted-softmax bias computed from them at build time (it tells encoding from indexing)."""
+def where_different(ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict:
+    """Where two (N, D+1) stored-row arrays of the same `ids` differ: the embedding columns or the
+    last, the inverted-softmax bias computed from them at build time (it tells encoding from
+    indexing), and the first ids that differ."""
     rows = (x != y).any(axis=1)
     return {
         "max_abs_diff": float(np.abs(x - y).max()),
         "rows_different": int(rows.sum()),
         "rows_with_embedding_different": int((x[:, :-1] != y[:, :-1]).any(axis=1).sum()),
         "rows_with_bias_different": int((x[:, -1] != y[:, -1]).sum()),
+        "first_ids_different": ids[rows][:10].tolist(),
     }
 
 
@@ -198,10 +200,7 @@ def compare(single: Path, ray_root: Path) -> dict:
             "vectors": int(len(a[modality][0])),
             "same_ids": same_ids,
             "bit_identical": same_ids and a[modality][1].tobytes() == b[modality][1].tobytes(),
-            **(where_different(a[modality][1], b[modality][1]) if same_ids else {}),
-            "first_ids_different": (
-                a[modality][0][(a[modality][1] != b[modality][1]).any(axis=1)][:10].tolist() if same_ids else None
-            ),
+            **(where_different(a[modality][0], a[modality][1], b[modality][1]) if same_ids else {}),
         }
     ma, mb = (json.loads((r / read_current(r) / MANIFEST).read_text()) for r in (single, ray_root))
     out["counts_identical"] = ma["report"]["counts"] == mb["report"]["counts"]

@@ -41,7 +41,6 @@ class TapPool(nn.Module):
     def __init__(self, kind: str, widths: list[int], positions: int):
         super().__init__()
         assert kind in ("mean", "gpo"), kind
-        self.kind = kind
         self.register_buffer("tap_of_column", torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)))
         self.scores = nn.Parameter(torch.zeros(len(widths), positions)) if kind == "gpo" else None
 
