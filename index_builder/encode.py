@@ -10,7 +10,8 @@ Images go through `retrieval.encoding.bulk.image_loader` (a DataLoader over `Ima
 worker processes decode and preprocess while the main process runs the model). On 2 cores or
 fewer there are no workers (`default_workers` says why): two threads each decode a batch and run
 the model on it, one decoding while the other computes (`default_streams`, `retrieval.encoding.streams`).
-Captions are tokenized in length-sorted batches in the main process (`text_batches` says why).
+Captions are tokenized in length-sorted batches in this process (`text_batches` says why), by the
+same two streams.
 """
 
 from __future__ import annotations
@@ -221,21 +222,29 @@ def encode_texts(
     todo: Sequence[tuple[str, str]],
     *,
     batch_size: int = 256,
+    streams: int | None = None,
     shard_size: int = 2048,
     progress: bool = True,
 ) -> EncodeStats:
-    """Encode (sha, caption) pairs into shards, batched by length (less padding)."""
-    stats = EncodeStats()
+    """Encode (sha, caption) pairs into shards, batched by length (less padding). `streams`
+    (None: `default_streams(0)`, 2 on 2 cores or more) threads each tokenize and encode their own
+    batches on their share of torch's threads, as images are encoded. That also makes every batch
+    run on one thread on 2 cores, as in a one-CPU Ray actor (`index_builder.ray_encode`): a matrix
+    product's rounding can depend on the thread count, and a build must not depend on where it ran."""
+    stats = EncodeStats(streams=default_streams(0) if streams is None else streams)
     if not todo:
         return stats
     order = sorted(range(len(todo)), key=lambda i: len(todo[i][1]))
     shas = [todo[i][0] for i in order]
     texts = [todo[i][1] for i in order]
+
+    def encode(batch: tuple[int, torch.Tensor]) -> np.ndarray:
+        return model.encode_text(batch[1]).float().numpy()
+
     writer = _ShardWriter(store, shard_size, stats)
     start = time.perf_counter()
     with torch.inference_mode(), meter(len(todo), "encode captions", "txt", enabled=progress) as bar:
-        for first, token_ids in text_batches(texts, tokenizer, batch_size):
-            vecs = model.encode_text(token_ids).float().numpy()
+        for (first, _), vecs in threaded_map(text_batches(texts, tokenizer, batch_size), encode, stats.streams):
             writer.add(shas[first : first + len(vecs)], vecs, {})
             stats.items += len(vecs)
             bar.update(len(vecs))
