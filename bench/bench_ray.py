@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -76,7 +77,9 @@ def free_port() -> int:
 def loopback_cluster(log_dir: Path, cpus_per_node: int = 1) -> Iterator[str]:
     """A Ray head and one worker node on 127.0.0.1, `cpus_per_node` each; yields the head's address."""
     port = free_port()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # nodes, drivers and probes: Ray's token (~/.ray/auth_token)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # nodes, drivers and probes authenticate
+    if not (Path.home() / ".ray" / "auth_token").is_file():  # none of the user's: one for this run
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # as `ray get-auth-token --generate`
     common = [
         "--block",
         "--node-ip-address",
@@ -88,6 +91,7 @@ def loopback_cluster(log_dir: Path, cpus_per_node: int = 1) -> Iterator[str]:
         "--disable-usage-stats",
     ]
     nodes: list[subprocess.Popen] = []
+    logs: list[Path] = []
     address = f"127.0.0.1:{port}"
     try:
         for name, extra in (
@@ -105,11 +109,12 @@ def loopback_cluster(log_dir: Path, cpus_per_node: int = 1) -> Iterator[str]:
             ),
             ("worker", ["--address", address]),
         ):
-            with (log_dir / f"ray-{name}.log").open("w") as log:
+            logs.append(log_dir / f"ray-{name}.log")
+            with logs[-1].open("w") as log:
                 nodes.append(
                     subprocess.Popen([str(RAY), "start", *extra, *common], stdout=log, stderr=subprocess.STDOUT)
                 )
-            wait_for_nodes(address, len(nodes), nodes)
+            wait_for_nodes(address, nodes, logs)
         yield address
     finally:
         for node in reversed(nodes):  # `ray start --block` stops its node's processes on SIGTERM
@@ -121,16 +126,20 @@ def loopback_cluster(log_dir: Path, cpus_per_node: int = 1) -> Iterator[str]:
                 node.wait()
 
 
-def wait_for_nodes(address: str, count: int, nodes: list[subprocess.Popen], timeout: float = 300) -> None:
+def wait_for_nodes(address: str, nodes: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
+    """Until all `nodes` are alive in the cluster; a node that exits raises with the end of its log
+    (the log folder is temporary)."""
+    count = len(nodes)
     probe = (
         "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
         "print(sum(1 for n in ray.nodes() if n['Alive']))"
     )
     deadline = time.monotonic() + timeout
     while True:
-        for node in nodes:
+        for node, log in zip(nodes, logs):
             if node.poll() is not None:
-                raise RuntimeError(f"a `ray start` exited with {node.returncode}; see its log")
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                raise RuntimeError(f"`{' '.join(map(str, node.args[:3]))}` exited with {node.returncode}:\n{tail}")
         out = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
