@@ -47,7 +47,7 @@ def calibrated_file(vectors, tmp_path_factory):
     model.set_calibration({})
     calibrate_model(model, *vectors["dev"])
     path = tmp_path_factory.mktemp("calibrated") / "calibrated.safetensors"
-    save_checkpoint(path, model, half=True)
+    save_checkpoint(path, model, compact=True)
     return path, model
 
 

@@ -123,6 +123,42 @@ def test_heads_saved_before_query_banks_existed_still_load(tmp_path):
     assert querybank_of(loaded).info() == {"method": "none", "beta": 0.0, "text_bank": 0, "image_bank": 0}
 
 
+def test_int8_heads_load_as_the_model_that_wrote_them_at_about_half_the_bytes(tmp_path):
+    """A model whose config asks for int8 weights stores its matrices as int8 with a scale per row:
+    the file loads into the model that wrote it (same fingerprint, same vectors), rounding twice
+    changes nothing, and the heads take about half float16's bytes, within int8's error."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from retrieval.embedding.checkpoint import round_heads, save_checkpoint
+
+    torch.manual_seed(0)
+    model, _, tokenizer = create_model("lite0-minilm", load_weights=False)
+    for p in model.text_head.parameters():
+        p.data.normal_(0, 0.05)
+    model.eval()
+    tokens = tokenizer(["a dog runs on the beach", "two children play in the snow"])
+    exact = model.encode_text(tokens)
+    sizes = {}
+    for dtype in ("float16", "int8"):
+        model.config = dataclasses.replace(model.config, weights_dtype=dtype)
+        sizes[dtype] = save_checkpoint(tmp_path / f"{dtype}.safetensors", model, compact=True).stat().st_size
+    with safe_open(tmp_path / "int8.safetensors", framework="pt") as f:
+        assert f.get_tensor("text_head.mlp.0.weight").dtype == torch.int8
+        assert f.get_tensor("text_head.norm.weight").dtype == torch.float16  # vectors stay float16
+    assert 0.45 < sizes["int8"] / sizes["float16"] < 0.6
+    rounded = {k: v.clone() for k, v in model.state_dict().items()}
+    round_heads(model)
+    assert all(torch.equal(v, rounded[k]) for k, v in model.state_dict().items()), "rounding is not idempotent"
+    loaded, _, _ = create_model(str(tmp_path / "int8.safetensors"))
+    assert loaded.config.weights_dtype == "int8" and loaded.fingerprint() == model.fingerprint()
+    assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
+    assert (model.encode_text(tokens) * exact).sum(dim=1).min() > 0.999  # int8's error: a small angle
+    with pytest.raises(ModelError, match="weights_dtype must be one of float16, int8, got 'int4'"):
+        dataclasses.replace(model.config, weights_dtype="int4")
+
+
 def test_shipped_heads_survived_the_move_to_safetensors_bit_for_bit(default_model):
     """The shipped heads were converted once from the pickled lite0-minilm.pt. Expected values were
     computed from that file before it was deleted: the sha256 of its head tensors (name, dtype,

@@ -59,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
     extras["metrics"] = {**(document.get("metrics") or {}), "calibration": report}
     if trained:
         extras["train_config"] = trained
-    save_checkpoint(args.out, model, half=True, **extras)
+    save_checkpoint(args.out, model, compact=True, **extras)
     print(json.dumps({"out": args.out, "fingerprint": model.fingerprint(), "calibration": report}, indent=2))
     return 0

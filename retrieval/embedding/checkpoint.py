@@ -4,6 +4,12 @@ model's fingerprint, what data trained it and how it scored. A resume file also 
 optimizer, scheduler and RNG state: their tensors lie beside the heads under `state/...`, the
 rest in the JSON.
 
+A deliverable stores its trained tensors at the precision its model asks for (`model.weights_dtype`):
+float16, or int8 matrices with one float32 scale per row under `scale/...` (symmetric, max-abs /
+127, half the bytes of float16 again: `lite0-mpnet`'s heads fit the repository's 5 MiB limit so).
+Loading gives float32 either way; `round_heads` puts the same values into a model in memory, so a
+model and the file it writes share one fingerprint.
+
 Reading never unpickles: safetensors parses a JSON header and raw tensor bytes, and the metadata
 goes through `json.loads`, so a checkpoint is data and cannot run code. Pickled `.pt`
 checkpoints of earlier versions are refused for that reason.
@@ -12,6 +18,7 @@ checkpoints of earlier versions are refused for that reason.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +29,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
+from retrieval.embedding.config import WEIGHT_DTYPES
 from retrieval.embedding.model import CALIBRATION_KEYS
 from retrieval.errors import ModelError
 
@@ -29,18 +37,26 @@ FORMAT = "retrieval-sphere-checkpoint/2"  # /2: safetensors + JSON (/1 was a tor
 SUFFIX = ".safetensors"
 _METADATA_KEY = "retrieval"  # the one metadata entry (one key keeps the header's bytes deterministic)
 _STATE = "state/"  # prefix of the tensors that are not heads (optimizer, RNG)
+_SCALE = "scale/"  # prefix of an int8 tensor's per-row scales
 
 
-def save_checkpoint(path: str | Path, model, half: bool = False, **extra: Any) -> Path:
+def save_checkpoint(path: str | Path, model, compact: bool = False, **extra: Any) -> Path:
     """Write atomically (temp file + rename), so a killed run never leaves half a checkpoint.
-    `half` stores the head tensors as float16 (half the size; see `round_heads_to_half`). `extra`
-    may nest dicts, lists, tuples, scalars, tensors and numpy arrays (an optimizer's state dict).
-    The bytes depend only on the model and `extra` (no timestamps): training reruns reproduce them."""
+    `compact` rounds the model's head tensors in place (`round_heads`) and stores them as
+    `model.weights_dtype`, so the fingerprint recorded is the one the file loads back with; else
+    they are stored as they are (float32: a resume file). `extra` may nest dicts, lists, tuples,
+    scalars, tensors and numpy arrays (an optimizer's state dict). The bytes depend only on the
+    model and `extra` (no timestamps): training reruns reproduce them."""
     path = Path(path)
-    heads = model.head_state_dict()
-    if half:
-        heads = {k: v.half() if _halved(k, v) else v for k, v in heads.items()}
-    tensors = {k: v.contiguous() for k, v in heads.items()}
+    if compact:
+        round_heads(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model.head_state_dict().items():
+        kind = _stored_as(key, value, model.weights_dtype) if compact else None
+        if kind == "int8":
+            tensors[key], tensors[f"{_SCALE}{key}"] = _to_int8(value)
+        else:
+            tensors[key] = (value.half() if kind == "float16" else value).contiguous()
     document = {
         "format": FORMAT,
         "name": model.name,
@@ -91,25 +107,63 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             if not isinstance(document.get(key), kind):
                 raise ValueError(f"'{key}' is missing or not a {kind.__name__}")
         payload = {k: _unpack(v, tensors) for k, v in document.items()}
+        heads = {k: v for k, v in tensors.items() if not k.startswith((_STATE, _SCALE))}
+        for key, value in heads.items():
+            if value.dtype == torch.int8:
+                heads[key] = _from_int8(value, tensors[f"{_SCALE}{key}"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"'{path}' is not a {FORMAT} checkpoint ({e})") from None
-    payload["heads"] = {k: v for k, v in tensors.items() if not k.startswith(_STATE)}
+    payload["heads"] = heads
     return payload
 
 
 @torch.no_grad()
-def round_heads_to_half(model) -> None:
-    """Round the trained tensors to float16 precision in place, so the model in memory equals
-    what a `half=True` checkpoint loads back (and their fingerprints agree)."""
+def round_heads(model) -> None:
+    """Round the trained tensors in place to what a `compact` checkpoint of the model stores
+    (`model.weights_dtype`), so the model in memory equals what the file loads back and their
+    fingerprints agree."""
     for key, value in model.head_state_dict().items():
-        if _halved(key, value):
+        kind = _stored_as(key, value, model.weights_dtype)
+        if kind == "int8":
+            model.state_dict()[key].copy_(_from_int8(*_to_int8(value)))
+        elif kind == "float16":
             model.state_dict()[key].copy_(value.half().float())
 
 
-def _halved(key: str, value: torch.Tensor) -> bool:
-    """Whether a `half` checkpoint stores this tensor in float16: every floating tensor but the
-    calibrations, whose coefficients keep full precision (a few dozen numbers)."""
-    return value.is_floating_point() and key not in CALIBRATION_KEYS
+def _stored_as(key: str, value: torch.Tensor, weights_dtype: str) -> str | None:
+    """How a compact checkpoint stores this tensor: None (as it is) for the calibrations, whose
+    coefficients keep full precision (a few dozen numbers), and for anything not floating;
+    int8 for the matrices (weights, query banks) of an int8 model; else float16."""
+    assert weights_dtype in WEIGHT_DTYPES, f"weights_dtype {weights_dtype!r} is not one of {WEIGHT_DTYPES}"
+    if not value.is_floating_point() or key in CALIBRATION_KEYS:
+        return None
+    return "int8" if weights_dtype == "int8" and value.dim() == 2 else "float16"
+
+
+# Hand-written rather than torch.quantize_per_channel: safetensors stores no quantized tensors
+# (their int_repr and scales would be taken apart anyway), and dequantizing is one multiply.
+def _to_int8(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, C) float -> int8 (R, C) and float32 scales (R,): row r is q[r] * scale[r]. Idempotent:
+    quantizing what `_from_int8` returned gives the same q and scales back, so rounding a model
+    twice (`round_heads`) changes nothing. For that each scale is a fixed point of
+    s -> fl(fl(127 s) / 127) (the scale computed back from the row's largest value, 127 s); about
+    1% of float32 scales are not, and the next float up is (it still maps the largest value to 127)."""
+    amax = value.detach().float().abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # an all-zero row: any scale
+    for _ in range(16):
+        moved = (scale * 127) / 127 != scale
+        if not moved.any():
+            break
+        scale = torch.where(moved, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    assert ((scale * 127) / 127 == scale).all(), "no fixed-point int8 scale within 16 steps"
+    q = torch.round(value.detach().float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _from_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if q.dim() != 2 or scale.shape != (q.shape[0],):
+        raise ValueError(f"int8 tensor {tuple(q.shape)} with scales {tuple(scale.shape)}")
+    return q.float() * scale.float()[:, None]
 
 
 # Nested state as JSON plus named tensors. Hand-written: safetensors stores flat {name: tensor}

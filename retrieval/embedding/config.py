@@ -14,6 +14,8 @@ from typing import Any, Union
 
 from retrieval.errors import ModelError
 
+WEIGHT_DTYPES = ("float16", "int8")  # how a model's deliverable checkpoint stores its heads
+
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
@@ -44,6 +46,11 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     description: str = ""
     weights: str | None = None  # trained heads shipped in the package (file name under weights/)
+    weights_dtype: str = "float16"  # how its deliverable stores the heads: "float16" or "int8" (`checkpoint`)
+
+    def __post_init__(self) -> None:
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise ModelError(f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weights_dtype!r}")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "model config") -> ModelConfig:

@@ -69,6 +69,11 @@ class SphereModel(nn.Module):
         for p in list(self.image_tower.parameters()) + list(self.text_tower.parameters()):
             p.requires_grad_(False)
 
+    @property
+    def weights_dtype(self) -> str:
+        """How a deliverable checkpoint stores the heads (`retrieval.embedding.checkpoint`)."""
+        return self.config.weights_dtype
+
     # -- heads on tower features (what training on cached features uses) -------------------
     def project_image(self, features: torch.Tensor, center: bool = True) -> torch.Tensor:
         z = F.normalize(self.image_head(features), dim=-1)

@@ -57,7 +57,10 @@ class OpenClipEncoder(nn.Module):
     def fingerprint(self) -> str:
         return state_fingerprint(f"open_clip:{self.arch}", self.net.state_dict())
 
-    # the checkpoint format's surface (`retrieval.embedding.checkpoint`)
+    # the checkpoint format's surface (`retrieval.embedding.checkpoint`); a tuned transformer's
+    # weights are not stored as int8 here: that needs per-layer care the heads do not
+    weights_dtype = "float16"
+
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         return self.state_dict()
 

@@ -5,7 +5,7 @@ run's files in OUT with its epoch bookkeeping.
 A run writes safetensors checkpoints (`retrieval.embedding.checkpoint`): last.safetensors after
 every epoch (the resume state: weights, optimizer, scheduler, RNGs, history), best.safetensors
 when dev improves (selection by the mean of the two R@1s), and at the end model.safetensors, the
-best weights in float16, with summary.json beside it.
+best weights as the model stores them (`weights_dtype`: float16 or int8), with summary.json beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint, round_heads_to_half, save_checkpoint
+from retrieval.embedding.checkpoint import SUFFIX, load_checkpoint, round_heads, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +167,16 @@ class Run:
         return postfix
 
     def load_best(self) -> dict:
-        """The best epoch's weights into the model, rounded to float16 as the final file stores
-        them (so fingerprints agree); returns its metrics."""
+        """The best epoch's weights into the model, rounded as the final file stores them
+        (`round_heads`: so fingerprints agree); returns its metrics."""
         state = load_checkpoint(self.best_file)
         self.model.load_head_state_dict(state["heads"])
-        round_heads_to_half(self.model)
+        round_heads(self.model)
         return dict(state["metrics"])
 
     def finish(self, metrics: dict, **summary) -> dict:
-        """Writes model.safetensors (float16, no optimizer state) and summary.json; returns the summary."""
-        save_checkpoint(self.final, self.model, half=True, data=self.data, metrics=metrics, train_config=self.config)
+        """Writes model.safetensors (`weights_dtype`, no optimizer state) and summary.json; returns the summary."""
+        save_checkpoint(self.final, self.model, compact=True, data=self.data, metrics=metrics, train_config=self.config)
         self.model.eval()
         summary = {
             "best_dev_R@1_mean": self.best,

@@ -11,8 +11,9 @@ Last, the best heads get the inverted softmax's query banks (random training cap
 images) with its beta chosen on dev (`retrieval.embedding.querybank`), then the match-probability
 calibrators fitted on dev (`retrieval.training.calibration`).
 Outputs in OUT, safetensors checkpoints (`retrieval.embedding.checkpoint`): last.safetensors (resume
-state), best.safetensors (best dev epoch), model.safetensors (best heads in float16: the file to
-ship as retrieval/embedding/weights/NAME.safetensors or to pass to create_model).
+state), best.safetensors (best dev epoch), model.safetensors (best heads in float16, or int8 where
+the model config says so: the file to ship as retrieval/embedding/weights/NAME.safetensors or to
+pass to create_model).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.embedding.checkpoint import round_heads_to_half
+from retrieval.embedding.checkpoint import round_heads
 from retrieval.embedding.factory import image_preprocess, text_tokenizer
 from retrieval.encoding.bulk import encode_image_files, encode_texts
 from retrieval.encoding.datasets import CaptionDataset, load_caption_dataset
@@ -247,11 +248,11 @@ def train(cfg: TrainConfig, model, features: tuple[SplitFeatures, SplitFeatures]
             scale, bias = model.logit_scale.exp().item(), float(logit_bias) if logit_bias is not None else None
             bar.set_postfix(**run.end_epoch(epoch, losses, metrics, score, scale, logit_bias=bias))
             bar.update(1)
-    # The deliverable: the best heads, float16, with their query banks, no optimizer state: small
-    # enough to ship in the package.
+    # The deliverable: the best heads, float16 or int8 (`weights_dtype`), with their query banks,
+    # no optimizer state: small enough to ship in the package.
     metrics = run.load_best()
     if cfg.querybank_size > 0:
         metrics["querybank"] = fit_querybank_on(model, tr, dev, cfg)
-        round_heads_to_half(model)  # the banks too, as the float16 file stores them
+        round_heads(model)  # the banks too, as the file stores them
     metrics["calibration"] = calibrate_on(model, dev, cfg.dev_split)
     return run.finish(metrics, querybank=metrics.get("querybank"))
