@@ -10,8 +10,9 @@ Images go through `retrieval.encoding.bulk.image_loader` (a DataLoader over `Ima
 worker processes decode and preprocess while the main process runs the model). On 2 cores or
 fewer there are no workers (`default_workers` says why): two threads each decode a batch and run
 the model on it, one decoding while the other computes (`default_streams`, `retrieval.encoding.streams`).
-Captions are tokenized in length-sorted batches in this process (`text_batches` says why), by the
-same two streams.
+Captions are tokenized in length-sorted batches in this process (`text_batches` says why), each
+of two streams (on 2 cores or more) tokenizing its next batch while the other encodes.
+`threaded_map` hands batches back in input order, so the shards do not depend on thread timing.
 """
 
 from __future__ import annotations

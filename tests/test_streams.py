@@ -1,13 +1,14 @@
-"""threaded_map: every item once, in real parallel threads sharing torch's intra-op threads, errors
-and early exits handled; and the builder's image encoding gives the same vectors with 1 or 2 streams."""
+"""threaded_map: every item once, in real parallel threads sharing torch's intra-op threads,
+in input order, errors and early exits handled; and the builder's shards are the same with 1 or 2 streams."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from index_builder.encode import ShardStore, encode_images
+from index_builder.encode import ShardStore, encode_images, encode_texts
 from retrieval.encoding.streams import threaded_map
 
 
@@ -16,9 +17,16 @@ def stream_threads() -> list[str]:
 
 
 @pytest.mark.parametrize("streams", [1, 2, 3])
-def test_every_item_once_with_its_result(streams):
-    got = list(threaded_map(range(50), lambda x: x * x, streams))
-    assert sorted(got) == [(x, x * x) for x in range(50)]
+def test_every_item_once_with_its_result_in_input_order(streams):
+    """Items that take longer finish after later ones; they still come back in input order, so
+    what the builder writes (its shards) does not depend on thread timing."""
+
+    def fn(x: int) -> int:
+        if x % 5 == 0:
+            time.sleep(0.02)  # the other streams run ahead meanwhile
+        return x * x
+
+    assert list(threaded_map(range(50), fn, streams)) == [(x, x * x) for x in range(50)]
     assert not stream_threads()
 
 
@@ -88,19 +96,32 @@ def test_one_multi_stream_map_at_a_time():
     assert len(list(threaded_map(range(3), lambda x: x, 2))) == 3, "free again once the first is closed"
 
 
-def test_builder_vectors_do_not_depend_on_the_stream_count(default_model, flickr_mini, tmp_path):
-    model, preprocess, _ = default_model
+def test_builder_shards_do_not_depend_on_the_stream_count(default_model, flickr_mini, tmp_path):
+    """Images and captions: the same rows in the same shard order with 1 or 2 streams (batches
+    are written in input order), the same vectors up to the thread count's rounding."""
+    model, preprocess, tokenizer = default_model
     photos = sorted((flickr_mini / "images").glob("*.jpg"))[:11]
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    todo = [(f"{i:064x}", p) for i, p in enumerate(photos + [tmp_path / "bad.jpg"])]
-    vectors, failures = [], []
+    images = [(f"{i:064x}", p) for i, p in enumerate(photos + [tmp_path / "bad.jpg"])]
+    words = "a dog runs on the grass while two children play in the snow near a red house".split()
+    captions = [(f"{i:064x}", " ".join(words[: 3 + i % 13])) for i in range(40)]
+    stored = {}
     for streams in (1, 2):
-        store = ShardStore(tmp_path / f"streams{streams}", model.embed_dim)
-        stats = encode_images(model, preprocess, store, todo, batch_size=4, workers=0, streams=streams, progress=False)
+        img = ShardStore(tmp_path / f"images{streams}", model.embed_dim)
+        stats = encode_images(
+            model, preprocess, img, images, batch_size=4, workers=0, streams=streams, shard_size=5, progress=False
+        )
         assert (stats.items, stats.failed, stats.streams) == (11, 1, streams)
-        shas, vecs = zip(*store.iter_vectors())
-        order = np.argsort(np.concatenate(shas))
-        vectors.append(np.concatenate(vecs)[order])
-        failures.append(store.scan()[1])
-    assert np.allclose(vectors[0], vectors[1], atol=1e-5)
-    assert failures[0] == failures[1] and "not a decodable image" in failures[0][todo[-1][0]]
+        txt = ShardStore(tmp_path / f"captions{streams}", model.embed_dim)
+        stats = encode_texts(
+            model, tokenizer, txt, captions, batch_size=8, streams=streams, shard_size=9, progress=False
+        )
+        assert (stats.items, stats.streams) == (40, streams)
+        stored[streams] = [
+            ([s.tolist() for s, _ in store.iter_vectors()], np.concatenate([v for _, v in store.iter_vectors()]))
+            for store in (img, txt)
+        ] + [img.scan()[1]]
+    for (shas1, vecs1), (shas2, vecs2) in zip(stored[1][:2], stored[2][:2]):
+        assert shas1 == shas2, "rows went to other shards, or in another order"
+        assert np.allclose(vecs1, vecs2, atol=1e-5)
+    assert stored[1][2] == stored[2][2] and "not a decodable image" in stored[1][2][images[-1][0]]

@@ -14,6 +14,7 @@ shared, not copied.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,8 @@ _RUNNING = threading.Lock()  # held by the one multi-stream map running in this 
 
 
 def threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Iterator[tuple[T, R]]:
-    """Yields (item, fn(item)) for every item, in the order they finish (not the input order).
+    """Yields (item, fn(item)) for every item, in the input order (so what a caller writes, shards
+    say, does not depend on which thread finished first).
     With `streams` > 1, that many threads each take the next item (drawing from `items`, one
     thread at a time: a generator's own work, such as decoding, runs in the thread that draws)
     and run `fn` with torch's intra-op threads divided among them, under the caller's grad and
@@ -55,8 +57,11 @@ def threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Iter
 
 
 def _threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Iterator[tuple[T, R]]:
-    iterator, lock, stop = iter(items), threading.Lock(), threading.Event()
-    results: queue.Queue = queue.Queue(maxsize=streams)  # bounded: memory stays at a few batches
+    iterator, lock, stop, numbers = iter(items), threading.Lock(), threading.Event(), itertools.count()
+    results: queue.Queue = queue.Queue()
+    # items drawn but not yet yielded: memory stays at a few batches, and a stream that has run
+    # ahead of a slow one waits here, while the slow one finishes the item the caller needs next
+    ahead = threading.Semaphore(2 * streams)
     caller_threads = torch.get_num_threads()
     threads = max(1, caller_threads // streams)
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
@@ -65,12 +70,16 @@ def _threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Ite
         torch.set_num_threads(threads)  # this thread's OpenMP team; the count is global too
         try:
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                while not stop.is_set():
+                while True:
+                    ahead.acquire()
+                    if stop.is_set():
+                        break
                     with lock:
                         item = next(iterator, _DONE)
+                        number = next(numbers)
                     if item is _DONE:
                         break
-                    results.put((item, fn(item)))
+                    results.put((number, item, fn(item)))
         except BaseException as e:  # handed to the caller, raised there
             results.put(e)
         finally:
@@ -79,7 +88,7 @@ def _threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Ite
     workers = [threading.Thread(target=stream, name=f"stream-{i}", daemon=True) for i in range(streams)]
     for w in workers:
         w.start()
-    running = streams
+    running, finished, next_number = streams, {}, 0
     try:
         while running:
             got = results.get()
@@ -88,10 +97,18 @@ def _threaded_map(items: Iterable[T], fn: Callable[[T], R], streams: int) -> Ite
             elif isinstance(got, BaseException):
                 raise got
             else:
-                yield got
+                number, item, result = got
+                finished[number] = (item, result)
+                while next_number in finished:
+                    yield finished.pop(next_number)
+                    next_number += 1
+                    ahead.release()
+        assert not finished, f"items {sorted(finished)} finished but were never yielded"
     finally:
         stop.set()
-        while running:  # unblock threads waiting to put, and wait for each to finish
+        for _ in workers:  # wake the streams waiting for room: each sees `stop` and ends
+            ahead.release()
+        while running:  # wait for each stream to finish its current item
             if results.get() is _DONE:
                 running -= 1
         for w in workers:
