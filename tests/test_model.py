@@ -171,6 +171,11 @@ def test_int8_heads_load_as_the_model_that_wrote_them_at_about_half_the_bytes(tm
     assert (model.encode_text(tokens) * exact).sum(dim=1).min() > 0.999  # int8's error: a small angle
     with pytest.raises(ModelError, match="weights_dtype must be one of float16, int8, got 'int4'"):
         dataclasses.replace(model.config, weights_dtype="int4")
+    with torch.no_grad():
+        model.text_head.linear.weight[3, 5] = float("nan")
+    with pytest.raises(ModelError, match="refusing to store non-finite weights as int8"):
+        save_checkpoint(tmp_path / "diverged.safetensors", model, compact=True)
+    assert not (tmp_path / "diverged.safetensors").exists()
 
 
 def test_shipped_heads_survived_the_move_to_safetensors_bit_for_bit(default_model):

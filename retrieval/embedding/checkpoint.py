@@ -148,6 +148,8 @@ def _to_int8(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     twice (`round_heads`) changes nothing. For that each scale is a fixed point of
     s -> fl(fl(127 s) / 127) (the scale computed back from the row's largest value, 127 s); about
     1% of float32 scales are not, and the next float up is (it still maps the largest value to 127)."""
+    if not torch.isfinite(value).all():  # float16 would keep a NaN visible; int8 cannot hold one
+        raise ModelError("refusing to store non-finite weights as int8 (the training diverged?)")
     amax = value.detach().float().abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # an all-zero row: any scale
     for _ in range(16):
