@@ -48,15 +48,11 @@ def save_checkpoint(path: str | Path, model, compact: bool = False, **extra: Any
     scalars, tensors and numpy arrays (an optimizer's state dict). The bytes depend only on the
     model and `extra` (no timestamps): training reruns reproduce them."""
     path = Path(path)
+    heads = model.head_state_dict()
+    tensors = _compact(heads, model.weights_dtype) if compact else heads
     if compact:
-        round_heads(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.head_state_dict().items():
-        kind = _stored_as(key, value, model.weights_dtype) if compact else None
-        if kind == "int8":
-            tensors[key], tensors[f"{_SCALE}{key}"] = _to_int8(value)
-        else:
-            tensors[key] = (value.half() if kind == "float16" else value).contiguous()
+        _take_rounded(model, heads, tensors)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     document = {
         "format": FORMAT,
         "name": model.name,
@@ -107,27 +103,52 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             if not isinstance(document.get(key), kind):
                 raise ValueError(f"'{key}' is missing or not a {kind.__name__}")
         payload = {k: _unpack(v, tensors) for k, v in document.items()}
-        heads = {k: v for k, v in tensors.items() if not k.startswith((_STATE, _SCALE))}
-        for key, value in heads.items():
-            if value.dtype == torch.int8:
-                heads[key] = _from_int8(value, tensors[f"{_SCALE}{key}"])
+        heads = _expand(tensors)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"'{path}' is not a {FORMAT} checkpoint ({e})") from None
     payload["heads"] = heads
     return payload
 
 
-@torch.no_grad()
 def round_heads(model) -> None:
     """Round the trained tensors in place to what a `compact` checkpoint of the model stores
     (`model.weights_dtype`), so the model in memory equals what the file loads back and their
     fingerprints agree."""
-    for key, value in model.head_state_dict().items():
-        kind = _stored_as(key, value, model.weights_dtype)
+    heads = model.head_state_dict()
+    _take_rounded(model, heads, _compact(heads, model.weights_dtype))
+
+
+def _compact(heads: dict[str, torch.Tensor], weights_dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors a compact checkpoint stores for `heads`: each as `_stored_as` says, an int8
+    one with its row scales beside it under `scale/`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in heads.items():
+        kind = _stored_as(key, value, weights_dtype)
         if kind == "int8":
-            model.state_dict()[key].copy_(_from_int8(*_to_int8(value)))
-        elif kind == "float16":
-            model.state_dict()[key].copy_(value.half().float())
+            tensors[key], tensors[f"{_SCALE}{key}"] = _to_int8(value)
+        else:
+            tensors[key] = value.half() if kind == "float16" else value
+    return tensors
+
+
+def _expand(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The head tensors a checkpoint's tensors load as: int8 ones times their row scales; the
+    resume state (`state/`) and the scales left out."""
+    heads = {k: v for k, v in tensors.items() if not k.startswith((_STATE, _SCALE))}
+    for key, value in heads.items():
+        if value.dtype == torch.int8:
+            heads[key] = _from_int8(value, tensors[f"{_SCALE}{key}"])
+    return heads
+
+
+@torch.no_grad()
+def _take_rounded(model, heads: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Into the model, what `tensors` (`_compact(heads, ...)`) load back as, where they are not
+    `heads`' own tensors kept as they were."""
+    state = model.state_dict()
+    for key, value in _expand(tensors).items():
+        if value is not heads[key]:
+            state[key].copy_(value)
 
 
 def _stored_as(key: str, value: torch.Tensor, weights_dtype: str) -> str | None:
