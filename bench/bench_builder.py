@@ -281,7 +281,7 @@ def write_markdown(path: Path, result: dict) -> None:
             "raw_images": "raw forward",
             "builder_images_1_stream": "images, 1 stream (decoding between passes)",
             "raw_images_2_streams": "raw, 2 streams",
-            "builder_texts": f"captions, {t.get('text_streams', 1)} stream(s) (default)",
+            "builder_texts": f"captions, {t['text_streams']} stream(s) (default)",
             "builder_texts_1_stream": "captions, 1 stream (tokenizing between passes)",
             "raw_texts": "raw forward",
             "raw_texts_2_streams": "raw, 2 streams",
@@ -294,8 +294,6 @@ def write_markdown(path: Path, result: dict) -> None:
             "captions_per_second_vs_raw_2_streams",
             "captions_per_second_1_stream",
         ):
-            if key not in t:  # a result from before captions had streams
-                continue
             x = t[key]
             lines.append(
                 f"| {names[x['builder_run']]} | {names[x['raw_run']]} | {x['builder']:.1f} | {x['raw']:.1f} | "
